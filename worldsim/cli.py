@@ -1,0 +1,32 @@
+"""The `worldsim` console command. This layer only parses options and calls the library.
+
+Each subcommand lives in `worldsim/commands/<name>.py` and imports its heavy dependencies
+(torch, MuJoCo, Minari) inside the function, so `worldsim --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from worldsim.commands.bench import bench_app
+from worldsim.commands.collect import collect
+from worldsim.commands.ingest import ingest
+
+app = typer.Typer(
+    name="worldsim",
+    help="worldsim: long-context state-space video world models as Gymnasium environments.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(collect)
+app.command()(ingest)
+app.add_typer(bench_app, name="bench")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

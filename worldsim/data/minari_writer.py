@@ -1,0 +1,290 @@
+"""Append episodes to a Minari dataset so that a crash loses at most the episode in flight.
+
+Every source (the live Memory Maze / Crafter envs, MineRL, VPT and TECO recordings) is written
+through `DatasetWriter`, so every dataset this project makes is a plain Minari dataset that
+`minari.load_dataset` opens.
+
+Layout: Minari's "arrow" storage, one folder per episode (`data/<id>/part-0.arrow` plus that
+episode's `metadata.json`), frames stored raw (no JPEG: a world model must not learn JPEG
+artefacts). Arrow IPC files can be memory-mapped, which is what lets the window loader slice a
+few frames out of an episode without reading the rest of it.
+
+Commit protocol for one episode:
+  1. Minari writes the episode into a private staging dataset (`<dataset>/.staging/`).
+  2. The episode folder is renamed into `data/` (atomic on one filesystem).
+  3. `data/metadata.json` is replaced atomically with the new episode and step counts.
+A reader trusts only `total_episodes` from step 3, so a kill between steps leaves a folder that
+`DatasetWriter` deletes when it next opens the dataset; the dataset stays readable throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from worldsim.utils.atomic import atomic_write_json, fsync_dir
+
+METADATA_FILE = "metadata.json"
+NAMESPACE_FILE = "namespace_metadata.json"
+
+
+def datasets_root() -> Path:
+    """Minari's local dataset folder (honours MINARI_DATASETS_PATH)."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    return Path(get_dataset_path())
+
+
+def dataset_dir(dataset_id: str, root: str | Path | None = None) -> Path:
+    """The folder holding `data/` for `dataset_id` (e.g. 'worldsim/memory-maze-9x9-v0')."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        parse_dataset_id(dataset_id)
+    except Exception as e:  # minari raises a bare ValueError/AssertionError with no context
+        raise ValueError(
+            f"invalid dataset id {dataset_id!r}: expected '[namespace/]name-v<version>', "
+            f"e.g. 'worldsim/memory-maze-9x9-v0' ({e})"
+        ) from None
+    return (Path(root) if root is not None else datasets_root()) / dataset_id
+
+
+@dataclass
+class Episode:
+    """One episode, in Minari's convention: one more observation than actions.
+
+    observations: (T+1, ...) array, or a dict of such arrays for Dict observation spaces.
+    actions:      (T, ...) array.
+    rewards, terminations, truncations: (T,) arrays.
+    infos:        dict of (T+1, ...) arrays (the reset info, then one per step); may be empty.
+    metadata:     JSON-able per-episode facts (policy, source file, revisit indices...).
+    """
+
+    observations: Any
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminations: np.ndarray
+    truncations: np.ndarray
+    infos: dict[str, np.ndarray] = field(default_factory=dict)
+    seed: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        steps = len(self.actions)
+        first_obs = (
+            next(iter(self.observations.values()))
+            if isinstance(self.observations, dict)
+            else self.observations
+        )
+        checks = {
+            "observations": (len(first_obs), steps + 1),
+            "rewards": (len(self.rewards), steps),
+            "terminations": (len(self.terminations), steps),
+            "truncations": (len(self.truncations), steps),
+        }
+        checks.update({f"infos[{k!r}]": (len(v), steps + 1) for k, v in self.infos.items()})
+        for name, (got, want) in checks.items():
+            if got != want:
+                raise ValueError(
+                    f"episode with {steps} actions needs {want} {name}, got {got}"
+                )
+        if steps == 0:
+            raise ValueError("an episode needs at least one step")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.actions)
+
+
+class DatasetWriter:
+    """Creates (or reopens, to resume) a Minari dataset and appends episodes atomically."""
+
+    def __init__(
+        self,
+        dataset_id: str,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        *,
+        root: str | Path | None = None,
+        env_spec: gym.envs.registration.EnvSpec | None = None,
+        description: str = "",
+        algorithm_name: str = "",
+        extra_metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.dataset_id = dataset_id
+        self.path = dataset_dir(dataset_id, root)
+        self.data_path = self.path / "data"
+        self.staging_path = self.path / ".staging"
+        self.observation_space = observation_space
+        self.action_space = action_space
+        if (self.data_path / METADATA_FILE).exists():
+            self._check_compatible()
+            self._discard_uncommitted()
+        else:
+            self._create(env_spec, description, algorithm_name, extra_metadata or {})
+
+    # ----------------------------------------------------------------- creation / reopening
+    def _create(
+        self,
+        env_spec: gym.envs.registration.EnvSpec | None,
+        description: str,
+        algorithm_name: str,
+        extra_metadata: dict[str, Any],
+    ) -> None:
+        import minari
+        from minari.dataset.minari_storage import MinariStorage
+
+        self._write_namespace_files()
+        # Build the empty dataset in staging and move it into place in one rename, so a
+        # half-created dataset is never visible under its id.
+        shutil.rmtree(self.staging_path, ignore_errors=True)
+        tmp_data = self.staging_path / "new-data"
+        self.staging_path.mkdir(parents=True)
+        MinariStorage.new(
+            tmp_data,
+            observation_space=self.observation_space,
+            action_space=self.action_space,
+            env_spec=env_spec,
+            data_format="arrow",
+            jpeg_encoding=False,
+        )
+        meta = _read_json(tmp_data / METADATA_FILE)
+        meta.update(
+            dataset_id=self.dataset_id,
+            minari_version=minari.__version__,
+            description=description or f"worldsim dataset {self.dataset_id}",
+            algorithm_name=algorithm_name or "unknown",
+            author=["worldsim"],
+            **extra_metadata,
+        )
+        if env_spec is not None:
+            meta["eval_env_spec"] = meta.get("env_spec")
+        atomic_write_json(tmp_data / METADATA_FILE, meta)
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp_data.rename(self.data_path)
+        fsync_dir(self.path)
+
+    def _write_namespace_files(self) -> None:
+        # Minari lists a namespace only if each level has its metadata file.
+        namespaces = self.dataset_id.split("/")[:-1]
+        level = self.path.parents[len(namespaces)]  # the datasets root
+        for name in namespaces:
+            level = level / name
+            if not (level / NAMESPACE_FILE).exists():
+                atomic_write_json(level / NAMESPACE_FILE, {})
+
+    def _check_compatible(self) -> None:
+        from minari.serialization import serialize_space
+
+        meta = _read_json(self.data_path / METADATA_FILE)
+        if meta.get("data_format") != "arrow" or meta.get("jpeg_encoding", True):
+            raise ValueError(
+                f"{self.data_path}: can only append to raw-frame arrow datasets written by "
+                f"worldsim (found data_format={meta.get('data_format')!r}, "
+                f"jpeg_encoding={meta.get('jpeg_encoding', True)})"
+            )
+        for name, space in (("observation", self.observation_space), ("action", self.action_space)):
+            if meta.get(f"{name}_space") != serialize_space(space):
+                raise ValueError(
+                    f"{self.data_path}: existing dataset has a different {name} space; "
+                    f"use a new dataset id instead of appending to this one"
+                )
+
+    def _discard_uncommitted(self) -> None:
+        committed = self.total_episodes
+        for child in self.data_path.iterdir():
+            if child.is_dir() and child.name.isdigit() and int(child.name) >= committed:
+                shutil.rmtree(child)
+        shutil.rmtree(self.staging_path, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------- state
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return _read_json(self.data_path / METADATA_FILE)
+
+    @property
+    def total_episodes(self) -> int:
+        return int(self.metadata["total_episodes"])
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.metadata["total_steps"])
+
+    def episode_metadata(self) -> list[dict[str, Any]]:
+        """Per-episode metadata of every committed episode, in id order."""
+        return [
+            _read_json(self.data_path / str(i) / METADATA_FILE) for i in range(self.total_episodes)
+        ]
+
+    def update_dataset_metadata(self, **values: Any) -> None:
+        meta = self.metadata
+        meta.update(values)
+        atomic_write_json(self.data_path / METADATA_FILE, meta)
+
+    # ------------------------------------------------------------------------------ append
+    def append(self, episode: Episode) -> int:
+        """Commit one episode; returns its id."""
+        from minari.data_collector import EpisodeBuffer
+        from minari.dataset.minari_storage import MinariStorage
+
+        episode_id = self.total_episodes
+        shutil.rmtree(self.staging_path, ignore_errors=True)
+        staging = MinariStorage.new(
+            self.staging_path,
+            observation_space=self.observation_space,
+            action_space=self.action_space,
+            data_format="arrow",
+            jpeg_encoding=False,
+        )
+        staging.update_episodes(
+            [
+                EpisodeBuffer(
+                    id=episode_id,
+                    seed=episode.seed,
+                    observations=episode.observations,
+                    actions=np.asarray(episode.actions),
+                    rewards=np.asarray(episode.rewards, dtype=np.float64),
+                    terminations=np.asarray(episode.terminations, dtype=bool),
+                    truncations=np.asarray(episode.truncations, dtype=bool),
+                    infos=episode.infos or None,
+                )
+            ]
+        )
+        episode_path = self.staging_path / str(episode_id)
+        if episode.metadata:
+            ep_meta = _read_json(episode_path / METADATA_FILE)
+            ep_meta.update(episode.metadata)
+            atomic_write_json(episode_path / METADATA_FILE, ep_meta)
+
+        target = self.data_path / str(episode_id)
+        shutil.rmtree(target, ignore_errors=True)  # leftover of a crash between rename and commit
+        episode_path.rename(target)
+        fsync_dir(self.data_path)
+
+        meta = self.metadata
+        meta["total_episodes"] = episode_id + 1
+        meta["total_steps"] = int(meta["total_steps"]) + episode.num_steps
+        meta["dataset_size"] = round(_folder_bytes(self.data_path) / 1e6, 1)  # MB, as Minari
+        atomic_write_json(self.data_path / METADATA_FILE, meta)
+        shutil.rmtree(self.staging_path, ignore_errors=True)
+        return episode_id
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (not a Minari dataset folder?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt JSON ({e})") from None
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
