@@ -145,6 +145,10 @@ def format_table(results: dict[str, Any]) -> str:
     for name, row in rows:
         lines.append(f"  {name:<38} {row['steps_per_s']:>9.1f} {row['steps_per_s'] / bare:>7.2f}x")
     lines.append(f"Loader, T={results['config']['window']} at 64x64")
-    for workers, row in results["loader"].items():
-        lines.append(f"  {workers} workers: {row['windows_per_s']:.0f} windows/s")
+    loader = results["loader"]
+    for workers, rate in loader["windows_per_s"].items():
+        lines.append(
+            f"  {workers} DataLoader workers: {rate:8.0f} windows/s "
+            f"({loader['megabytes_per_s'][workers]:.0f} MB/s, batch {loader['batch_size']})"
+        )
     return "\n".join(lines)
