@@ -252,7 +252,7 @@ class DatasetWriter:
                     rewards=np.asarray(episode.rewards, dtype=np.float64),
                     terminations=np.asarray(episode.terminations, dtype=bool),
                     truncations=np.asarray(episode.truncations, dtype=bool),
-                    infos=episode.infos or None,
+                    infos=_arrow_safe_infos(episode.infos) or None,
                 )
             ]
         )
@@ -274,6 +274,14 @@ class DatasetWriter:
         atomic_write_json(self.data_path / METADATA_FILE, meta)
         shutil.rmtree(self.staging_path, ignore_errors=True)
         return episode_id
+
+
+def _arrow_safe_infos(infos: dict[str, Any]) -> dict[str, Any]:
+    # Minari 0.5.4's arrow storage records a per-step scalar's shape as "" and cannot parse it
+    # back; given a plain list it stores a flat column that reads back as a (T+1,) array.
+    return {
+        k: (v.tolist() if isinstance(v, np.ndarray) and v.ndim == 1 else v) for k, v in infos.items()
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:
