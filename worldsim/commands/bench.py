@@ -34,3 +34,39 @@ def bench_data(
     )
     results = run(cfg)
     typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@bench_app.command("train")
+def bench_train(
+    preset: str = typer.Option("tiny", help="Model preset: tiny, small or base."),
+    variants: str = typer.Option("lssvwm,causal_full", help="Variants side by side."),
+    windows: str = typer.Option("16,32,64,128,256", help="Window lengths T, comma-separated."),
+    batch: int = typer.Option(1, help="Samples per training step."),
+    steps: int = typer.Option(3, help="Timed steps per point (after a warm-up step)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16 (autocast on CUDA)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads per measurement process."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Training step time and peak memory vs window length, LSSVWM vs causal attention."""
+    from worldsim.bench.train import TrainBenchConfig, format_table, run
+
+    cfg = TrainBenchConfig(
+        preset=preset,
+        variants=tuple(v.strip() for v in variants.split(",")),
+        windows=_int_list(windows),
+        batch=batch,
+        steps=steps,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+    )
+    results = run(cfg, progress=not as_json)
+    typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))

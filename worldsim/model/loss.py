@@ -1,0 +1,102 @@
+"""The world-model training loss: diffusion forcing denoising + reward MSE + termination BCE.
+
+Alignment. The loader (`worldsim.data.windows`) yields frames o_s .. o_{s+T-1} with actions
+a_s .. a_{s+T-1} (a_t taken AT frame o_t), rewards r_t and terminations term_t of step t
+(term_t: o_{t+1} is terminal). The model conditions frame i on the action that LED TO it, so:
+
+    frame i of the window     conditioned on            heads predict
+    0                         "no action" (learned)     nothing (not trained)
+    i >= 1                    a_{s+i-1}                 r_{s+i-1}, term_{s+i-1}
+
+The window's last action, reward and termination have no frame in the window and are unused.
+
+Where the heads are trained. At inference the reward and termination of a transition are read
+off the call that commits the new clean frame (sigma = 0) with every earlier frame clean too
+(`WorldModel.step(clean, 0, ...)`). In a diffusion-forcing batch exactly those conditions hold on
+the long-context clean prefix (sigma = 0 for frames 0..L-1, all earlier frames clean), so the
+heads are trained there and only there: it matches inference exactly and costs nothing extra,
+whereas heads trained on noisy frames would learn from inputs they never see at inference (and a
+separate clean pass would double the cost of a step). With the default p = 0.5 and prefixes of
+more than T/2 frames, ~37% of frames train the heads. The price: `forcing_cfg.p_long_context`
+must be > 0 (checked).
+
+Reward loss: plain MSE. The rewards of our sources are small and bounded (Memory Maze: 0 or +1
+per step), where MSE regresses the expected reward the dream env should return; DreamerV3's
+symlog two-hot is for rewards spanning orders of magnitude, which we do not have.
+Termination: binary cross-entropy on the logit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from worldsim.diffusion.forcing import ForcingConfig, masked_denoising_loss, sample_training_noise
+from worldsim.model.conditioning import shift_actions
+from worldsim.model.world_model import WorldModel
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values over mask (0 with zero gradient when the mask is empty, never NaN)."""
+    values = torch.where(mask, values, torch.zeros_like(values))
+    return values.sum() / mask.sum().clamp_min(1)
+
+
+def world_model_loss(
+    model: WorldModel,
+    latents: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    terminations: torch.Tensor,
+    generator: torch.Generator | None = None,
+    forcing_cfg: ForcingConfig | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One training loss on a batch of windows, data-aligned as the loader yields them.
+
+    latents (B, T, C, h, w) clean (normalised) latents; actions (B, T) int | (B, T, D) float;
+    rewards (B, T) float; terminations (B, T) bool. Returns (loss, stats) with stats "loss",
+    "denoise", "reward", "termination" (floats) and "head_frames" (frames that trained the heads).
+    """
+    cfg = model.cfg
+    forcing_cfg = ForcingConfig() if forcing_cfg is None else forcing_cfg
+    if latents.dim() != 5:
+        raise ValueError(f"latents must be (B, T, C, h, w), got {tuple(latents.shape)}")
+    B, T = latents.shape[:2]
+    if T < 2:
+        raise ValueError(f"windows need T >= 2 frames (frame 0 has no action), got T={T}")
+    if rewards.shape != (B, T) or terminations.shape != (B, T):
+        raise ValueError(
+            f"rewards and terminations must be (B, T) = {(B, T)}, got {tuple(rewards.shape)} and {tuple(terminations.shape)}"
+        )
+    if terminations.dtype != torch.bool:
+        raise ValueError(f"terminations must be bool, got {terminations.dtype}")
+    if forcing_cfg.p_long_context <= 0:
+        raise ValueError("the reward / termination heads train on the clean prefix: p_long_context must be > 0")
+    model.net.action_emb.check(actions, (B, T), None)  # before shifting, so errors name the data's shape
+
+    cond_actions, no_action = shift_actions(actions, cfg)  # frame i <- a_{i-1}; frame 0: no action
+    sigma, loss_mask = sample_training_noise(B, T, generator, forcing_cfg, device=latents.device)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    x_noisy = latents + sigma.to(latents.dtype)[:, :, None, None, None] * noise  # (B, T, C, h, w)
+    out = model(x_noisy, sigma, cond_actions, no_action=no_action)
+
+    denoise = masked_denoising_loss(out.denoised, latents, sigma, loss_mask, model.sigma_data)
+
+    # Heads at frame i >= 1 predict step i - 1's reward / termination, on clean-prefix frames only.
+    head_mask = sigma[:, 1:] == 0  # (B, T - 1)
+    reward_err = (out.reward[:, 1:].float() - rewards[:, :-1].float()).square()  # (B, T - 1)
+    reward_loss = _masked_mean(reward_err, head_mask)
+    term_bce = F.binary_cross_entropy_with_logits(
+        out.termination_logit[:, 1:].float(), terminations[:, :-1].float(), reduction="none"
+    )  # (B, T - 1)
+    term_loss = _masked_mean(term_bce, head_mask)
+
+    loss = denoise + cfg.reward_loss_weight * reward_loss + cfg.termination_loss_weight * term_loss
+    stats = {
+        "loss": loss.item(),
+        "denoise": denoise.item(),
+        "reward": reward_loss.item(),
+        "termination": term_loss.item(),
+        "head_frames": float(head_mask.sum().item()),
+    }
+    return loss, stats

@@ -1,0 +1,414 @@
+"""The LSSVWM world model (Po et al. 2025, arXiv 2505.20171): a hybrid SSM / local-attention stack
+denoising one latent frame per action, with reward and termination heads.
+
+Reading order: primitives (patching, MLP) -> `HybridBlock` built by `create_block(cfg, layer_idx)`
+-> the streaming cache -> output layers -> `WorldModelNet` (the raw network F) -> `WorldModel`
+(F inside EDM preconditioning, the public entry points).
+
+One block, on tokens x (B, T, N, d) with a per-frame conditioning vector c (B, T, d):
+
+    x = x + g1 * BlockwiseSSM(modulate(norm(x), c))     [variants with an SSM]
+    x = x + g2 * FrameLocalAttention(modulate(norm(x), c))   [variants with attention]
+    x = x + g3 * MLP(modulate(norm(x), c))
+
+with (shift, scale, gate) per branch from adaLN-Zero (see `conditioning`). Everything except the
+SSM and the attention acts on one frame at a time, and those two have exact streaming forms, so
+the whole model streams: `step` on frame t from a cache == `forward` over frames 0..t.
+
+Streaming protocol (the dream env's loop): per new frame, the sampler calls
+`step(x, sigma, action, cache, commit=False)` at each noise level (the cache is left as it was),
+then `step(clean_frame, 0, action, cache)` commits the clean frame to the cache and returns the
+reward and termination of the transition that led to it. Equivalently, fork with `cache.clone()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worldsim.diffusion.edm import EDMConfig, EDMPrecond
+from worldsim.model.blockwise_ssm import BlockwiseMamba2, BlockwiseSSMCache
+from worldsim.model.conditioning import ActionEmbedding, AdaLNZero, NoiseLevelEmbedding, modulate
+from worldsim.model.config import ModelConfig
+from worldsim.model.frame_attention import FrameKVCache, FrameLocalAttention
+
+# ---------------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------------
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Latents (B, T, C, h, w) -> tokens (B, T, N, C p p), N = (h / p)(w / p) in raster order."""
+    B, T, C, h, w = x.shape
+    x = x.reshape(B, T, C, h // patch, patch, w // patch, patch)  # (B, T, C, gh, p, gw, p)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6)  # (B, T, gh, gw, C, p, p)
+    return x.reshape(B, T, (h // patch) * (w // patch), C * patch * patch)  # (B, T, N, C p p)
+
+
+def unpatchify(x: torch.Tensor, channels: int, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Inverse of `patchify`: (B, T, N, C p p) -> (B, T, C, h, w)."""
+    B, T = x.shape[:2]
+    gh, gw = grid
+    x = x.reshape(B, T, gh, gw, channels, patch, patch)  # (B, T, gh, gw, C, p, p)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6)  # (B, T, C, gh, p, gw, p)
+    return x.reshape(B, T, channels, gh * patch, gw * patch)  # (B, T, C, h, w)
+
+
+class Mlp(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The block
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerCache:
+    """Streaming state of one block: its SSM's per-block states and its attention's KV cache."""
+
+    ssm: BlockwiseSSMCache | None
+    kv: FrameKVCache | None
+
+
+class HybridBlock(nn.Module):
+    """[SSM] + [frame-local attention] + MLP, each an adaLN-Zero residual branch (module doc).
+
+    forward(x (B, T, N, d), c (B, T, d), cache) runs T frames in parallel; with `one_frame` it takes
+    x (B, N, d), c (B, d) and uses the layers' `step` (cache required). Caches advance in both.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        d = cfg.d_model
+        self.ssm = None
+        if cfg.has_ssm:
+            self.ssm = BlockwiseMamba2(
+                d, cfg.token_grid, cfg.ssm_blocks[layer_idx], d_state=cfg.d_state, head_dim=cfg.ssm_head_dim,
+                expand=cfg.ssm_expand, d_conv=cfg.d_conv, chunk_size=cfg.ssm_chunk_size, backend=cfg.ssm_backend,
+            )
+        self.attn = None
+        if cfg.has_attention:
+            self.attn = FrameLocalAttention(
+                d, cfg.n_heads, cfg.tokens_per_frame, cfg.token_grid, cfg.attn_window, backend=cfg.attn_backend
+            )
+        self.mlp = Mlp(d, int(cfg.mlp_ratio * d))
+        # No affine parameters: the per-frame (shift, scale) replace them (DiT). One parameter-free
+        # norm module serves all branches.
+        self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.n_branches = 1 + (self.ssm is not None) + (self.attn is not None)
+        self.modulation = AdaLNZero(d, d, 3 * self.n_branches)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: LayerCache | None = None,
+                one_frame: bool = False) -> torch.Tensor:
+        if one_frame and cache is None:
+            raise ValueError("one_frame needs a cache")
+        mods = self.modulation(c)  # 3 per branch, each (B, T, d) or (B, d)
+        branches = []
+        if self.ssm is not None:
+            branches.append((self.ssm, None if cache is None else cache.ssm))
+        if self.attn is not None:
+            branches.append((self.attn, None if cache is None else cache.kv))
+        branches.append((self.mlp, None))
+        for i, (layer, layer_cache) in enumerate(branches):
+            shift, scale, gate = mods[3 * i : 3 * i + 3]
+            h = modulate(self.norm(x), shift, scale)
+            if layer is self.mlp:
+                h = layer(h)
+            elif one_frame:
+                h = layer.step(h, layer_cache)
+            else:
+                h = layer(h, layer_cache)
+            x = x + gate.unsqueeze(-2) * h  # gate broadcast over the N tokens
+        return x
+
+
+def create_block(cfg: ModelConfig, layer_idx: int) -> HybridBlock:
+    """Layer `layer_idx` of the stack; its SSM block size is cfg.ssm_blocks[layer_idx]."""
+    return HybridBlock(cfg, layer_idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorldModelCache:
+    """Per-layer SSM states + KV caches of `batch` streams, and the frames they have seen.
+
+    Advanced in place by `WorldModel.forward(..., cache=)` (prefill) and `WorldModel.step`.
+    `clone()` forks (planning, denoising without committing), `select(idx)` picks / repeats streams.
+    Size is fixed from allocation on, except for causal_full whose KV cache grows per frame.
+    """
+
+    layers: list[LayerCache]
+    frames_seen: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        first = self.layers[0]
+        return first.ssm.batch_size if first.ssm is not None else first.kv.batch_size
+
+    def clone(self) -> WorldModelCache:
+        return WorldModelCache(
+            [LayerCache(None if l.ssm is None else l.ssm.clone(), None if l.kv is None else l.kv.clone())
+             for l in self.layers],
+            self.frames_seen,
+        )
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> WorldModelCache:
+        """Streams `indices` (1-D ints, repeats allowed, or a bool mask over the batch), copied."""
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            if idx.shape != (self.batch_size,):
+                raise ValueError(f"bool mask has shape {tuple(idx.shape)} for {self.batch_size} streams")
+            idx = idx.nonzero().flatten()
+        if idx.dim() != 1:
+            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
+        idx = idx.long()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
+            raise IndexError(f"stream index out of range for a cache of {self.batch_size} streams")
+        return WorldModelCache(
+            [LayerCache(None if l.ssm is None else l.ssm.select(idx),
+                        None if l.kv is None else l.kv.select(idx.to(l.kv.keys.device))) for l in self.layers],
+            self.frames_seen,
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WorldModelCache:
+        return WorldModelCache(
+            [LayerCache(None if l.ssm is None else l.ssm.to(device=device, dtype=dtype),
+                        None if l.kv is None else l.kv.to(device=device, dtype=dtype)) for l in self.layers],
+            self.frames_seen,
+        )
+
+    def nbytes(self) -> int:
+        total = 0
+        for l in self.layers:
+            total += 0 if l.ssm is None else l.ssm.nbytes()
+            total += 0 if l.kv is None else l.kv.nbytes  # a property on FrameKVCache
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Output layers
+# ---------------------------------------------------------------------------------------------
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + a zero-initialised linear to the token's latent values (DiT)."""
+
+    def __init__(self, d_model: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.modulation = AdaLNZero(d_model, d_model, 2)
+        self.linear = nn.Linear(d_model, out_channels)
+        nn.init.zeros_(self.linear.weight)  # F = 0 at init: the denoiser starts as c_skip * x
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(c)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class RewardTerminationHead(nn.Module):
+    """Per frame: mean over its tokens -> LayerNorm -> MLP -> (reward, termination logit)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, 2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.mlp(self.norm(x.mean(dim=-2)))  # (B, T, 2)
+        return out[..., 0], out[..., 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The network F and the preconditioned model
+# ---------------------------------------------------------------------------------------------
+
+
+class WorldModelNet(nn.Module):
+    """The raw network F(c_in x, c_noise, actions) of EDM: latents in, latents out, heads on the side.
+
+    EDMPrecond passes one tensor back, so the reward and termination outputs go out through the
+    `heads_out` dict the caller hands in.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.patch_in = nn.Linear(cfg.token_channels, d)
+        # Learned position per token of a frame: the SSM and MLP have no other notion of where a
+        # token is (attention has RoPE). Same for every frame, so streaming is unaffected.
+        self.pos = nn.Parameter(torch.randn(cfg.tokens_per_frame, d) * 0.02)
+        self.noise_emb = NoiseLevelEmbedding(d)
+        self.action_emb = ActionEmbedding(cfg)
+        self.blocks = nn.ModuleList(create_block(cfg, i) for i in range(cfg.n_layers))
+        self.final = FinalLayer(d, cfg.token_channels)
+        self.heads = RewardTerminationHead(d)
+
+    def forward(
+        self,
+        x_in: torch.Tensor,
+        c_noise: torch.Tensor,
+        actions: torch.Tensor,
+        no_action: torch.Tensor | None = None,
+        cache: WorldModelCache | None = None,
+        one_frame: bool = False,
+        heads_out: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x_in (B, T, C, h, w), c_noise (B, T), actions (B, T[, D]) -> F (B, T, C, h, w).
+
+        one_frame: T must be 1 and the blocks use their streaming `step` (cache required).
+        """
+        cfg = self.cfg
+        dtype = self.patch_in.weight.dtype
+        tokens = patchify(x_in.to(dtype), cfg.patch)  # (B, T, N, C p p)
+        x = self.patch_in(tokens) + self.pos  # (B, T, N, d)
+        c = self.noise_emb(c_noise) + self.action_emb(actions, no_action)  # (B, T, d)
+        if one_frame:
+            x, c = x[:, 0], c[:, 0]  # (B, N, d), (B, d)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, None if cache is None else cache.layers[i], one_frame)
+        if one_frame:
+            x, c = x[:, None], c[:, None]  # (B, 1, N, d), (B, 1, d)
+        if heads_out is not None:
+            heads_out["reward"], heads_out["termination_logit"] = self.heads(x)  # (B, T) each
+        out = self.final(x, c)  # (B, T, N, C p p)
+        return unpatchify(out, cfg.latent_channels, cfg.token_grid, cfg.patch)  # (B, T, C, h, w)
+
+
+@dataclass
+class WorldModelOutput:
+    denoised: torch.Tensor
+    """(B, T, C, h, w) the denoiser's estimate of the clean frames ((B, C, h, w) from `step`)."""
+    reward: torch.Tensor
+    """(B, T) predicted reward of the transition into each frame; meaningful for clean (sigma = 0) inputs."""
+    termination_logit: torch.Tensor
+    """(B, T) logit that the frame is terminal; same caveat."""
+
+
+class WorldModel(nn.Module):
+    """EDM-preconditioned world model: D(x; sigma, actions) per frame, plus reward / termination heads.
+
+    forward(x_noisy (B, T, C, h, w), sigma (B, T), actions (B, T) int | (B, T, D) float, cache=None)
+    Frame t is conditioned on actions[:, t], the action that LED TO frame t (use
+    `conditioning.shift_actions` on data-aligned actions); a first frame has no action: index
+    cfg.n_actions for discrete actions, or no_action[:, t] = True.
+    """
+
+    def __init__(self, cfg: ModelConfig, sigma_data: float = 1.0):
+        super().__init__()
+        self.cfg = cfg
+        self.precond = EDMPrecond(WorldModelNet(cfg), EDMConfig(sigma_data=sigma_data))
+
+    @property
+    def net(self) -> WorldModelNet:
+        return self.precond.net
+
+    @property
+    def sigma_data(self) -> float:
+        return self.precond.sigma_data
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- input checks --------------------------------------------------------------------------
+
+    def _check_inputs(self, x_noisy: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
+                      no_action: torch.Tensor | None, cache: WorldModelCache | None, lead: tuple[int, ...]) -> None:
+        cfg = self.cfg
+        frame = (cfg.latent_channels, *cfg.latent_grid)
+        if tuple(x_noisy.shape) != (*lead, *frame):
+            names = "(B, T, C, h, w)" if len(lead) == 2 else "(B, C, h, w)"
+            raise ValueError(f"x_noisy must be {names} with (C, h, w) = {frame}, got {tuple(x_noisy.shape)}")
+        if tuple(sigma.shape) != lead:
+            raise ValueError(f"sigma must have shape {lead} (one noise level per frame), got {tuple(sigma.shape)}")
+        if not sigma.dtype.is_floating_point or (sigma < 0).any() or not torch.isfinite(sigma).all():
+            raise ValueError("sigma must be finite, non-negative floats (0 = clean context frame)")
+        self.net.action_emb.check(actions, lead, no_action)
+        if cache is not None and cache.batch_size != lead[0]:
+            raise ValueError(f"cache holds {cache.batch_size} streams, input has batch {lead[0]}")
+        if cache is not None and len(cache.layers) != cfg.n_layers:
+            raise ValueError(f"cache has {len(cache.layers)} layers, model has {cfg.n_layers}")
+
+    # -- entry points --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x_noisy: torch.Tensor,
+        sigma: torch.Tensor,
+        actions: torch.Tensor,
+        cache: WorldModelCache | None = None,
+        no_action: torch.Tensor | None = None,
+    ) -> WorldModelOutput:
+        """All T frames in parallel (training). With a cache: they continue its streams and the
+        cache is advanced past them (prefill). Frames with sigma = 0 come back exactly."""
+        B, T = x_noisy.shape[:2]
+        self._check_inputs(x_noisy, sigma, actions, no_action, cache, (B, T))
+        heads: dict[str, torch.Tensor] = {}
+        denoised = self.precond(x_noisy, sigma, actions, no_action=no_action, cache=cache, heads_out=heads)
+        if cache is not None:
+            cache.frames_seen += T
+        return WorldModelOutput(denoised, heads["reward"], heads["termination_logit"])
+
+    def step(
+        self,
+        x_noisy: torch.Tensor,
+        sigma: torch.Tensor,
+        action: torch.Tensor,
+        cache: WorldModelCache,
+        no_action: torch.Tensor | None = None,
+        commit: bool = True,
+    ) -> WorldModelOutput:
+        """One new frame per stream: x_noisy (B, C, h, w), sigma (B,), action (B,) | (B, D).
+
+        commit=True advances `cache` by this frame (do it with the clean frame, sigma = 0, once
+        the sampler has produced it); commit=False leaves `cache` untouched (denoising steps).
+        Costs the same whatever the number of frames already streamed (except causal_full).
+        """
+        if cache is None:
+            raise ValueError("step needs a cache; create one with allocate_cache(batch)")
+        B = x_noisy.shape[0]
+        self._check_inputs(x_noisy, sigma, action, no_action, cache, (B,))
+        # The layers advance the cache they are given: a non-committing call runs on a copy.
+        run_cache = cache if commit else cache.clone()
+        heads: dict[str, torch.Tensor] = {}
+        denoised = self.precond(
+            x_noisy[:, None], sigma[:, None], action[:, None],  # (B, 1, ...): one-frame clips
+            no_action=None if no_action is None else no_action[:, None],
+            cache=run_cache, one_frame=True, heads_out=heads,
+        )
+        run_cache.frames_seen += 1
+        return WorldModelOutput(denoised[:, 0], heads["reward"][:, 0], heads["termination_logit"][:, 0])
+
+    def allocate_cache(self, batch: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> WorldModelCache:
+        """Empty streaming state for `batch` streams (= starting `forward` with no past).
+        Defaults: the parameters' device and dtype."""
+        layers = []
+        for block in self.net.blocks:
+            layers.append(LayerCache(
+                None if block.ssm is None else block.ssm.allocate_cache(batch, device, dtype),
+                None if block.attn is None else block.attn.allocate_cache(batch, device, dtype),
+            ))
+        return WorldModelCache(layers)
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the model `cfg` describes, counted without allocating them (meta device)."""
+    with torch.device("meta"):
+        return WorldModel(cfg).num_parameters()
