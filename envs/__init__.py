@@ -1,0 +1,49 @@
+"""worldsim's Gymnasium environments. Importing `worldsim.envs` registers their ids:
+
+    gymnasium.make("worldsim/MemoryMaze-9x9-v0")   # also -11x11, -13x13, -15x15
+    gymnasium.make("worldsim/Crafter-v0")
+
+Registration only records entry points: the heavy simulators (MuJoCo, crafter) are imported when
+an env is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+
+from worldsim.envs.memory_maze import EPISODE_STEPS, MAZE_SIZES
+
+NAMESPACE = "worldsim"
+
+
+def _register(name: str, entry_point: str, kwargs: dict[str, Any], max_episode_steps: int) -> str:
+    """Register `worldsim/<name>` once (re-importing this module must not re-register)."""
+    env_id = f"{NAMESPACE}/{name}"
+    if env_id not in gym.registry:
+        gym.register(
+            id=env_id,
+            entry_point=entry_point,
+            kwargs=kwargs,
+            max_episode_steps=max_episode_steps,
+        )
+    return env_id
+
+
+# ------------------------------------------------------------------ real environments
+# Memory Maze's own time limit ends episodes after EPISODE_STEPS; registering the same number as
+# max_episode_steps makes it visible in env.spec, and `gym.make(..., max_episode_steps=n)` can
+# shorten (not lengthen) episodes.
+MEMORY_MAZE_IDS = tuple(
+    _register(
+        f"MemoryMaze-{size}x{size}-v0",
+        "worldsim.envs.memory_maze:MemoryMazeEnv",
+        {"size": size},
+        EPISODE_STEPS[size],
+    )
+    for size in MAZE_SIZES
+)
+CRAFTER_ID = _register("Crafter-v0", "worldsim.envs.crafter:CrafterEnv", {}, 10000)
+
+REAL_ENV_IDS: tuple[str, ...] = (*MEMORY_MAZE_IDS, CRAFTER_ID)
