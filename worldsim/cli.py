@@ -11,6 +11,8 @@ import typer
 from worldsim.commands.bench import bench_app
 from worldsim.commands.collect import collect
 from worldsim.commands.ingest import ingest
+from worldsim.commands.train import train
+from worldsim.commands.train_codec import train_codec
 
 app = typer.Typer(
     name="worldsim",
@@ -21,6 +23,8 @@ app = typer.Typer(
 )
 app.command()(collect)
 app.command()(ingest)
+app.command(name="train-codec")(train_codec)
+app.command()(train)
 app.add_typer(bench_app, name="bench")
 
 

@@ -1,0 +1,253 @@
+"""The frame codec: shapes, learning on real (written-to-disk) episodes, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from worldsim.codec.autoencoder import PRESETS, FrameCodec, preset
+from worldsim.codec.checkpoint import CheckpointError, load_codec, load_codec_into, save_codec
+from worldsim.codec.train import CodecTrainConfig, TrainingDiverged, evaluate_psnr, train_codec
+from worldsim.data.minari_writer import DatasetWriter, Episode
+
+SIZE = 32  # frames of the test dataset; the tiny preset at this size has an 8x8x4 latent
+EPISODES, STEPS = 3, 40
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tests run beside other jobs on 2 cores: several torch thread pools spinning at once are
+    # many times slower than one thread each.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def scene(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """n frames (n, size, size, 3) uint8: a colour gradient with three coloured blocks drifting."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = np.stack([xx * 6, yy * 6, (xx + yy) * 3], -1).clip(0, 255)  # (S, S, 3)
+    pos = rng.uniform(0, size - 8, (3, 2))
+    vel = rng.uniform(-1.0, 1.0, (3, 2))
+    colours = rng.integers(0, 256, (3, 3))
+    frames = np.empty((n, size, size, 3), np.uint8)
+    for t in range(n):
+        img = base.copy()
+        for k in range(3):
+            y, x = ((pos[k] + vel[k] * t) % (size - 8)).astype(int)
+            img[y : y + 8, x : x + 6] = colours[k]
+        frames[t] = img
+    return frames
+
+
+def write_dataset(root, name: str, size: int, episodes: int, steps: int) -> str:
+    space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+    writer = DatasetWriter(name, space, gym.spaces.Discrete(3), root=root)
+    rng = np.random.default_rng(0)
+    for _ in range(episodes):
+        done = np.zeros(steps, bool)
+        done[-1] = True
+        writer.append(
+            Episode(
+                observations=scene(rng, steps + 1, size), actions=rng.integers(0, 3, steps),
+                rewards=np.zeros(steps), terminations=np.zeros(steps, bool), truncations=done,
+            )  # fmt: skip
+        )
+    return str(writer.path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("datasets")
+    return write_dataset(root, "test/codec-v0", SIZE, EPISODES, STEPS)
+
+
+def config(dataset: str, run_dir, **kw) -> CodecTrainConfig:
+    base = dict(
+        datasets=(dataset,), run_dir=str(run_dir), codec=preset("tiny", image_size=SIZE),
+        steps=6, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=3, checkpoint_every=3,
+        val_episodes=1, val_frames=16, stats_frames=EPISODES * STEPS, progress=False,
+    )  # fmt: skip
+    return CodecTrainConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------ shapes
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_encode_decode_shapes(name):
+    torch.manual_seed(0)
+    codec = FrameCodec(PRESETS[name]).eval()
+    frames = torch.randint(0, 256, (2, 1, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        z = codec.encode(frames)
+        x = codec.decode(z)
+        x8 = codec.decode(z, as_uint8=True)
+    assert z.shape == (2, 1, *PRESETS[name].latent_shape) and z.dtype == torch.float32
+    assert x.shape == (2, 1, 64, 64, 3) and 0.0 <= x.min() and x.max() <= 1.0
+    assert x8.dtype == torch.uint8 and torch.equal(x8, (x * 255).round().to(torch.uint8))
+    assert PRESETS["small"].latent_shape == (16, 8, 8)
+
+
+def test_bad_inputs_are_named():
+    codec = FrameCodec(PRESETS["tiny"])
+    with pytest.raises(ValueError, match=r"\(\.\.\., 64, 64, 3\)"):
+        codec.encode(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))  # channels first
+    with pytest.raises(TypeError, match="uint8"):
+        codec.encode(torch.zeros(2, 64, 64, 3))
+    with pytest.raises(ValueError, match="latents must have shape"):
+        codec.decode(torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="not divisible"):
+        preset("small", image_size=60)
+    with pytest.raises(ValueError, match="unknown codec preset"):
+        preset("huge")
+
+
+def test_command_choices_match_presets():
+    from worldsim.commands.train_codec import CodecPreset
+
+    assert sorted(p.value for p in CodecPreset) == sorted(PRESETS)
+
+
+# ---------------------------------------------------------------------------------- learning
+def test_training_raises_held_out_psnr_and_normalises_latents(dataset, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(dataset, run, steps=80, batch_size=16, eval_every=80, checkpoint_every=80)
+    torch.manual_seed(cfg.seed)  # the same initial weights train_codec starts from
+    untrained = FrameCodec(cfg.codec)
+    result = train_codec(cfg)
+
+    codec = load_codec(tmp_path / "run")
+    held_out = torch.from_numpy(scene(np.random.default_rng(123), 32, SIZE))  # never trained on
+    before, _ = evaluate_psnr(untrained, held_out)
+    after, _ = evaluate_psnr(codec, held_out)
+    print(f"held-out PSNR {before:.2f} -> {after:.2f} dB (run: {result.val_psnr:.2f})")
+    assert after > before + 6.0, (before, after)
+    assert result.val_psnr > before + 5.0  # the run's own held-out episode
+    assert result.step == 80 and result.history[-1] == (80, result.val_psnr)
+
+    # Latent stats were measured on all training frames: there, every channel is ~N(0, 1).
+    from worldsim.data.windows import WindowDataset
+
+    ds = WindowDataset(dataset, window=1)
+    train = [i for i in range(len(ds)) if ds.locate(i)[1] < EPISODES - 1]  # the last is held out
+    train_frames = torch.stack([ds[i]["frames"][0] for i in train])
+    with torch.no_grad():
+        z = codec.encode(train_frames)  # (N, C, h, w)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-3)
+    assert torch.allclose(z.std(dim=(0, 2, 3), correction=0), torch.ones(4), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    torch.manual_seed(1)
+    codec = FrameCodec(PRESETS["tiny"])
+    codec.set_latent_stats(torch.rand(4), torch.rand(4) + 0.5)
+    save_codec(codec, tmp_path / "ckpt")
+    loaded = load_codec(tmp_path / "ckpt")
+    pairs = zip(codec.state_dict().items(), loaded.state_dict().items(), strict=True)
+    for (k, a), (k2, b) in pairs:
+        assert k == k2 and torch.equal(a, b), k
+    frames = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(codec.eval().encode(frames), loaded.encode(frames))
+
+
+def test_mismatched_config_fails_clearly(tmp_path):
+    save_codec(FrameCodec(PRESETS["tiny"]), tmp_path / "ckpt")
+    other = preset("tiny", latent_channels=8)
+    with pytest.raises(CheckpointError, match=r"latent_channels: expected 8, checkpoint has 4"):
+        load_codec_into(FrameCodec(other), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="latent_channels"):
+        load_codec(tmp_path / "ckpt", expect=other)
+
+    # A weights file whose header disagrees with codec.json (a torn / mixed copy).
+    save_codec(FrameCodec(other), tmp_path / "other")
+    other_weights = (tmp_path / "other" / "codec.safetensors").read_bytes()
+    (tmp_path / "ckpt" / "codec.safetensors").write_bytes(other_weights)
+    with pytest.raises(CheckpointError, match="torn or mixed"):
+        load_codec(tmp_path / "ckpt")
+
+    header = json.loads((tmp_path / "other" / "codec.json").read_text())
+    (tmp_path / "other" / "codec.json").write_text(json.dumps({**header, "version": 99}))
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_codec(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="no codec.json"):
+        load_codec(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ resume
+def test_resume_matches_an_uninterrupted_run(dataset, tmp_path):
+    straight = train_codec(config(dataset, tmp_path / "a"))
+    first = train_codec(config(dataset, tmp_path / "b", stop_after=3))
+    assert first.step == 3
+    resumed = train_codec(config(dataset, tmp_path / "b"), resume=True)
+    assert resumed.step == straight.step == 6
+
+    a, b = load_codec(tmp_path / "a"), load_codec(tmp_path / "b")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), k
+    with (
+        safe_open(straight.checkpoint / "trainer.safetensors", "pt") as fa,
+        safe_open(resumed.checkpoint / "trainer.safetensors", "pt") as fb,
+    ):
+        assert sorted(fa.keys()) == sorted(fb.keys())
+        for k in fa.keys():  # optimizer moments, step counters and the augmentation RNG
+            assert torch.equal(fa.get_tensor(k), fb.get_tensor(k)), k
+    assert straight.val_psnr == resumed.val_psnr
+
+    with pytest.raises(CheckpointError, match="batch_size: run has 8, asked for 4"):
+        train_codec(config(dataset, tmp_path / "b", steps=9, batch_size=4), resume=True)
+    with pytest.raises(CheckpointError, match="codec config differs"):
+        wider = preset("tiny", image_size=SIZE, latent_channels=8)
+        train_codec(config(dataset, tmp_path / "b", steps=9, codec=wider), resume=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_codec(config(dataset, tmp_path / "b", steps=9))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train_codec(config(dataset, tmp_path / "c"), resume=True)
+
+
+def test_nan_guard_stops_with_a_clear_message(dataset, tmp_path):
+    result = train_codec(config(dataset, tmp_path / "run", steps=4, stop_after=2))
+    weights = result.checkpoint / "codec.safetensors"
+    with safe_open(weights, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["encoder.conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, weights, metadata=meta)
+    message = r"non-finite loss \(nan\) at step 2; last good checkpoint: .*step-00000002"
+    with pytest.raises(TrainingDiverged, match=message):
+        train_codec(config(dataset, tmp_path / "run", steps=4), resume=True)
+
+
+def test_frame_size_mismatch_is_named(dataset, tmp_path):
+    with pytest.raises(ValueError, match="frames are 32x32x3 but the codec expects 64x64x3"):
+        train_codec(config(dataset, tmp_path / "run", codec=PRESETS["tiny"]))
+
+
+def test_command_trains_and_reports_psnr(dataset, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from worldsim.commands.train_codec import train_codec as command
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("noop")(lambda: None)  # two commands: typer then expects the command name
+    frames64 = write_dataset(tmp_path / "datasets", "test/codec64-v0", 64, 2, 6)
+    args = ["train-codec", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--no-progress"]
+    res = CliRunner().invoke(app, [*args, frames64, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "step 2: held-out PSNR" in res.output
+    assert load_codec(tmp_path / "run").config == PRESETS["tiny"]
+
+    # The 32x32 frames do not fit the 64x64 tiny preset: a clear error and exit code 1.
+    res = CliRunner().invoke(app, [*args, dataset, "--out", str(tmp_path / "run32")])
+    assert res.exit_code == 1 and "codec expects 64x64x3" in res.output, res.output
+    # An existing run without --resume is refused rather than overwritten.
+    res = CliRunner().invoke(app, [*args, frames64, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "--resume" in res.output, res.output

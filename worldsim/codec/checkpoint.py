@@ -1,0 +1,151 @@
+"""Codec checkpoints: `codec.safetensors` (weights + latent stats) beside `codec.json` (config).
+
+No pickle anywhere, so loading a downloaded checkpoint cannot run code. Each file is written
+atomically; the config is also copied into the safetensors header, so a weights file paired with
+the JSON of another checkpoint (a torn copy) is detected on load instead of silently mis-loaded.
+
+`load_codec(path)` takes a checkpoint folder, or a training run folder (it follows the run's
+`latest.json` to the newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from worldsim.codec.autoencoder import CodecConfig, FrameCodec
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json
+
+FORMAT = "worldsim-codec"
+VERSION = 1
+WEIGHTS_FILE = "codec.safetensors"
+CONFIG_FILE = "codec.json"
+LATEST_FILE = "latest.json"  # in a run folder: {"step": N, "checkpoint": "checkpoints/step-..."}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the problem."""
+
+
+def config_mismatch(expected: CodecConfig, found: CodecConfig) -> list[str]:
+    """'field: expected X, checkpoint has Y' for every differing field."""
+    a, b = expected.to_dict(), found.to_dict()
+    return [f"{k}: expected {a[k]!r}, checkpoint has {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def save_codec(
+    codec: FrameCodec, directory: str | os.PathLike, *, extra: dict | None = None
+) -> Path:
+    """Write `codec.safetensors` and `codec.json` into `directory`; returns the folder."""
+    directory = Path(directory)
+    config = codec.config.to_dict()
+    header = {"format": FORMAT, "version": VERSION, "config": config, **(extra or {})}
+    # contiguous() + clone: safetensors refuses views that share storage.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in codec.state_dict().items()}
+    meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config, sort_keys=True)}
+    atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(tensors, metadata=meta))
+    atomic_write_json(directory / CONFIG_FILE, header)
+    return directory
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a checkpoint folder or a run folder holding `latest.json`."""
+    path = Path(path).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / LATEST_FILE).is_file():
+        latest = json.loads((path / LATEST_FILE).read_text())
+        return resolve_checkpoint(path / latest["checkpoint"])
+    raise CheckpointError(
+        f"{path}: no {CONFIG_FILE} (codec checkpoint) or {LATEST_FILE} (training run) in it"
+    )
+
+
+def read_config(path: str | os.PathLike) -> CodecConfig:
+    """The codec config of a checkpoint, after checking its format and version."""
+    folder = resolve_checkpoint(path)
+    try:
+        header = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: corrupt JSON ({e})") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: not a codec checkpoint "
+            f"(format {header.get('format')!r}, expected {FORMAT!r})"
+        )
+    if header.get("version") != VERSION:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: checkpoint format version {header.get('version')!r}; "
+            f"this code reads version {VERSION}"
+        )
+    try:
+        return CodecConfig.from_dict(header["config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: invalid codec config ({e})") from None
+
+
+def _read_weights(folder: Path, config: CodecConfig) -> dict[str, torch.Tensor]:
+    file = folder / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    with safe_open(file, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{file}: not codec weights (format {meta.get('format')!r})")
+        stored = CodecConfig.from_dict(json.loads(meta["config"]))
+        if stored != config:
+            raise CheckpointError(
+                f"{file} was saved with a different config than {folder / CONFIG_FILE} (a torn or "
+                f"mixed checkpoint): " + "; ".join(config_mismatch(config, stored))
+            )
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_codec_into(codec: FrameCodec, path: str | os.PathLike) -> None:
+    """Load a checkpoint's weights into an existing codec; its config must match exactly."""
+    folder = resolve_checkpoint(path)
+    found = read_config(folder)
+    if found != codec.config:
+        raise CheckpointError(
+            f"{folder}: codec config mismatch: " + "; ".join(config_mismatch(codec.config, found))
+        )
+    tensors = _read_weights(folder, found)
+    own = codec.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder / WEIGHTS_FILE}: missing tensors {missing}, unexpected tensors {unexpected}"
+        )
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if tensors[k].shape != v.shape
+    ]
+    if wrong:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: shapes differ from the model: {wrong}")
+    codec.load_state_dict(tensors)
+
+
+def load_codec(
+    path: str | os.PathLike,
+    *,
+    expect: CodecConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> FrameCodec:
+    """Build a codec from a checkpoint (or a run's latest), in eval mode.
+
+    With `expect`, the checkpoint's config must equal it (e.g. the codec a world model was trained
+    with); otherwise the error lists every differing field.
+    """
+    config = read_config(path)
+    if expect is not None and expect != config:
+        diff = "; ".join(config_mismatch(expect, config))
+        raise CheckpointError(f"{resolve_checkpoint(path)}: codec config mismatch: {diff}")
+    codec = FrameCodec(config)
+    load_codec_into(codec, path)
+    return codec.to(device).eval()

@@ -1,0 +1,461 @@
+"""Training checkpoints: weights, EMA, optimizer, LR schedule, step, data position and RNG states.
+
+No pickle anywhere (a downloaded checkpoint cannot run code): tensors go to safetensors, the rest
+to one JSON sidecar. Run folder layout:
+
+    runs/<name>/latest.json                   {"step": N, "checkpoint": "checkpoints/step_00000N"}
+    runs/<name>/checkpoints/step_00000N/
+        checkpoint.json      format, version, step, model config, optimizer hyper-parameters and
+                             parameter names, scheduler state, RNG states (small parts), whatever
+                             the trainer adds (train config, data position, codec, metrics)
+        model.safetensors    training weights
+        ema.safetensors      EMA weights (what sampling and the dream envs should load)
+        trainer.safetensors  optimizer moments and the large RNG states (torch, CUDA, numpy)
+
+Atomicity: a checkpoint is written into a hidden temporary folder, renamed into place, then
+latest.json is replaced atomically. A kill at any moment leaves latest.json pointing at a complete
+checkpoint. Every safetensors file also carries the step in its header, so a folder mixing files of
+two checkpoints (a torn copy by hand) is refused instead of silently mis-loaded.
+
+Loading is strict: a model config that differs from the code's, missing, unexpected or mis-shaped
+tensors, or optimizer parameters that do not line up all fail with a message naming the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from worldsim.train.ema import EMA
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+
+FORMAT = "worldsim-world-model"
+VERSION = 1
+SIDECAR_FILE = "checkpoint.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+TRAINER_FILE = "trainer.safetensors"
+LATEST_FILE = "latest.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the keys."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# ------------------------------------------------------------------------------ comparisons
+def config_diff(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """'key: code has X, checkpoint has Y' for every key whose value differs or is on one side only."""
+    missing = object()
+    out = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key, missing), found.get(key, missing)
+        # JSON turns tuples into lists; compare through a JSON round trip so (1, 2) == [1, 2].
+        if a is missing or b is missing or _jsonable(a) != _jsonable(b):
+            show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
+            out.append(f"{key}: code has {show(a)}, checkpoint has {show(b)}")
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def tensor_diff(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors, each list naming the keys."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors (in the code, not in the checkpoint) {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors (in the checkpoint, not in the code) {unexpected}")
+    shapes = [
+        f"{k}: code {tuple(v.shape)}, checkpoint {tuple(found[k].shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    if shapes:
+        problems.append(f"mis-shaped tensors [{'; '.join(shapes)}]")
+    return problems
+
+
+# ------------------------------------------------------------------------------ RNG states
+def capture_rng_state() -> dict[str, Any]:
+    """The global RNGs of this process: Python, NumPy (legacy global), torch CPU and CUDA."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    cuda = state["torch_cuda"]
+    if cuda and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            # A different GPU count: the states cannot map one to one; keep the fresh ones.
+            return
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _rng_to_storage(states: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Per-rank RNG states -> (tensors for safetensors, JSON-able small parts)."""
+    tensors, meta = {}, []
+    for rank, s in enumerate(states):
+        version, mt, gauss = s["python"]
+        kind, keys, pos, has_gauss, cached = s["numpy"]
+        tensors[f"rng.{rank}.torch_cpu"] = s["torch_cpu"].contiguous()
+        for i, cuda in enumerate(s["torch_cuda"]):
+            tensors[f"rng.{rank}.torch_cuda.{i}"] = cuda.cpu().contiguous()
+        tensors[f"rng.{rank}.numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+        tensors[f"rng.{rank}.python_mt"] = torch.tensor(mt, dtype=torch.int64)
+        meta.append({
+            "python": [version, gauss],
+            "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+            "cuda_devices": len(s["torch_cuda"]),
+        })  # fmt: skip
+    return tensors, meta
+
+
+def _rng_from_storage(tensors: dict[str, torch.Tensor], meta: list[dict]) -> list[dict[str, Any]]:
+    states = []
+    for rank, m in enumerate(meta):
+        version, gauss = m["python"]
+        mt = tuple(tensors[f"rng.{rank}.python_mt"].tolist())
+        kind, pos, has_gauss, cached = m["numpy"]
+        keys = tensors[f"rng.{rank}.numpy_keys"].numpy().astype(np.uint32)
+        states.append({
+            "python": (version, mt, gauss),
+            "numpy": (kind, keys, pos, has_gauss, cached),
+            "torch_cpu": tensors[f"rng.{rank}.torch_cpu"],
+            "torch_cuda": [tensors[f"rng.{rank}.torch_cuda.{i}"] for i in range(m["cuda_devices"])],
+        })  # fmt: skip
+    return states
+
+
+# --------------------------------------------------------------------------- optimizer state
+def _optimizer_to_storage(
+    optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Moments as tensors `optim.<index>.<name>`; hyper-parameters and parameter names to JSON.
+
+    `names` maps id(parameter) -> its name in the model, stored so a reload can check that the
+    i-th parameter of the optimizer is still the same parameter.
+    """
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    group_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "param_names": group_names}
+
+
+def _optimizer_from_storage(
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    where: Path,
+) -> None:
+    code_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if code_names != meta["param_names"]:
+        saved = meta["param_names"]
+        lines = []
+        if len(saved) != len(code_names):
+            lines.append(f"{len(code_names)} parameter groups in the code, {len(saved)} in the checkpoint")
+        for i, (a, b) in enumerate(zip(code_names, saved)):
+            only_code, only_ckpt = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            if only_code or only_ckpt:
+                lines.append(f"group {i}: only in code {only_code}, only in checkpoint {only_ckpt}")
+            elif a != b:
+                lines.append(f"group {i}: same parameters in a different order")
+        raise CheckpointError(f"{where}: optimizer parameters do not match the model: " + "; ".join(lines))
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    flat_names = [n for g in code_names for n in g]
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["scalars"].items()}
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        _, index, name = key.split(".", 2)
+        index = int(index)
+        if value.dim() > 0 and value.shape != params[index].shape:
+            raise CheckpointError(
+                f"{where}: optimizer state {name!r} of {flat_names[index]!r} has shape "
+                f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}"
+            )
+        state.setdefault(index, {})[name] = value
+    groups = [dict(g) for g in meta["param_groups"]]
+    for g in groups:
+        if "betas" in g:  # JSON made the tuple a list
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ------------------------------------------------------------------------------ tensor files
+def _tensors_bytes(tensors: dict[str, torch.Tensor], step: int, **meta: str) -> bytes:
+    # clone(): safetensors refuses tensors sharing storage (tied weights, views).
+    clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return safetensors_bytes(clean, metadata={"format": FORMAT, "step": str(step), **meta})
+
+
+def _read_tensors(file: Path, step: int) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    with safe_open(file, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{file}: not a world-model checkpoint file (format {meta.get('format')!r})")
+        if meta.get("step") != str(step):
+            raise CheckpointError(
+                f"{file} belongs to step {meta.get('step')}, but {file.parent / SIDECAR_FILE} is "
+                f"step {step}: a torn or mixed checkpoint folder"
+            )
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.state_dict())
+
+
+def _load_module(module: nn.Module, file: Path, step: int, what: str) -> None:
+    tensors = _read_tensors(file, step)
+    problems = tensor_diff(_state_dict(module), tensors)
+    if problems:
+        raise CheckpointError(f"{file}: {what} do not fit the model: " + "; ".join(problems))
+    module.load_state_dict(tensors)
+
+
+# ------------------------------------------------------------------------------------- save
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    *,
+    step: int,
+    model: nn.Module,
+    model_config: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: EMA | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint `step` into `run_dir/checkpoints/` and point latest.json at it.
+
+    `model` is the bare module (not DDP- or compile-wrapped: their parameter names differ).
+    `rng_states`: one `capture_rng_state()` per rank (default: this process). `extra` must be
+    JSON-able. `keep`: delete all but the newest `keep` checkpoints afterwards.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    optim_tensors, optim_meta = _optimizer_to_storage(optimizer, names)
+    rng_tensors, rng_meta = _rng_to_storage(rng_states or [capture_rng_state()])
+    sidecar = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "model_config": model_config,
+        "ema": None if ema is None else {"decay": ema.decay, "num_updates": ema.num_updates},
+        "optimizer": {"class": type(optimizer).__name__, **optim_meta},
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "rng": rng_meta,
+        **(extra or {}),
+    }
+    try:
+        sidecar_bytes = json.dumps(sidecar, indent=2).encode()
+    except TypeError as e:
+        raise TypeError(f"checkpoint sidecar is not JSON-serialisable: {e}") from None
+
+    config_json = json.dumps(model_config, sort_keys=True)
+    atomic_write_bytes(tmp / MODEL_FILE, _tensors_bytes(_state_dict(model), step, config=config_json))
+    if ema is not None:
+        atomic_write_bytes(tmp / EMA_FILE, _tensors_bytes(ema.state_dict(), step, config=config_json))
+    atomic_write_bytes(tmp / TRAINER_FILE, _tensors_bytes({**optim_tensors, **rng_tensors}, step))
+    atomic_write_bytes(tmp / SIDECAR_FILE, sidecar_bytes)  # last: its presence marks a full folder
+
+    final = root / name
+    trash = root / f".{name}.old-{os.getpid()}"
+    if final.exists():  # the same step written by an earlier, crashed session: replace it
+        final.rename(trash)
+    tmp.rename(final)
+    fsync_dir(root)
+    atomic_write_json(run_dir / LATEST_FILE, {"step": step, "checkpoint": f"{CHECKPOINTS_DIR}/{name}"})
+    shutil.rmtree(trash, ignore_errors=True)
+    if keep is not None:
+        prune_checkpoints(run_dir, keep)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    found = [p for p in root.glob("step_*") if (p / SIDECAR_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints; never the one latest.json points at."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    latest = latest_checkpoint(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if latest is None or old.resolve() != latest.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- load
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint latest.json points at, or None for a run without one."""
+    pointer = Path(run_dir) / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    try:
+        latest = json.loads(pointer.read_text())
+        return Path(run_dir) / latest["checkpoint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{pointer}: corrupt pointer ({e})") from None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a checkpoint folder or a run folder holding latest.json."""
+    path = Path(path).expanduser()
+    if (path / SIDECAR_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        if not (latest / SIDECAR_FILE).is_file():
+            raise CheckpointError(f"{path / LATEST_FILE} points at {latest}, which holds no {SIDECAR_FILE}")
+        return latest
+    raise CheckpointError(
+        f"{path}: neither a checkpoint folder (no {SIDECAR_FILE}) nor a training run (no {LATEST_FILE})"
+    )
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON sidecar of a checkpoint (or of a run's latest), after format and version checks."""
+    folder = resolve_checkpoint(path)
+    file = folder / SIDECAR_FILE
+    try:
+        sidecar = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: corrupt JSON ({e})") from None
+    if sidecar.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not a world-model checkpoint (format {sidecar.get('format')!r}, expected {FORMAT!r})")
+    if sidecar.get("version") != VERSION:
+        raise CheckpointError(f"{file}: checkpoint format version {sidecar.get('version')!r}; this code reads version {VERSION}")
+    return sidecar
+
+
+@dataclass
+class LoadedCheckpoint:
+    folder: Path
+    step: int
+    sidecar: dict[str, Any]
+    """The whole JSON sidecar (train config, data position, metrics... whatever was saved)."""
+    rng_states: list[dict[str, Any]]
+    """One state per rank that saved it; pass one to `restore_rng_state`."""
+
+
+def check_model_config(path: str | os.PathLike, model_config: dict[str, Any]) -> None:
+    """Raise CheckpointError naming every key where the code's model config differs."""
+    sidecar = read_sidecar(path)
+    diff = config_diff(model_config, sidecar["model_config"])
+    if diff:
+        raise CheckpointError(
+            f"{resolve_checkpoint(path)}: model config mismatch between checkpoint and code: " + "; ".join(diff)
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    model_config: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: EMA | None = None,
+) -> LoadedCheckpoint:
+    """Load a checkpoint (folder, or a run's latest) into the given objects, strictly.
+
+    The code's `model_config` must equal the saved one key for key. Objects passed as None are not
+    loaded. RNG states are returned, not applied (the caller picks its rank's).
+    """
+    folder = resolve_checkpoint(path)
+    check_model_config(folder, model_config)
+    sidecar = read_sidecar(folder)
+    step = int(sidecar["step"])
+
+    _load_module(model, folder / MODEL_FILE, step, "the model weights")
+    if ema is not None:
+        if sidecar.get("ema") is None:
+            raise CheckpointError(f"{folder}: holds no EMA weights ({EMA_FILE})")
+        _load_module(ema.module, folder / EMA_FILE, step, "the EMA weights")
+        ema.num_updates = int(sidecar["ema"]["num_updates"])
+
+    trainer_tensors = _read_tensors(folder / TRAINER_FILE, step)
+    if optimizer is not None:
+        saved_class = sidecar["optimizer"]["class"]
+        if saved_class != type(optimizer).__name__:
+            raise CheckpointError(f"{folder}: optimizer is {saved_class} in the checkpoint, {type(optimizer).__name__} in the code")
+        names = {id(p): n for n, p in model.named_parameters()}
+        _optimizer_from_storage(optimizer, names, trainer_tensors, sidecar["optimizer"], folder)
+    if scheduler is not None:
+        if sidecar.get("scheduler") is None:
+            raise CheckpointError(f"{folder}: holds no scheduler state")
+        scheduler.load_state_dict(sidecar["scheduler"])
+    rng_states = _rng_from_storage(trainer_tensors, sidecar["rng"])
+    return LoadedCheckpoint(folder=folder, step=step, sidecar=sidecar, rng_states=rng_states)
+
+
+def load_world_model(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.device = "cpu"):
+    """A `WorldModel` rebuilt from a checkpoint's config, with its EMA (default) or raw weights.
+
+    Returns (model in eval mode, sidecar); the sidecar names the codec the model was trained with.
+    """
+    from worldsim.model.config import ModelConfig
+    from worldsim.model.world_model import WorldModel
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    folder = resolve_checkpoint(path)
+    sidecar = read_sidecar(folder)
+    try:
+        cfg = ModelConfig.from_dict(sidecar["model_config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder / SIDECAR_FILE}: model config does not fit this code ({e})") from None
+    model = WorldModel(cfg, sigma_data=float(sidecar.get("sigma_data", 1.0)))
+    file = EMA_FILE if weights == "ema" else MODEL_FILE
+    if weights == "ema" and sidecar.get("ema") is None:
+        raise CheckpointError(f"{folder}: holds no EMA weights; pass weights='model'")
+    _load_module(model, folder / file, int(sidecar["step"]), f"the {weights} weights")
+    return model.to(device).eval(), sidecar

@@ -1,0 +1,548 @@
+"""Train the world model on Minari windows, in the latent space of a frozen frame codec.
+
+One step: a batch of windows (B, T) of uint8 frames -> the frozen codec encodes them (no grad) ->
+`world_model_loss` (diffusion forcing noise, EDM-weighted denoising loss, reward and termination
+heads) -> AdamW with gradient clipping -> the EMA of the weights follows.
+
+Exact resume: everything random in a step comes from a generator seeded by (seed, step, rank)
+and the windows of step s are a pure function of (seed, s) (`StepBatches`), so a run killed at any
+point and resumed from its last checkpoint computes the same losses as an uninterrupted run. The
+checkpoint still carries the optimizer, scheduler, EMA and global RNG states (`checkpoint`) so
+nothing else can drift.
+
+Run folder (`run_dir`): latest.json, checkpoints/step_XXXXXX/ (see `checkpoint`), tb/ (TensorBoard
+scalars and rollout samples), samples/ (the same samples as PNG grids and GIFs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from worldsim.data.windows import WindowDataset, WindowSampler
+from worldsim.train import checkpoint as ckpt
+from worldsim.train import distributed as ddp
+from worldsim.train.ema import EMA
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run must share with the run it continues, else its batches, noise or
+# schedule differ and the losses would not be those of an uninterrupted run.
+RESUME_KEYS = ("datasets", "window", "batch_size", "seed", "steps", "lr", "min_lr_ratio", "warmup_steps",
+               "weight_decay", "ema_decay")  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    datasets: tuple[str, ...]
+    """Minari dataset ids or folders; same action space and frame size (e.g. `worldsim collect` output)."""
+    codec: str
+    """Frame codec: a checkpoint folder or a `worldsim train-codec` run folder. Frozen here."""
+    run_dir: str = "runs/world-model"
+    """Folder for latest.json, checkpoints/, tb/ and samples/."""
+    preset: str = "tiny"
+    """Model size preset (`worldsim.model.config.PRESETS`: tiny, small, base)."""
+    variant: str = "lssvwm"
+    """lssvwm or a baseline (`worldsim.model.config.VARIANTS`)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields to change, e.g. {"n_layers": 4}. Latent shape and actions come from the data."""
+    window: int = 16
+    """Frames per training window (T)."""
+    batch_size: int = 8
+    """Windows per step on each rank (the global batch is batch_size * world_size)."""
+    steps: int = 10_000
+    """Total optimisation steps; the LR schedule spans them."""
+    stop_after: int | None = None
+    """Checkpoint and stop at this step in this session (resume later to reach `steps`)."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate, after a linear warmup; cosine decay to lr * min_lr_ratio."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr`."""
+    weight_decay: float = 0.01
+    """AdamW decay of matrices; biases, norms, embeddings marked `_no_weight_decay` get none."""
+    warmup_steps: int = 200
+    """Linear warmup from lr / warmup_steps to lr."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (clip_grad_norm_); inf disables clipping but still logs the norm."""
+    ema_decay: float = 0.999
+    """Decay of the EMA weights used for samples and saved for inference (ema.safetensors)."""
+    seed: int = 0
+    """Seeds the initial weights, the window order and every step's noise."""
+    log_every: int = 10
+    """Steps between TensorBoard scalars (loss, metrics, lr, grad norm, steps/s)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints; one is always written at the end."""
+    sample_every: int = 1000
+    """Steps between rollout samples (EMA model, open loop from real context); 0 disables them."""
+    sample_count: int = 2
+    """Windows rolled out per sample."""
+    sample_context: int = 4
+    """Real context frames before the generated ones (the rest of the window is generated)."""
+    sample_steps: int = 4
+    """Denoising steps per generated frame."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept on disk."""
+    resume: bool = False
+    """Continue the run in run_dir from its latest checkpoint (an existing run without it is an error)."""
+    device: str = "auto"
+    """auto (a GPU if present), cpu, cuda; under torchrun each rank takes its LOCAL_RANK GPU."""
+    bf16: bool = False
+    """bf16 autocast for the world model on CUDA (ignored, with a log line, on CPU)."""
+    compile: bool = False
+    """torch.compile the world model on CUDA (ignored, with a log line, on CPU)."""
+    num_workers: int = 0
+    """DataLoader worker processes reading windows (0: in the training process)."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+
+    def validate(self) -> None:
+        """ValueError naming the first bad field."""
+        if not self.datasets:
+            raise ValueError("datasets: at least one dataset is needed")
+        if not self.codec:
+            raise ValueError("codec: a codec checkpoint is needed (train one with `worldsim train-codec`)")
+        positive = ("window", "batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                    "sample_count", "sample_steps", "warmup_steps")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_every", "num_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.window < 3:
+            raise ValueError(f"window must be >= 3 frames (diffusion forcing's clean prefix needs it), got {self.window}")
+        if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
+            raise ValueError(f"stop_after must be in 1..steps ({self.steps}), got {self.stop_after}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (inf to disable), got {self.grad_clip}")
+        if not 1 <= self.sample_context < self.window:
+            raise ValueError(f"sample_context must be in 1..window-1 ({self.window - 1}), got {self.sample_context}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["datasets"] = [str(s) for s in self.datasets]
+        return d
+
+
+@dataclass
+class TrainSummary:
+    step: int
+    """Steps completed by the run (all sessions)."""
+    losses: list[tuple[int, float]]
+    """(step, loss averaged over ranks) of every step of this session; step = steps completed."""
+    checkpoint: Path | None
+    """The last checkpoint written (or resumed from)."""
+    seconds: float
+    """Wall time of this session's steps (excludes setup)."""
+    steps_per_second: float
+    model_parameters: int
+    world_size: int
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------------- pieces
+def learning_rate_factor(cfg: TrainConfig, step: int) -> float:
+    """lr(step) / lr: linear warmup, then cosine to min_lr_ratio at `steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices only. 1-D tensors (biases, norm gains, per-channel scales) and
+    parameters flagged `_no_weight_decay` (embeddings, positions, SSM A_log / D) are not pulled
+    towards zero: it would change what they mean, not just their size."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of all randomness in step `step` on `rank`: a function of those alone."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint32)
+    g = torch.Generator(device=device)
+    g.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return g
+
+
+class StepBatches(Sampler[list[int]]):
+    """Batch of global step s: positions [s*B, (s+1)*B) of this rank's stream of windows.
+
+    The stream is epoch 0, 1, ... of `WindowSampler` (this rank's shard of a seeded order), each
+    cut into whole batches (the tail that does not fill one is dropped). A function of the step
+    alone, so resuming at step s needs no saved sampler state beyond s.
+    """
+
+    def __init__(self, sampler: WindowSampler, batch_size: int, first_step: int, last_step: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.first_step, self.last_step = first_step, last_step
+        self.batches_per_epoch = len(sampler) // batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"each rank gets {len(sampler)} windows per epoch, fewer than one batch of "
+                f"{batch_size}: lower batch_size or window, or add data"
+            )
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of global step `step`."""
+        return divmod(step, self.batches_per_epoch)
+
+    def __iter__(self):
+        epoch_order, current = None, -1
+        for step in range(self.first_step, self.last_step):
+            epoch, batch = self.position(step)
+            if epoch != current:
+                self.sampler.set_epoch(epoch)
+                epoch_order, current = list(self.sampler), epoch
+            yield epoch_order[batch * self.batch_size : (batch + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return self.last_step - self.first_step
+
+
+def model_config_for(cfg: TrainConfig, codec_config, action_space):
+    """The ModelConfig of the run: preset + variant + overrides, with the latent shape taken from
+    the codec and the action kind / count from the data (overrides may not contradict them)."""
+    import gymnasium as gym
+
+    from worldsim.model.config import make_config
+
+    s = codec_config.latent_size
+    derived: dict[str, Any] = {"latent_channels": codec_config.latent_channels, "latent_grid": [s, s]}
+    if isinstance(action_space, gym.spaces.Discrete):
+        derived.update(action_kind="discrete", n_actions=int(action_space.n), action_dim=0)
+    elif isinstance(action_space, gym.spaces.Box):
+        derived.update(action_kind="continuous", n_actions=0, action_dim=int(np.prod(action_space.shape)))
+    else:
+        raise ValueError(f"the world model takes Discrete or Box actions; the datasets have {action_space}")
+    clash = sorted(
+        k for k in derived if k in cfg.model_overrides and ckpt.config_diff({k: cfg.model_overrides[k]}, {k: derived[k]})
+    )
+    if clash:
+        raise ValueError(
+            f"model_overrides {clash} contradict the codec / data ("
+            + ", ".join(f"{k}={derived[k]!r}" for k in clash) + "); drop them"
+        )
+    return make_config(cfg.preset, cfg.variant, **{**cfg.model_overrides, **derived})
+
+
+def codec_fingerprint(codec: torch.nn.Module) -> str:
+    """sha256 of the codec's tensors: a resumed run must encode frames exactly as before."""
+    h = hashlib.sha256()
+    for name, t in sorted(codec.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec_sha: str, info: ddp.DistInfo, folder: Path) -> None:
+    saved, now = sidecar["train_config"], cfg.to_json()
+    diff = [f"{k}: run has {saved[k]!r}, asked for {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if diff:
+        raise ckpt.CheckpointError(f"cannot resume {folder}: " + "; ".join(diff) + " (start a new run folder to change them)")
+    if sidecar["codec"]["sha256"] != codec_sha:
+        raise ckpt.CheckpointError(
+            f"cannot resume {folder}: the codec {cfg.codec} is not the one the run was trained with "
+            f"({sidecar['codec']['path']}): its weights differ"
+        )
+    if sidecar["world_size"] != info.world_size:
+        log.warning(
+            "resuming a run trained on %d ranks with %d: windows are sharded differently, so losses "
+            "will not match an uninterrupted run", sidecar["world_size"], info.world_size,
+        )
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------- samples
+@torch.no_grad()
+def rollout_samples(model, codec, batch: dict[str, torch.Tensor], context: int, denoise_steps: int, seed: int) -> torch.Tensor:
+    """Open-loop rollout: real frames [0, context), then the model generates the rest of the window
+    from the data's actions. Returns uint8 (N, 2, T, H, W, 3): the real window over the rollout.
+
+    A private generator keeps the global RNG streams (and hence training) untouched.
+    """
+    from worldsim.diffusion.sampler import sample_next_frame
+    from worldsim.model.conditioning import shift_actions
+
+    device = next(model.parameters()).device
+    frames = batch["frames"].to(device)  # (N, T, H, W, 3) uint8
+    actions = batch["actions"].to(device)
+    if model.cfg.action_kind == "continuous":
+        actions = actions.flatten(2).float()
+    latents = codec.encode(frames)  # (N, T, C, h, w)
+    cond, no_action = shift_actions(actions, model.cfg)  # frame t conditioned on a_{t-1}
+    N, T = latents.shape[:2]
+    cache = model.allocate_cache(N, device=device)
+    # Prefill: the context frames, clean (sigma = 0), advance the cache.
+    sigma0 = torch.zeros(N, context, device=device)
+    model(latents[:, :context], sigma0, cond[:, :context], cache=cache, no_action=no_action[:, :context])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    generated = [latents[:, t] for t in range(context)]
+    for t in range(context, T):
+        a, na = cond[:, t], no_action[:, t]
+
+        def denoise(x, sigma, a=a, na=na):
+            return model.step(x, sigma, a, cache, no_action=na, commit=False).denoised
+
+        frame = sample_next_frame(denoise, latents[:, t].shape, denoise_steps, generator, device=device)
+        model.step(frame, torch.zeros(N, device=device), a, cache, no_action=na)  # commit it
+        generated.append(frame)
+    rollout = codec.decode(torch.stack(generated, dim=1), as_uint8=True)  # (N, T, H, W, 3)
+    return torch.stack([frames, rollout], dim=1).cpu()
+
+
+def write_samples(videos: torch.Tensor, step: int, run_dir: Path, writer) -> None:
+    """TensorBoard video if moviepy is there, else an image grid; always a PNG grid and a GIF in samples/."""
+    import importlib.util
+
+    from PIL import Image
+
+    N, _, T, H, W, C = videos.shape
+    # Grid: per sample two rows (real, generated), time left to right. (2N H, T W, 3)
+    grid = videos.permute(0, 1, 3, 2, 4, 5).reshape(N * 2 * H, T * W, C).numpy()
+    folder = run_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(folder / f"step_{step:06d}.png")
+    # GIF: each frame shows every sample's real and generated frame side by side. (T, N H, 2 W, 3)
+    movie = videos.permute(2, 0, 3, 1, 4, 5).reshape(T, N * H, 2 * W, C).numpy()
+    images = [Image.fromarray(f) for f in movie]
+    images[0].save(folder / f"step_{step:06d}.gif", save_all=True, append_images=images[1:], duration=200, loop=0)
+    if importlib.util.find_spec("moviepy") is not None:
+        side_by_side = videos.permute(0, 2, 5, 3, 1, 4).reshape(N, T, C, H, 2 * W)  # (N, T, 3, H, 2W)
+        writer.add_video("samples/real_vs_rollout", side_by_side, step, fps=5)
+    else:
+        writer.add_image("samples/real_over_rollout", grid, step, dataformats="HWC")
+
+
+def fixed_sample_batch(dataset: WindowDataset, count: int) -> dict[str, torch.Tensor]:
+    """`count` windows evenly spread over the dataset, the same at every sample step."""
+    idx = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)
+    items = [dataset[int(i)] for i in idx]
+    return {k: torch.stack([item[k] for item in items]) for k in ("frames", "actions")}
+
+
+# ------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig) -> TrainSummary:
+    """Train (or with cfg.resume, continue) a world-model run. Under torchrun, every rank calls this."""
+    cfg.validate()
+    info = ddp.init_distributed(cfg.device)
+    try:
+        return _train(cfg, info)
+    except TrainingDiverged:
+        # Every rank reached this verdict at the same step (the guard uses all-reduced values):
+        # leave together, so that no rank is torn down by torchrun before it has reported.
+        ddp.barrier(info)
+        raise
+    finally:
+        ddp.shutdown(info)
+
+
+def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
+    from worldsim.codec.checkpoint import load_codec, resolve_checkpoint
+    from worldsim.model.loss import world_model_loss
+    from worldsim.model.world_model import WorldModel
+
+    device = info.device
+    run_dir = Path(cfg.run_dir)
+    if device.type != "cuda" and (cfg.bf16 or cfg.compile):
+        log.info("bf16 / compile are CUDA-only options; ignored on %s", device)
+
+    # -- data, codec, model ------------------------------------------------------------------
+    dataset = WindowDataset(list(cfg.datasets), window=cfg.window)
+    codec = load_codec(cfg.codec, device=device).requires_grad_(False)
+    codec_cfg = codec.config
+    size = (codec_cfg.image_size, codec_cfg.image_size, codec_cfg.image_channels)
+    if tuple(dataset.frame_shape) != size:
+        raise ValueError(f"dataset frames are {dataset.frame_shape}, the codec {cfg.codec} takes {size}")
+    model_cfg = model_config_for(cfg, codec_cfg, dataset.action_space)
+    codec_sha = codec_fingerprint(codec)
+
+    torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
+    model = WorldModel(model_cfg).to(device)
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(cfg, s))
+
+    # -- resume --------------------------------------------------------------------------------
+    step, last_ckpt = 0, None
+    existing = ckpt.latest_checkpoint(run_dir)
+    if existing is not None:
+        if not cfg.resume:
+            raise FileExistsError(f"{run_dir} already holds a run; pass resume (--resume) to continue it, or pick a new folder")
+        sidecar = ckpt.read_sidecar(existing)
+        _check_resumable(sidecar, cfg, codec_sha, info, existing)
+        loaded = ckpt.load_checkpoint(
+            existing, model=model, model_config=model_cfg.to_dict(), optimizer=optimizer, scheduler=scheduler, ema=ema
+        )
+        states = loaded.rng_states
+        ckpt.restore_rng_state(states[info.rank] if info.rank < len(states) else states[0])
+        step, last_ckpt = loaded.step, loaded.folder
+        if info.is_main:
+            log.info("resumed %s at step %d", loaded.folder, step)
+    elif cfg.resume:
+        raise FileNotFoundError(f"nothing to resume: {run_dir / ckpt.LATEST_FILE} does not exist")
+    end = cfg.steps if cfg.stop_after is None else cfg.stop_after
+    if step >= end:
+        log.info("run %s is already at step %d (target %d); nothing to do", run_dir, step, end)
+
+    train_model = ddp.wrap_model(model, info, compile=cfg.compile and device.type == "cuda")
+
+    sampler = WindowSampler(dataset, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    batches = StepBatches(sampler, cfg.batch_size, step, end)
+    if last_ckpt is not None:
+        saved = loaded.sidecar
+        if saved["world_size"] == info.world_size and saved["data"]["batches_per_epoch"] != batches.batches_per_epoch:
+            raise ckpt.CheckpointError(
+                f"cannot resume {last_ckpt}: the datasets now give {batches.batches_per_epoch} batches per "
+                f"epoch, the run had {saved['data']['batches_per_epoch']} (the data changed)"
+            )
+    # A private generator: the loader draws its workers' base seed from it, not from the global
+    # RNG, whose stream a resumed run must continue exactly where the checkpoint left it.
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )  # fmt: skip
+
+    writer, bar, sample_batch = None, None, None
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step drops the events a killed session logged after its last checkpoint. Events
+        # carry the number of completed steps, so the checkpoint's own step (logged before it was
+        # saved) stays and the purge starts at the first step this session will log.
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)
+        bar = tqdm(total=end, initial=step, desc="world model", disable=not cfg.progress, dynamic_ncols=True)
+        if cfg.sample_every:
+            sample_batch = fixed_sample_batch(dataset, cfg.sample_count)
+        log.info(
+            "world model %s/%s: %d parameters, %d windows of %d frames, %d rank(s) on %s",
+            cfg.preset, cfg.variant, model.num_parameters(), len(dataset), cfg.window, info.world_size, device,
+        )
+
+    def save(at: int) -> Path | None:
+        states = ddp.gather_objects(ckpt.capture_rng_state(), info)  # collective: every rank
+        folder = None
+        if info.is_main:
+            epoch, position = batches.position(at)
+            extra = {
+                "train_config": cfg.to_json(),
+                "codec": {"path": str(resolve_checkpoint(cfg.codec).resolve()), "config": codec_cfg.to_dict(), "sha256": codec_sha},
+                "sigma_data": model.sigma_data,
+                "world_size": info.world_size,
+                "data": {"epoch": epoch, "position": position, "batches_per_epoch": batches.batches_per_epoch},
+                "last_loss": losses[-1][1] if losses else None,
+            }
+            folder = ckpt.save_checkpoint(
+                run_dir, step=at, model=model, model_config=model_cfg.to_dict(), optimizer=optimizer,
+                scheduler=scheduler, ema=ema, rng_states=states, extra=extra, keep=cfg.keep_checkpoints,
+            )  # fmt: skip
+        ddp.barrier(info)
+        return folder
+
+    def diverged(what: str, value: float) -> TrainingDiverged:
+        where = str(last_ckpt) if last_ckpt is not None else "none (no checkpoint written yet)"
+        return TrainingDiverged(
+            f"non-finite {what} ({value}) at step {step + 1}; training stopped on all ranks. Last good "
+            f"checkpoint: {where}. Resume from it with a lower learning rate (now {scheduler.get_last_lr()[0]:.3g}) "
+            f"or a smaller grad_clip, or check the data."
+        )
+
+    losses: list[tuple[int, float]] = []
+    t_start = time.perf_counter()
+    t_log, step_log = t_start, step
+    model.train()
+    try:
+        for batch in loader:
+            frames = batch["frames"].to(device, non_blocking=True)  # (B, T, H, W, 3) uint8
+            actions = batch["actions"].to(device)
+            if model_cfg.action_kind == "continuous":
+                actions = actions.flatten(2).float()  # (B, T, D)
+            rewards = batch["rewards"].to(device).float()
+            terminations = batch["terminations"].to(device)
+            with torch.no_grad():
+                latents = codec.encode(frames)  # (B, T, C, h, w), frozen codec
+            generator = step_generator(cfg.seed, step, info.rank, device)
+            with _autocast(cfg, device):
+                loss, metrics = world_model_loss(train_model, latents, actions, rewards, terminations, generator=generator)
+
+            # Every rank sees the same mean: a NaN on one rank stops them all at this step.
+            mean_loss = ddp.mean_across_ranks(loss, info)
+            if not torch.isfinite(mean_loss):
+                raise diverged("loss", mean_loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(grad_norm):  # gradients are all-reduced: the same on every rank
+                raise diverged("gradient norm", grad_norm.item())
+            optimizer.step()
+            scheduler.step()
+            ema.update(model)
+            step += 1
+            losses.append((step, mean_loss.item()))
+
+            if step % cfg.log_every == 0 or step == end:
+                means = {
+                    k: ddp.mean_across_ranks(torch.as_tensor(v, device=device), info).item()
+                    for k, v in sorted(metrics.items()) if k != "loss"  # the loss is logged from mean_loss
+                }
+                if info.is_main:
+                    now = time.perf_counter()
+                    rate = (step - step_log) / max(now - t_log, 1e-9)
+                    t_log, step_log = now, step
+                    writer.add_scalar("train/loss", losses[-1][1], step)
+                    for k, v in means.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                    writer.add_scalar("train/grad_norm", grad_norm.item(), step)
+                    writer.add_scalar("train/steps_per_second", rate, step)
+                    bar.set_postfix(loss=f"{losses[-1][1]:.4f}", steps_s=f"{rate:.2f}")
+            if info.is_main:
+                bar.update(1)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    videos = rollout_samples(ema.module, codec, sample_batch, cfg.sample_context, cfg.sample_steps, cfg.seed)
+                    write_samples(videos, step, run_dir, writer)
+            if step % cfg.checkpoint_every == 0 or step == end:
+                last_ckpt = save(step) or last_ckpt
+                last_ckpt = ddp.broadcast_object(last_ckpt, info)
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    seconds = time.perf_counter() - t_start
+    done = len(losses)
+    return TrainSummary(
+        step=step, losses=losses, checkpoint=last_ckpt, seconds=seconds,
+        steps_per_second=done / seconds if seconds > 0 else 0.0,
+        model_parameters=model.num_parameters(), world_size=info.world_size,
+    )  # fmt: skip
