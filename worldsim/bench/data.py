@@ -122,9 +122,10 @@ def run(cfg: DataBenchConfig) -> dict[str, Any]:
         )
     results["loader"] = loader
     bare = results["bare_env"]["steps_per_s"]
-    results["overhead"] = {
-        "adapter": 1 - results["adapter"]["steps_per_s"] / bare,
-        "adapter_plus_collection": 1 - results["collection"]["steps_per_s"] / bare,
+    # > 1 means faster than the bare env; the goal is >= 0.9 (at most 10% overhead).
+    results["speed_vs_bare"] = {
+        "adapter": results["adapter"]["steps_per_s"] / bare,
+        "adapter_plus_collection": results["collection"]["steps_per_s"] / bare,
     }
     return results
 
@@ -134,7 +135,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [
         f"Memory Maze {results['config']['maze_size']}x{results['config']['maze_size']} "
         f"on {results['cpu_count']} cores",
-        f"  {'path':<38} {'steps/s':>9} {'vs bare':>8}",
+        f"  {'path':<52} {'steps/s':>9} {'vs bare':>8}",
     ]
     rows = [
         ("bare dm_env", results["bare_env"]),
@@ -143,7 +144,7 @@ def format_table(results: dict[str, Any]) -> str:
          results["collection"]),
     ]
     for name, row in rows:
-        lines.append(f"  {name:<38} {row['steps_per_s']:>9.1f} {row['steps_per_s'] / bare:>7.2f}x")
+        lines.append(f"  {name:<52} {row['steps_per_s']:>9.1f} {row['steps_per_s'] / bare:>7.2f}x")
     lines.append(f"Loader, T={results['config']['window']} at 64x64")
     loader = results["loader"]
     for workers, rate in loader["windows_per_s"].items():
