@@ -47,3 +47,20 @@ MEMORY_MAZE_IDS = tuple(
 CRAFTER_ID = _register("Crafter-v0", "worldsim.envs.crafter:CrafterEnv", {}, 10000)
 
 REAL_ENV_IDS: tuple[str, ...] = (*MEMORY_MAZE_IDS, CRAFTER_ID)
+
+# ------------------------------------------------------------------ dream environments
+# The learned Memory Maze: `gymnasium.make(id, checkpoint=...)` (a `worldsim train` run or
+# checkpoint folder), optionally `codec=`, `dataset=` (Minari context clips instead of the live
+# maze), `context_frames`, `horizon`. `gymnasium.make_vec(id, num_envs=N, ...)` builds the native
+# batched env (one model call for all sub-envs). The horizon truncates inside the env.
+DREAM_MEMORY_MAZE_IDS: tuple[str, ...] = tuple(
+    f"{NAMESPACE}/Dream-MemoryMaze-{size}x{size}-v0" for size in MAZE_SIZES
+)
+for _size, _dream_id in zip(MAZE_SIZES, DREAM_MEMORY_MAZE_IDS):
+    if _dream_id not in gym.registry:
+        gym.register(
+            id=_dream_id,
+            entry_point="worldsim.envs.dream:make_dream_env",
+            vector_entry_point="worldsim.envs.dream_vector:make_dream_vector_env",
+            kwargs={"maze_size": _size},
+        )

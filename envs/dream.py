@@ -1,0 +1,273 @@
+"""Dream environments: the world model as a Gymnasium env (DIAMOND's world-model env, streaming).
+
+`DreamEnv` starts each episode from REAL context frames (a `ContextSource`: a clip of a Minari
+dataset, or frames from the live Memory Maze env), then every `step` dreams the next frame with a
+`RolloutSession`. Observation: the decoded frame, (64, 64, 3) uint8. Reward and termination come
+from the model's heads (termination: logit > 0); truncation after `horizon` dreamed steps.
+Seeding: `reset(seed=...)` seeds `self.np_random`, which picks the context and seeds the sampler's
+noise, so a seed fixes the whole episode.
+
+Bad input (wrong shape, dtype or range, NaN) raises before anything changes, so the env stays
+usable; stepping a finished episode needs `reset` first.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from worldsim.rollout.session import RolloutSession
+
+FRAME_SHAPE = (64, 64, 3)
+RENDER_FPS = 4  # Memory Maze's control rate; the dream runs at the same "speed" in human mode
+SEED_BOUND = 2**63 - 1
+
+
+# ------------------------------------------------------------------------------ context sources
+class ContextSource(Protocol):
+    """Real frames to start a dream from."""
+
+    def sample(self, rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> frames uint8 (n_frames, H, W, 3), actions (n_frames - 1[, D]): action t led to frame t + 1."""
+
+
+def _check_clip(frames: np.ndarray, actions: np.ndarray, n_frames: int, where: str) -> None:
+    if frames.shape[0] < n_frames:
+        raise ValueError(f"{where}: context clip has {frames.shape[0]} frames, {n_frames} are required")
+    if len(actions) < n_frames - 1:
+        raise ValueError(f"{where}: context clip has {len(actions)} actions, {n_frames - 1} are required")
+
+
+class ClipContext:
+    """Clips from episodes held in memory: lists of frames (N + 1, H, W, 3) and actions (N, ...)."""
+
+    def __init__(self, frames: Sequence[np.ndarray], actions: Sequence[np.ndarray]) -> None:
+        if len(frames) != len(actions) or not frames:
+            raise ValueError("ClipContext needs as many action arrays as frame arrays, at least one")
+        self.frames = [np.asarray(f) for f in frames]
+        self.actions = [np.asarray(a) for a in actions]
+
+    def sample(self, rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        usable = [i for i, f in enumerate(self.frames) if len(f) >= n_frames and len(self.actions[i]) >= n_frames - 1]
+        if not usable:
+            longest = max(len(f) for f in self.frames)
+            raise ValueError(f"ClipContext: context clip shorter than required: the longest episode has "
+                             f"{longest} frames, {n_frames} are required")
+        i = usable[int(rng.integers(len(usable)))]
+        start = int(rng.integers(len(self.frames[i]) - n_frames + 1))
+        return self.frames[i][start : start + n_frames], self.actions[i][start : start + n_frames - 1]
+
+
+class MinariContext:
+    """A random window of a Minari dataset (through `WindowDataset`'s window convention)."""
+
+    def __init__(self, sources, n_frames: int) -> None:
+        from worldsim.data.windows import WindowDataset
+
+        self.n_frames = n_frames
+        self.windows = WindowDataset(sources, n_frames)  # refuses datasets without a long enough episode
+
+    def sample(self, rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        if n_frames != self.n_frames:
+            raise ValueError(f"MinariContext was built for {self.n_frames}-frame clips, asked for {n_frames}")
+        item = self.windows[int(rng.integers(len(self.windows)))]
+        frames, actions = item["frames"].numpy(), item["actions"].numpy()
+        _check_clip(frames, actions, n_frames, "MinariContext")
+        return frames, actions[: n_frames - 1]  # the window's last action leads past the clip
+
+
+class MemoryMazeContext:
+    """Frames of the live Memory Maze env: a seeded reset, then uniformly random actions."""
+
+    def __init__(self, size: int = 9, env: gym.Env | None = None) -> None:
+        from worldsim.envs.memory_maze import MemoryMazeEnv
+
+        self.env = env if env is not None else MemoryMazeEnv(size=size)
+
+    def sample(self, rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        obs, _ = self.env.reset(seed=int(rng.integers(2**31 - 1)))
+        frames, actions = [obs], []
+        for _ in range(n_frames - 1):
+            a = int(rng.integers(self.env.action_space.n))
+            obs, *_ = self.env.step(a)
+            frames.append(obs)
+            actions.append(a)
+        return np.stack(frames), np.asarray(actions, dtype=np.int64)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+# ------------------------------------------------------------------------------ spaces, actions
+def action_space_for(cfg, low: float = -1.0, high: float = 1.0) -> gym.Space:
+    """Discrete(n_actions), or Box(low, high, (action_dim,)) for continuous models."""
+    if cfg.action_kind == "discrete":
+        return gym.spaces.Discrete(cfg.n_actions)
+    return gym.spaces.Box(low, high, (cfg.action_dim,), np.float32)
+
+
+def check_action(space: gym.Space, action: Any) -> np.ndarray:
+    """One action as an array, or a ValueError / TypeError saying what is wrong with it."""
+    a = np.asarray(action)
+    if isinstance(space, gym.spaces.Discrete):
+        if a.shape != () or a.dtype.kind not in "iu":
+            raise TypeError(f"action must be one integer in [0, {space.n}), got {action!r} "
+                            f"(dtype {a.dtype}, shape {a.shape})")
+        if not space.contains(a.astype(np.int64)):
+            raise ValueError(f"action {int(a)} out of range [0, {space.n})")
+        return a.astype(np.int64)
+    if a.dtype.kind != "f":
+        raise TypeError(f"action must be floats, got dtype {a.dtype}")
+    if a.shape != space.shape:
+        raise ValueError(f"action must have shape {space.shape}, got {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"action contains NaN or inf: {a}")
+    if (a < space.low).any() or (a > space.high).any():
+        raise ValueError(f"action {a} outside [{space.low}, {space.high}]")
+    return a.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ the env
+class DreamEnv(gym.Env):
+    """One dream stream; see the module doc. `context_frames` real frames are prefilled per reset."""
+
+    metadata = {"render_modes": ["rgb_array", "human"], "render_fps": RENDER_FPS}
+
+    def __init__(
+        self,
+        *,
+        model,
+        codec,
+        context: ContextSource,
+        context_frames: int = 9,
+        horizon: int = 1000,
+        sampler_steps: int = 4,
+        render_mode: str | None = None,
+        action_low: float = -1.0,
+        action_high: float = 1.0,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        if context_frames < 1 or horizon < 1:
+            raise ValueError(f"context_frames and horizon must be >= 1, got {context_frames}, {horizon}")
+        self.context = context
+        self.context_frames = context_frames
+        self.horizon = horizon
+        self.render_mode = render_mode
+        self.session = RolloutSession(model, codec, batch=1, sampler_steps=sampler_steps)
+        self.observation_space = gym.spaces.Box(0, 255, FRAME_SHAPE, np.uint8)
+        self.action_space = action_space_for(model.cfg, action_low, action_high)
+        self._frame: np.ndarray | None = None
+        self._t = 0
+        self._done = True
+        self._window = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, codec=None, **kwargs) -> DreamEnv:
+        model, codec_model = load_dream_model(checkpoint, codec)
+        return cls(model=model, codec=codec_model, **kwargs)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        frames, actions = self.context.sample(self.np_random, self.context_frames)
+        _check_clip(np.asarray(frames), np.asarray(actions), self.context_frames, type(self.context).__name__)
+        obs = self.session.reset(np.asarray(frames)[None], np.asarray(actions)[None],
+                                 seeds=[int(self.np_random.integers(SEED_BOUND))])
+        self._frame = obs[0].numpy()
+        self._t, self._done = 0, False
+        if self.render_mode == "human":
+            self.render()
+        return self._frame.copy(), {"step": 0}
+
+    def step(self, action):
+        a = check_action(self.action_space, action)  # before anything changes
+        if self._done:
+            raise RuntimeError("the episode has ended (or never started): call reset() first")
+        out = self.session.step(a[None])
+        self._frame = out.frames[0].numpy()
+        self._t += 1
+        terminated = bool(out.terminated[0])
+        truncated = self._t >= self.horizon and not terminated
+        self._done = terminated or truncated
+        if self.render_mode == "human":
+            self.render()
+        info = {"step": self._t, "termination_logit": float(out.termination_logits[0])}
+        return self._frame.copy(), float(out.rewards[0]), terminated, truncated, info
+
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' or 'human'")
+            return None
+        if self._frame is None:
+            raise RuntimeError("call reset() before render()")
+        if self.render_mode == "rgb_array":
+            return self._frame.copy()
+        if self._window is None:
+            from worldsim.envs.human_render import HumanRenderWindow
+
+            self._window = HumanRenderWindow("worldsim dream", self.metadata["render_fps"])
+        self._window.show(self._frame)
+        return None
+
+    def close(self) -> None:
+        if self._window is not None:
+            self._window.close()
+            self._window = None
+
+
+# ------------------------------------------------------------------------------ loading
+def load_dream_model(checkpoint, codec=None, device: str | torch.device = "cpu"):
+    """(world model with its EMA weights, its codec) from a world-model checkpoint (or run) folder.
+
+    The codec defaults to the one recorded in the checkpoint; any codec given must have the config
+    the model was trained with. Config mismatches raise `CheckpointError` naming the keys.
+    """
+    from worldsim.codec.autoencoder import CodecConfig
+    from worldsim.codec.checkpoint import load_codec
+    from worldsim.train.checkpoint import CheckpointError, load_world_model
+
+    model, sidecar = load_world_model(checkpoint, device=device)
+    recorded = sidecar.get("codec") or {}
+    path = codec if codec is not None else recorded.get("path")
+    if path is None:
+        raise CheckpointError(f"{checkpoint}: records no codec; pass codec=<codec checkpoint folder>")
+    expect = CodecConfig.from_dict(recorded["config"]) if "config" in recorded else None
+    return model, load_codec(path, expect=expect, device=device)
+
+
+NO_MODEL_HELP = (
+    "the dream envs need a trained world model: pass checkpoint=<world-model checkpoint or run folder> "
+    "(and optionally codec=<codec checkpoint>), e.g. gymnasium.make('{id}', checkpoint='runs/wm'). "
+    "Train one with `worldsim train-codec` then `worldsim train`; no bundled default model exists yet."
+)
+
+
+def make_context(context: ContextSource | None, dataset, maze_size: int, context_frames: int) -> ContextSource:
+    if context is not None:
+        return context
+    if dataset is not None:
+        return MinariContext(dataset, context_frames)
+    return MemoryMazeContext(maze_size)
+
+
+def make_dream_env(
+    checkpoint: str | os.PathLike | None = None,
+    codec: str | os.PathLike | None = None,
+    *,
+    dataset=None,
+    maze_size: int = 9,
+    context: ContextSource | None = None,
+    context_frames: int = 9,
+    **kwargs,
+) -> DreamEnv:
+    """Entry point of the registered dream ids. Context: `context`, else a Minari `dataset` (path or
+    list of paths), else the live Memory Maze of `maze_size`."""
+    if checkpoint is None:
+        raise ValueError(NO_MODEL_HELP.format(id=f"worldsim/Dream-MemoryMaze-{maze_size}x{maze_size}-v0"))
+    model, codec_model = load_dream_model(checkpoint, codec)
+    return DreamEnv(model=model, codec=codec_model, context=make_context(context, dataset, maze_size, context_frames),
+                    context_frames=context_frames, **kwargs)

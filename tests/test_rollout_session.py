@@ -1,0 +1,141 @@
+"""RolloutSession with a real tiny world model and a real tiny codec (random init, fixed seeds)."""
+
+import numpy as np
+import pytest
+import torch
+
+from worldsim.codec.autoencoder import FrameCodec, preset
+from worldsim.model.config import make_config
+from worldsim.model.world_model import WorldModel
+from worldsim.rollout.session import RolloutSession
+
+torch.set_num_threads(1)  # tiny models on a shared 2-core box: threads only add overhead
+
+
+def tiny_pair(variant: str = "lssvwm", **overrides):
+    torch.manual_seed(0)
+    codec = FrameCodec(preset("tiny")).eval()  # 64x64x3 -> (4, 16, 16)
+    cfg = make_config("tiny", variant, latent_channels=4, latent_grid=(16, 16), patch=2, **overrides)
+    model = WorldModel(cfg).eval()
+    # adaLN-Zero starts every branch closed and the output layer at zero: open them so the
+    # streams depend on their past and on the actions (otherwise the checks below are vacuous).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model, codec
+
+
+def context(B: int, T0: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, size=(B, T0, 64, 64, 3), dtype=np.uint8)
+    actions = rng.integers(0, 6, size=(B, T0 - 1))
+    return frames, actions
+
+
+def test_streaming_matches_parallel_forward():
+    model, codec = tiny_pair()
+    B, T0, K = 2, 4, 5
+    frames, actions = context(B, T0)
+    session = RolloutSession(model, codec, batch=B, seed=1)
+    session.reset(frames, actions)
+    steps = np.random.default_rng(2).integers(0, 6, size=(K, B))
+    results = [session.step(a) for a in steps]
+    assert results[0].frames.shape == (B, 64, 64, 3) and results[0].frames.dtype == torch.uint8
+
+    # The same clean latents through the parallel forward reproduce the cached rewards/terminations.
+    with torch.no_grad():
+        ctx = codec.encode(torch.as_tensor(frames))  # (B, T0, C, h, w)
+        latents = torch.cat([ctx, torch.stack([r.latents for r in results], 1)], 1)  # (B, T0 + K, C, h, w)
+        acts = torch.cat([torch.full((B, 1), 6), torch.as_tensor(actions), torch.as_tensor(steps.T)], 1)
+        no_action = torch.zeros(B, T0 + K, dtype=torch.bool)
+        no_action[:, 0] = True
+        out = model(latents, torch.zeros(B, T0 + K), acts, no_action=no_action)
+    rewards = torch.stack([r.rewards for r in results], 1)
+    logits = torch.stack([r.termination_logits for r in results], 1)
+    torch.testing.assert_close(rewards, out.reward[:, T0:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, out.termination_logit[:, T0:], atol=1e-4, rtol=1e-4)
+    assert rewards.std() > 0  # the heads do depend on the stream
+
+
+def test_fork_and_select():
+    model, codec = tiny_pair()
+    frames, actions = context(2, 3)
+    session = RolloutSession(model, codec, batch=2)
+    session.reset(frames, actions, seeds=[10, 11])
+    session.step([1, 2])
+    forked = session.fork(3)
+    assert forked.batch == 6 and session.batch == 2
+    out = forked.step([4] * 6)
+    # Copies of one stream with the same generator state dream the same frame ...
+    for b in range(2):
+        for k in range(1, 3):
+            assert torch.equal(out.frames[3 * b], out.frames[3 * b + k])
+    assert not torch.equal(out.frames[0], out.frames[3])
+    # ... and the parent, stepped with the same actions, agrees with its forks.
+    parent = session.step([4, 4])
+    torch.testing.assert_close(parent.latents, out.latents[[0, 3]], atol=1e-5, rtol=1e-5)
+    # Different seeds diverge.
+    picked = session.select([1, 1])
+    picked.generators[1] = torch.Generator().manual_seed(999)
+    diverged = picked.step([0, 0])
+    assert not torch.equal(diverged.frames[0], diverged.frames[1])
+    with pytest.raises(IndexError):
+        session.select([2])
+
+
+def test_state_size_constant_for_lssvwm_growing_for_causal_full():
+    for variant, grows in (("lssvwm", False), ("causal_full", True)):
+        model, codec = tiny_pair(variant)
+        session = RolloutSession(model, codec, batch=1, sampler_steps=1, seed=0)
+        session.reset(*context(1, 2))
+        sizes = [session.state_nbytes()]
+        for _ in range(50):
+            session.step([1])
+            sizes.append(session.state_nbytes())
+        if grows:
+            assert sizes[-1] > sizes[0] and all(b > a for a, b in zip(sizes, sizes[1:]))
+        else:
+            assert len(set(sizes)) == 1
+
+
+def test_reset_streams_matches_fresh_stream():
+    """A stream restarted in a running batch dreams what a fresh single stream dreams."""
+    model, codec = tiny_pair()
+    T0 = 9  # the tiny preset's attention window: the new context fills the ring
+    frames, actions = context(2, T0)
+    session = RolloutSession(model, codec, batch=2)
+    session.reset(frames, actions, seeds=[1, 2])
+    for a in range(3):
+        session.step([a, a])
+    new_frames, new_actions = context(1, T0, seed=5)
+    session.reset_streams([1], new_frames, new_actions, seeds=[7])
+    single = RolloutSession(model, codec, batch=1)
+    single.reset(new_frames, new_actions, seeds=[7])
+    for a in (3, 1, 0):
+        both, one = session.step([a, a]), single.step([a])
+        torch.testing.assert_close(both.latents[1:], one.latents, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(both.rewards[1:], one.rewards, atol=1e-4, rtol=1e-4)
+    # A context shorter than the attention window cannot join a batch that is past it.
+    with pytest.raises(ValueError, match="attention window"):
+        session.reset_streams([0], *context(1, 3))
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, codec = tiny_pair()
+    session = RolloutSession(model, codec, batch=2)
+    with pytest.raises(RuntimeError, match="reset"):
+        session.step([0, 0])
+    frames, actions = context(2, 3)
+    with pytest.raises(ValueError, match="shape"):
+        session.reset(frames, actions[:, :1])  # T0 frames need T0 - 1 actions
+    with pytest.raises(TypeError, match="uint8"):
+        session.reset(frames.astype(np.float32), actions)
+    session.reset(frames, actions)
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        session.step([0, 6])
+    with pytest.raises(TypeError, match="integers"):
+        session.step([0.5, 1.0])
+    with pytest.raises(ValueError, match="shape"):
+        session.step([0, 1, 2])
+    assert session.step([0, 1]).frames.shape == (2, 64, 64, 3)  # still usable

@@ -1,0 +1,323 @@
+"""A batch of dream streams: the world model's streaming state plus one noise generator per stream.
+
+`RolloutSession` owns a `WorldModelCache` (per-layer SSM block states, conv states and the local
+attention KV ring) for B streams and runs the dream loop of `worldsim.model.world_model`:
+
+    reset(context frames, context actions)   encode with the codec, prefill the cache in one
+                                              parallel forward at sigma = 0
+    step(actions)                             sample the next latent in `sampler_steps` denoiser
+                                              calls on a non-committing copy of the cache, decode
+                                              it, commit the clean latent (which also yields the
+                                              reward and termination of that transition)
+    fork(n) / select(indices)                 new sessions over copied streams (planners)
+    reset_streams(indices, ...)               re-seed some streams only (vector-env auto-reset)
+
+Action convention: context_actions[:, t] is the action taken at context frame t, which led to
+frame t + 1, so a context of T0 frames comes with T0 - 1 actions (the first frame has none and is
+conditioned on the model's "no action").
+
+Reproducibility: stream b draws its noise only from its own generator (`sample_next_frames`), so
+a stream's frames do not depend on the other streams in the batch, and a forked stream whose
+generator state was copied reproduces its parent's future exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from worldsim.codec.autoencoder import FrameCodec
+from worldsim.diffusion.sampler import sample_next_frames
+from worldsim.model.blockwise_ssm import BlockwiseSSMCache
+from worldsim.model.world_model import LayerCache, WorldModel, WorldModelCache
+
+
+@dataclass
+class StepResult:
+    frames: torch.Tensor
+    """(B, H, W, 3) uint8, the decoded new frames (CPU)."""
+    rewards: torch.Tensor
+    """(B,) float32, predicted reward of the transition into each new frame (CPU)."""
+    terminated: torch.Tensor
+    """(B,) bool, termination logit > 0 (CPU)."""
+    termination_logits: torch.Tensor
+    """(B,) float32 (CPU)."""
+    latents: torch.Tensor
+    """(B, C, h, w) the committed clean latents (model device)."""
+
+
+def _copy_generator(g: torch.Generator) -> torch.Generator:
+    out = torch.Generator(device=g.device)
+    out.set_state(g.get_state())
+    return out
+
+
+class RolloutSession:
+    """B world-model streams (see the module doc). Inference only: everything runs under no_grad."""
+
+    def __init__(
+        self,
+        model: WorldModel,
+        codec: FrameCodec,
+        *,
+        batch: int,
+        sampler_steps: int = 4,
+        seed: int | None = None,
+        sampler_kwargs: dict | None = None,
+    ) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if sampler_steps < 1:
+            raise ValueError(f"sampler_steps must be >= 1, got {sampler_steps}")
+        cfg = model.cfg
+        if tuple(codec.config.latent_shape) != (cfg.latent_channels, *cfg.latent_grid):
+            raise ValueError(
+                f"codec latents {codec.config.latent_shape} do not fit the world model's "
+                f"{(cfg.latent_channels, *cfg.latent_grid)}: pair the model with the codec it was trained with"
+            )
+        self.model = model
+        self.codec = codec
+        self.batch = batch
+        self.sampler_steps = sampler_steps
+        self.sampler_kwargs = dict(sampler_kwargs or {})
+        self.device = next(model.parameters()).device
+        self._seeds = np.random.default_rng(seed)  # default per-stream seeds when reset gets none
+        self.cache: WorldModelCache | None = None
+        self.generators: list[torch.Generator] = []
+        self.latents: torch.Tensor | None = None  # (B, C, h, w) the last committed frame
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    @property
+    def discrete(self) -> bool:
+        return self.model.cfg.action_kind == "discrete"
+
+    def _actions(self, actions, lead: tuple[int, ...]) -> torch.Tensor:
+        """Validate actions of shape `lead` (+ (D,) if continuous); a torch tensor on the device."""
+        cfg = self.model.cfg
+        a = torch.as_tensor(np.asarray(actions) if not isinstance(actions, torch.Tensor) else actions)
+        if self.discrete:
+            want = lead
+            if a.dtype.is_floating_point or a.dtype == torch.bool or a.is_complex():
+                raise TypeError(f"discrete actions must be integers, got dtype {a.dtype}")
+            if tuple(a.shape) != want:
+                raise ValueError(f"discrete actions must have shape {want}, got {tuple(a.shape)}")
+            if a.numel() and (a.min() < 0 or a.max() >= cfg.n_actions):
+                raise ValueError(f"discrete actions must be in [0, {cfg.n_actions}), got {a.flatten().tolist()}")
+            return a.long().to(self.device)
+        want = (*lead, cfg.action_dim)
+        if not a.dtype.is_floating_point:
+            raise TypeError(f"continuous actions must be floats, got dtype {a.dtype}")
+        if tuple(a.shape) != want:
+            raise ValueError(f"continuous actions must have shape {want}, got {tuple(a.shape)}")
+        if not torch.isfinite(a).all():
+            raise ValueError("continuous actions contain NaN or inf")
+        return a.float().to(self.device)
+
+    def _context(self, frames, actions, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> latents (b, T0, C, h, w), conditioning actions (b, T0[, D]), no_action (b, T0)."""
+        frames = torch.as_tensor(frames)
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"context frames must be uint8, got {frames.dtype}")
+        if frames.ndim != 5 or frames.shape[0] != batch or frames.shape[-1] != 3:
+            raise ValueError(f"context frames must be ({batch}, T0, H, W, 3) uint8, got {tuple(frames.shape)}")
+        T0 = frames.shape[1]
+        if T0 < 1:
+            raise ValueError("the context needs at least one frame")
+        acts = self._actions(actions, (batch, T0 - 1))  # action t led to frame t + 1
+        latents = self.codec.encode(frames.to(self.device))  # (b, T0, C, h, w)
+        if self.discrete:
+            first = torch.full((batch, 1), self.model.cfg.n_actions, dtype=torch.long, device=self.device)
+        else:
+            first = torch.zeros(batch, 1, self.model.cfg.action_dim, device=self.device)  # masked below
+        cond = torch.cat([first, acts], dim=1)  # (b, T0[, D])
+        no_action = torch.zeros(batch, T0, dtype=torch.bool, device=self.device)
+        no_action[:, 0] = True
+        return latents, cond, no_action
+
+    def _generators(self, seeds: Sequence[int] | None, n: int) -> list[torch.Generator]:
+        if seeds is None:
+            seeds = self._seeds.integers(0, 2**63 - 1, size=n).tolist()
+        if len(seeds) != n:
+            raise ValueError(f"need one seed per stream ({n}), got {len(seeds)}")
+        return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def _require_reset(self) -> None:
+        if self.cache is None:
+            raise RuntimeError("call reset(context_frames, context_actions) before stepping")
+
+    # -- the dream loop ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prefill(self, frames, actions, batch: int, start_frame: int = 0) -> tuple[WorldModelCache, torch.Tensor]:
+        latents, cond, no_action = self._context(frames, actions, batch)
+        cache = self.model.allocate_cache(batch, device=self.device)
+        if start_frame:
+            # RoPE positions of a stream joining a running batch (see reset_streams).
+            for layer in cache.layers:
+                if layer.kv is not None:
+                    layer.kv = replace(layer.kv, start_frame=start_frame)
+        sigma = torch.zeros(latents.shape[:2], device=self.device)
+        self.model(latents, sigma, cond, cache=cache, no_action=no_action)
+        return cache, latents[:, -1]
+
+    @torch.no_grad()
+    def reset(self, context_frames, context_actions, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Start all B streams from real context: frames uint8 (B, T0, H, W, 3), actions (B, T0 - 1)
+        int or (B, T0 - 1, D) float. `seeds`: one per stream for its noise generator (default:
+        drawn from the session's seed). Returns the last context frame as the codec reconstructs
+        it, uint8 (B, H, W, 3) on the CPU (what the model "sees")."""
+        cache, last = self._prefill(context_frames, context_actions, self.batch)
+        self.cache, self.latents = cache, last
+        self.generators = self._generators(seeds, self.batch)
+        return self.codec.decode(last, as_uint8=True).cpu()
+
+    @torch.no_grad()
+    def step(self, actions) -> StepResult:
+        """One new frame per stream for actions (B,) int or (B, D) float."""
+        self._require_reset()
+        a = self._actions(actions, (self.batch,))
+        cache = self.cache
+        model = self.model
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return model.step(x, sigma, a, cache, commit=False).denoised
+
+        shape = (self.batch, *self.latents.shape[1:])
+        latent = sample_next_frames(denoise, shape, self.generators, self.sampler_steps,
+                                    device=self.device, **self.sampler_kwargs)
+        out = model.step(latent, torch.zeros(self.batch, device=self.device), a, cache)  # commit
+        self.latents = latent
+        logits = out.termination_logit.float().cpu()
+        return StepResult(
+            frames=self.codec.decode(latent, as_uint8=True).cpu(),
+            rewards=out.reward.float().cpu(),
+            terminated=logits > 0,
+            termination_logits=logits,
+            latents=latent,
+        )
+
+    # -- forking ---------------------------------------------------------------------------------
+
+    def _child(self, cache: WorldModelCache, idx: list[int]) -> RolloutSession:
+        child = RolloutSession.__new__(RolloutSession)
+        child.__dict__.update(self.__dict__)
+        child.batch = len(idx)
+        child.cache = cache
+        child.generators = [_copy_generator(self.generators[i]) for i in idx]
+        child.latents = self.latents[torch.as_tensor(idx, device=self.device)]
+        child._seeds = np.random.default_rng(self._seeds.integers(0, 2**63 - 1))
+        return child
+
+    def select(self, indices: Sequence[int]) -> RolloutSession:
+        """A new session over streams `indices` (repeats allowed), copied; this one is unchanged."""
+        self._require_reset()
+        idx = [int(i) for i in indices]
+        if not idx:
+            raise ValueError("select needs at least one stream index")
+        if min(idx) < 0 or max(idx) >= self.batch:
+            raise IndexError(f"stream indices {idx} out of range for {self.batch} streams")
+        return self._child(self.cache.select(idx), idx)
+
+    def fork(self, n: int) -> RolloutSession:
+        """Each stream repeated n times (stream-major: rows b n .. b n + n - 1 copy stream b), with
+        copies of its generator, so all n copies dream the same future until their actions differ."""
+        if n < 1:
+            raise ValueError(f"fork needs n >= 1, got {n}")
+        return self.select([b for b in range(self.batch) for _ in range(n)])
+
+    def state_nbytes(self) -> int:
+        """Bytes of the streaming state (fixed for every variant except causal_full)."""
+        self._require_reset()
+        return self.cache.nbytes()
+
+    @property
+    def frames_seen(self) -> int:
+        self._require_reset()
+        return self.cache.frames_seen
+
+    # -- partial reset ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_streams(self, indices: Sequence[int], context_frames, context_actions,
+                      seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Re-start streams `indices` from new context (shapes as in `reset`, batch len(indices));
+        the other streams keep going. Returns the new streams' last context frames (k, H, W, 3).
+
+        The cache has no per-row overwrite and its attention ring shares one frame counter over the
+        batch, so: prefill a fresh cache for the k streams, placed at the batch's frame counter
+        (RoPE start and ring slots shifted so the new frames are the most recent ones), then
+        splice its rows in. A stream's attention only sees its own frames when the context fills
+        the ring (T0 >= attention window), or when the whole batch is at its context length;
+        otherwise this raises. A `WorldModelCache.assign(indices, other)` with per-row frame
+        counters in `FrameKVCache` would remove both the splicing and that restriction.
+        """
+        self._require_reset()
+        idx = [int(i) for i in indices]
+        if not idx:
+            return torch.empty(0, *self.codec.decode(self.latents[:1], as_uint8=True).shape[1:], dtype=torch.uint8)
+        if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= self.batch:
+            raise ValueError(f"stream indices {idx} must be distinct and in [0, {self.batch})")
+        T0 = torch.as_tensor(context_frames).shape[1] if torch.as_tensor(context_frames).ndim == 5 else 0
+        F = self.cache.frames_seen
+        self._check_spliceable(T0, F)
+        fresh, last = self._prefill(context_frames, context_actions, len(idx), start_frame=self._kv_start() + F - T0)
+        rows = torch.as_tensor(idx, device=self.device)
+        layers = []
+        for old, new in zip(self.cache.layers, fresh.layers):
+            layers.append(LayerCache(
+                None if old.ssm is None else _splice_ssm(old.ssm, new.ssm, rows),
+                None if old.kv is None else _splice_kv(old.kv, new.kv, rows, F - T0),
+            ))
+        self.cache = WorldModelCache(layers, F)
+        latents = self.latents.clone()
+        latents[rows] = last
+        self.latents = latents
+        for i, g in zip(idx, self._generators(seeds, len(idx))):
+            self.generators[i] = g
+        return self.codec.decode(last, as_uint8=True).cpu()
+
+    def _kv_start(self) -> int:
+        for layer in self.cache.layers:
+            if layer.kv is not None:
+                return layer.kv.start_frame
+        return 0
+
+    def _check_spliceable(self, T0: int, F: int) -> None:
+        window = None
+        has_kv = any(layer.kv is not None for layer in self.cache.layers)
+        if not has_kv or T0 == F:
+            return
+        window = next(layer.kv.window for layer in self.cache.layers if layer.kv is not None)
+        if window is None or T0 < window or T0 > F:
+            raise ValueError(
+                f"cannot restart single streams: a context of {T0} frames while the batch is at frame {F} "
+                f"with attention window {window}; streams share the attention ring's frame counter, so "
+                f"restarting some of them needs context_frames >= the attention window "
+                f"(or reset the whole batch)"
+            )
+
+
+def _splice_ssm(old: BlockwiseSSMCache, new: BlockwiseSSMCache, rows: torch.Tensor) -> BlockwiseSSMCache:
+    """Copy of `old` with streams `rows` replaced by `new`'s (rows are (stream, block) pairs)."""
+    def put(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = a.reshape(old.batch_size, old.n_blocks, *a.shape[1:]).clone()  # (B, nb, ...)
+        out[rows] = b.reshape(len(rows), new.n_blocks, *b.shape[1:])
+        return out.reshape(a.shape)
+
+    return BlockwiseSSMCache(put(old.ssm_state, new.ssm_state), put(old.conv_state, new.conv_state), old.n_blocks)
+
+
+def _splice_kv(old, new, rows: torch.Tensor, shift: int):
+    """Copy of `old` with `rows` replaced by `new`'s keys/values, whose frames are rolled into the
+    ring slots they would hold had they been written at the batch's frame counter."""
+    keys, values = new.keys, new.values  # (k, heads, slots, N, head_dim)
+    if old.window:  # ring of `window` slots: frame f lives in slot f % window
+        keys = torch.roll(keys, shift % old.window, dims=2)
+        values = torch.roll(values, shift % old.window, dims=2)
+    out_k, out_v = old.keys.clone(), old.values.clone()
+    out_k[rows], out_v[rows] = keys.to(out_k.dtype), values.to(out_v.dtype)
+    return replace(old, keys=out_k, values=out_v)
