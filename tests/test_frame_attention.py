@@ -323,3 +323,105 @@ def test_bad_inputs_raise_clear_errors():
         layer(torch.zeros(1, 2, 6, D_MODEL, dtype=torch.float64), cache=cache, start_frame=0)
     with pytest.raises(ValueError, match="does not match"):  # a wrong batch is an error, not a broadcast
         layer.step(torch.zeros(2, 6, D_MODEL, dtype=torch.float64), cache)
+
+
+# -------------------------------------------------------------------------------------------------
+# Rows restarted on their own (assign)
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [3, None])
+def test_assign_restarts_one_row_with_a_short_context(window):
+    """Row 1 of a running batch restarts from a 1-frame context (shorter than the window); then
+    every row's steps and a multi-frame clip equal a parallel pass over that row's own stream."""
+    N, P, K = 6, 5, 6
+    layer = make_layer(window)
+    x, z, y = frames(2, P, N, seed=1), frames(1, 1, N, seed=2), frames(2, K + 2, N, seed=3)
+    with torch.no_grad():
+        cache = layer.allocate_cache(2)
+        layer(x, cache=cache)
+        fresh = layer.allocate_cache(1)
+        layer(z, cache=fresh)
+        cache.assign([1], fresh)
+        assert cache.next_frames.tolist() == [P, 1] and cache.valid.tolist() == [P if window is None else 3, 1]
+        streamed = [layer.step(y[:, t], cache)[:, None] for t in range(K)]  # the short context ages out
+        streamed.append(layer(y[:, K:], cache=cache))  # a clip continuing the rows: the masked path
+        streamed = torch.cat(streamed, dim=1)
+        ref0 = layer(torch.cat([x[:1], y[:1]], dim=1))[:, P:]
+        ref1 = layer(torch.cat([z, y[1:]], dim=1))[:, 1:]
+        # The clip path while the rows still hold different counts of frames (window=None keeps them).
+        mixed = layer.allocate_cache(2)
+        layer(x, cache=mixed)
+        mixed.assign([1], fresh)
+        clip = layer(y, cache=mixed)
+    torch.testing.assert_close(streamed[:1], ref0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(streamed[1:], ref1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(clip, torch.cat([ref0, ref1]), rtol=0, atol=1e-12)
+    assert cache.next_frames.tolist() == [P + K + 2, 1 + K + 2]
+    if window is not None:
+        assert cache.rows_aligned  # both rows hold the full ring again: back on the mask-free path
+
+
+def test_assign_keeps_each_rows_own_positions_select_and_clone():
+    """A restarted row's keys carry its own RoPE positions (as a stream started alone), and
+    select / clone of a cache whose rows hold different frames behave like the rows alone."""
+    N, window = 6, 4
+    layer = make_layer(window)
+    x, z, y = frames(3, 5, N, seed=1), frames(1, 2, N, seed=2), frames(3, 2, N, seed=3)
+    with torch.no_grad():
+        cache = layer.allocate_cache(3)
+        layer(x, cache=cache)
+        fresh = layer.allocate_cache(1, start_frame=100)  # e.g. a stream resumed far into an episode
+        layer(z, cache=fresh)
+        alone = fresh.clone()
+        cache.assign([2], fresh)
+        picked = cache.select([2, 2, 0])
+        fork = cache.clone()
+        out = layer.step(y[:, 0], cache)
+        assert torch.equal(layer.step(y[:, 0], fork), out)  # the fork was not touched by the step
+        out_alone = layer.step(y[2:, 0], alone)
+        # Row 2 holds exactly the keys (rotated at frames 100..102) of the stream run alone.
+        keys, _, held = cache.past(in_order=True)  # (3, H, 4 N, D), (3, 4)
+        assert held[2].tolist() == [False, True, True, True]
+        assert torch.equal(keys[2, :, N:], alone.past(in_order=True)[0][0])
+        assert cache.next_frames.tolist() == [6, 6, 103] and cache.valid.tolist() == [4, 4, 3]
+        torch.testing.assert_close(out[2:], out_alone, rtol=0, atol=1e-12)
+        out_picked = layer.step(y[[2, 2, 0], 0], picked)
+    torch.testing.assert_close(out_picked, out[[2, 2, 0]], rtol=0, atol=1e-12)
+    assert picked.next_frames.tolist() == [103, 103, 6] and picked.valid.tolist() == [3, 3, 4]
+    with pytest.raises(ValueError, match="different frames"):
+        cache.next_frame
+
+
+def test_assign_grows_and_trims_an_unbounded_cache():
+    N = 6
+    layer = make_layer(None)
+    frame_bytes = 2 * HEADS * N * (D_MODEL // HEADS) * 8  # keys + values of one frame of one row, float64
+    with torch.no_grad():
+        cache = layer.allocate_cache(2)
+        layer(frames(2, 2, N), cache=cache)
+        long = layer.allocate_cache(1)
+        layer(frames(1, 5, N, seed=2), cache=long)
+        cache.assign([0], long)  # longer than the batch's history: room is made on the old side
+        assert cache.nbytes == 2 * 5 * frame_bytes and cache.valid.tolist() == [5, 2]
+        y = frames(2, 1, N, seed=3)
+        out = layer.step(y[:, 0], cache)
+        ref = layer(torch.cat([frames(1, 5, N, seed=2), y[:1]], dim=1))[:, -1]
+        short = layer.allocate_cache(1)
+        layer(frames(1, 1, N, seed=4), cache=short)
+        cache.assign([0], short)  # nobody holds the 3 oldest slots any more: they are dropped
+        assert cache.nbytes == 2 * 3 * frame_bytes and cache.valid.tolist() == [1, 3]
+    torch.testing.assert_close(out[:1], ref, rtol=0, atol=1e-12)
+
+
+def test_assign_bad_inputs_raise_clear_errors():
+    layer = make_layer(2)
+    cache, one = layer.allocate_cache(3), layer.allocate_cache(1)
+    with pytest.raises(ValueError, match="one per row"):
+        cache.assign([0, 1], one)
+    with pytest.raises(ValueError, match="distinct"):
+        cache.assign([1, 1], layer.allocate_cache(2))
+    with pytest.raises(IndexError, match="out of range"):
+        cache.assign([3], one)
+    with pytest.raises(ValueError, match="window"):
+        cache.assign([0], make_layer(3).allocate_cache(1))

@@ -99,26 +99,59 @@ def test_state_size_constant_for_lssvwm_growing_for_causal_full():
             assert len(set(sizes)) == 1
 
 
-def test_reset_streams_matches_fresh_stream():
-    """A stream restarted in a running batch dreams what a fresh single stream dreams."""
-    model, codec = tiny_pair()
-    T0 = 9  # the tiny preset's attention window: the new context fills the ring
-    frames, actions = context(2, T0)
+@pytest.mark.parametrize("variant", ["lssvwm", "causal_full", "mamba_only"])
+def test_reset_streams_with_short_context_matches_fresh_streams(variant):
+    """Stream 1 restarts mid-rollout from a context shorter than the attention window (9 frames in
+    the tiny preset); afterwards every stream dreams what a single-stream session from its own
+    context dreams. Stream 0, which never restarted, keeps dreaming its own future too."""
+    model, codec = tiny_pair(variant)
+    frames, actions = context(2, 5)
     session = RolloutSession(model, codec, batch=2)
     session.reset(frames, actions, seeds=[1, 2])
-    for a in range(3):
+    alone0 = RolloutSession(model, codec, batch=1)
+    alone0.reset(frames[:1], actions[:1], seeds=[1])
+    for a in (0, 1, 2, 3, 4, 5):  # 5 + 6 frames: the ring has wrapped
         session.step([a, a])
-    new_frames, new_actions = context(1, T0, seed=5)
-    session.reset_streams([1], new_frames, new_actions, seeds=[7])
-    single = RolloutSession(model, codec, batch=1)
-    single.reset(new_frames, new_actions, seeds=[7])
-    for a in (3, 1, 0):
-        both, one = session.step([a, a]), single.step([a])
-        torch.testing.assert_close(both.latents[1:], one.latents, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(both.rewards[1:], one.rewards, atol=1e-4, rtol=1e-4)
-    # A context shorter than the attention window cannot join a batch that is past it.
-    with pytest.raises(ValueError, match="attention window"):
-        session.reset_streams([0], *context(1, 3))
+        alone0.step([a])
+    new_frames, new_actions = context(1, 3, seed=5)
+    first = session.reset_streams([1], new_frames, new_actions, seeds=[7])
+    alone1 = RolloutSession(model, codec, batch=1)
+    assert torch.equal(first, alone1.reset(new_frames, new_actions, seeds=[7]))
+    for a in (3, 1, 0, 5, 2, 4, 1, 0, 3, 2, 5):  # past the window again: the short context ages out
+        both, one0, one1 = session.step([a, 5 - a]), alone0.step([a]), alone1.step([5 - a])
+        for row, one in ((0, one0), (1, one1)):
+            torch.testing.assert_close(both.latents[row : row + 1], one.latents, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(both.rewards[row : row + 1], one.rewards, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(both.termination_logits[row : row + 1], one.termination_logits,
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_reset_streams_longer_context_than_the_batch_has_run():
+    """A causal_full batch one frame into its rollout takes a stream with a 6-frame context: the
+    growing KV cache makes room for it, and both streams match their single-stream runs."""
+    model, codec = tiny_pair("causal_full")
+    frames, actions = context(2, 2)
+    session = RolloutSession(model, codec, batch=2, sampler_steps=2)
+    session.reset(frames, actions, seeds=[1, 2])
+    session.step([0, 0])
+    before = session.state_nbytes()
+    alone0 = RolloutSession(model, codec, batch=1, sampler_steps=2)
+    alone0.reset(frames[:1], actions[:1], seeds=[1])
+    alone0.step([0])
+    long_frames, long_actions = context(1, 6, seed=3)
+    session.reset_streams([1], long_frames, long_actions, seeds=[4])
+    assert session.state_nbytes() == 2 * before  # 3 frames -> 6 frames of keys and values per row
+    alone1 = RolloutSession(model, codec, batch=1, sampler_steps=2)
+    alone1.reset(long_frames, long_actions, seeds=[4])
+    for a in (1, 2, 3):
+        both, one0, one1 = session.step([a, a]), alone0.step([a]), alone1.step([a])
+        torch.testing.assert_close(both.latents[:1], one0.latents, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(both.latents[1:], one1.latents, atol=1e-5, rtol=1e-5)
+    # Restarting the long stream again with a short context frees the slots nobody holds any more.
+    session.reset_streams([1], *context(1, 2, seed=6))
+    assert session.state_nbytes() == before * 6 // 3  # stream 0: 3 + 3 frames; stream 1: 2
+    with pytest.raises(ValueError, match="distinct"):
+        session.reset_streams([0, 0], *context(2, 2))
 
 
 def test_bad_inputs_raise_clear_errors():

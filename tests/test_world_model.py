@@ -221,6 +221,36 @@ def test_cache_select_forks_streams():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_assign_restarts_streams(variant):
+    """Streams 2 and 0 of a running batch are overwritten by a fresh 1-frame prefill (shorter than
+    the 3-frame window): each stream then continues as its own stream run in parallel."""
+    cfg = tiny_config(variant)
+    model = perturbed_model(cfg, torch.float64)
+    B, P, K = 3, 5, 4
+    x, sigma, actions = random_inputs(cfg, B, P + K, torch.float64)
+    z, zsig, zact = random_inputs(cfg, 2, 1, torch.float64, seed=2)
+    with torch.no_grad():
+        cache = model.allocate_cache(B)
+        model(x[:, :P], sigma[:, :P], actions[:, :P], cache=cache)
+        fresh = model.allocate_cache(2)
+        model(z, zsig, zact, cache=fresh)
+        cache.assign([2, 0], fresh)
+        streamed = stack_outputs([model.step(x[:, t], sigma[:, t], actions[:, t], cache) for t in range(P, P + K)])
+        kept = model(x[1:2], sigma[1:2], actions[1:2])  # stream 1 never restarted
+        restarted = model(torch.cat([z[[1, 0]], x[[0, 2], P:]], 1), torch.cat([zsig[[1, 0]], sigma[[0, 2], P:]], 1),
+                          torch.cat([zact[[1, 0]], actions[[0, 2], P:]], 1))
+    for f in ("denoised", "reward", "termination_logit"):
+        torch.testing.assert_close(getattr(streamed, f)[1:2], getattr(kept, f)[:, P:], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(getattr(streamed, f)[[0, 2]], getattr(restarted, f)[:, 1:], atol=1e-10, rtol=1e-10)
+    if variant != "causal_full":
+        assert cache.nbytes() == model.allocate_cache(B, dtype=torch.float64).nbytes()  # no growth
+    with pytest.raises(ValueError, match="distinct"):
+        cache.assign([1, 1], fresh)
+    with pytest.raises(ValueError, match="one each"):
+        cache.assign([1], fresh)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_state_bytes_do_not_grow_except_causal_full(variant):
     cfg = tiny_config(variant)
     model = perturbed_model(cfg)

@@ -119,6 +119,36 @@ class BlockwiseSSMCache:
 
         return BlockwiseSSMCache(pick(self.ssm_state), pick(self.conv_state), self.n_blocks)
 
+    def assign(self, indices: Sequence[int] | torch.Tensor, other: BlockwiseSSMCache) -> None:
+        """Overwrite streams `indices` (distinct, one per stream of `other`) with `other`'s streams.
+
+        E.g. `other` freshly prefilled from a new context restarts those streams. Like stepping, it
+        replaces this cache's tensors rather than writing into them, so earlier copies stay as they were.
+        """
+        if other.n_blocks != self.n_blocks or (other.ssm_state.shape[1:], other.conv_state.shape[1:]) != (
+            self.ssm_state.shape[1:], self.conv_state.shape[1:]
+        ):
+            raise ValueError(
+                f"cannot assign a cache of {other.n_blocks} blocks, ssm_state {tuple(other.ssm_state.shape)} and "
+                f"conv_state {tuple(other.conv_state.shape)} to one of {self.n_blocks} blocks, "
+                f"{tuple(self.ssm_state.shape)} and {tuple(self.conv_state.shape)}"
+            )
+        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+        if idx.numel() != other.batch_size:
+            raise ValueError(f"{idx.numel()} stream indices for a cache of {other.batch_size} streams; need one each")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
+            raise IndexError(f"stream indices {idx.tolist()} out of range for a cache of {self.batch_size} streams")
+        if len(set(idx.tolist())) != idx.numel():
+            raise ValueError(f"stream indices {idx.tolist()} must be distinct")
+
+        def put(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            out = t.reshape(self.batch_size, self.n_blocks, *t.shape[1:]).clone()  # (batch, nb, ...)
+            out[idx.to(t.device)] = new.reshape(-1, self.n_blocks, *t.shape[1:]).to(t.device, t.dtype)
+            return out.reshape(t.shape)
+
+        self.ssm_state = put(self.ssm_state, other.ssm_state)
+        self.conv_state = put(self.conv_state, other.conv_state)
+
     def to(self, *args, **kwargs) -> BlockwiseSSMCache:
         """Same arguments as `torch.Tensor.to`; returns a new cache."""
         return BlockwiseSSMCache(self.ssm_state.to(*args, **kwargs), self.conv_state.to(*args, **kwargs), self.n_blocks)

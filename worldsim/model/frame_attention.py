@@ -354,30 +354,51 @@ def _log_once(message: str) -> None:
 
 @dataclass
 class FrameKVCache:
-    """Post-RoPE keys and values of the frames a new frame may still attend to.
+    """Post-RoPE keys and values of the frames a new frame may still attend to, for B streams.
 
-    Finite window k: a ring buffer of k frame slots, fixed size from allocation on (frame f of the
-    stream lives in slot f % k). window=None: every frame so far, in order; it grows by one frame
-    per step. Batch rows share one frame counter. Updated in place by `FrameLocalAttention.step` /
-    `forward`; `clone()` before forking a rollout. Meant for inference: it keeps whatever autograd
-    history the written keys carry.
+    Slots: finite window k: a ring of k frame slots, fixed size from allocation on; every write
+    goes to slot `frames_seen % k` for all rows at once (rows advance in lockstep). window=None:
+    one slot per frame written, in order; it grows by one slot per step.
+
+    Rows are independent streams: each has its own absolute frame index (`next_frames`, the RoPE
+    position of its next frame) and its own count of held frames (`valid`): a row holds its
+    `valid[b]` most recently written slots, the rest are masked out of its attention. Rows that
+    only ever streamed together hold every written slot and take the mask-free path; a row
+    overwritten by `assign` with a shorter context holds fewer. (RoPE makes scores depend on frame
+    offsets only, but a row's own positions are kept so its keys match a stream started alone.)
+
+    Updated in place by `FrameLocalAttention.step` / `forward`; `clone()` before forking a rollout.
+    Meant for inference: it keeps whatever autograd history the written keys carry.
     """
 
     keys: torch.Tensor  # (B, heads, slots, N, head_dim)
     values: torch.Tensor  # (B, heads, slots, N, head_dim)
     window: int | None
-    frames_seen: int = 0
-    start_frame: int = 0  # absolute index (RoPE position) of the first frame this cache saw
+    next_frames: torch.Tensor  # (B,) int64 on the CPU: absolute index of each row's next frame
+    valid: torch.Tensor  # (B,) int64 on the CPU: frames each row holds (its most recent slots)
+    frames_seen: int = 0  # frames written since allocation, batch-wide (the ring cursor; = slots for None)
 
     @property
     def next_frame(self) -> int:
-        """Absolute frame index of the next frame to be written."""
-        return self.start_frame + self.frames_seen
+        """Absolute frame index of the next frame, when all rows agree (else see `next_frames`)."""
+        first = int(self.next_frames[0]) if len(self.next_frames) else 0
+        if not bool((self.next_frames == first).all()):
+            raise ValueError(f"rows continue at different frames {self.next_frames.tolist()}; use next_frames")
+        return first
 
     @property
-    def n_cached(self) -> int:
-        """Frames currently held (<= window)."""
-        return self.frames_seen if self.window is None else min(self.frames_seen, self.window)
+    def slots(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def n_filled(self) -> int:
+        """Slots written since allocation (<= window): what a row that never restarted holds."""
+        return self.slots if self.window is None else min(self.frames_seen, self.window)
+
+    @property
+    def rows_aligned(self) -> bool:
+        """Every row holds every filled slot: attention over the cache needs no mask."""
+        return bool((self.valid == self.n_filled).all())
 
     @property
     def batch_size(self) -> int:
@@ -387,35 +408,48 @@ class FrameKVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def unordered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Held keys, values as (B, heads, n_cached N, head_dim), ring order (fine for a mask-free step)."""
-        B, H, _, N, D = self.keys.shape
-        n = self.n_cached
-        return (
-            self.keys[:, :, :n].reshape(B, H, n * N, D),  # (B, H, n N, D)
-            self.values[:, :, :n].reshape(B, H, n * N, D),
-        )
+    def _ages(self) -> torch.Tensor:
+        """(slots,) int64 (CPU): how many writes ago each slot was written (0 = the latest)."""
+        S = self.slots
+        age = self.frames_seen - 1 - torch.arange(S)
+        return age if self.window is None else age % max(S, 1)
 
-    def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Held keys, values as (B, heads, n_cached N, head_dim), oldest frame first."""
-        if self.window is None or self.frames_seen <= self.window:
-            return self.unordered()
+    def past(self, in_order: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Cached keys, values (B, heads, P N, head_dim) and held (B, P) bool or None (all held).
+
+        Aligned rows: the P = n_filled filled slots, mask-free. Otherwise all slots with the
+        per-row mask of the ones each row holds. in_order: oldest frame first (needed when the
+        frame-window rule is applied by position); else ring order (fine for a one-frame step,
+        where every held frame is inside the window).
+        """
         B, H, S, N, D = self.keys.shape
-        oldest = self.frames_seen % S  # slot of the oldest held frame
-        order = torch.arange(oldest, oldest + S, device=self.keys.device) % S  # (S,)
-        return (
-            self.keys.index_select(2, order).reshape(B, H, S * N, D),  # (B, H, S N, D)
-            self.values.index_select(2, order).reshape(B, H, S * N, D),
-        )
+        aligned = self.rows_aligned
+        P = self.n_filled if aligned else S
+        ages = self._ages()
+        order = None
+        # Slots 0 .. n_filled - 1 are already oldest first for window=None and for a ring that has
+        # not wrapped; a wrapped ring, or all slots of a masked one, start at the cursor.
+        from_cursor = not aligned or self.frames_seen > S
+        if in_order and self.window is not None and P > 0 and from_cursor:
+            order = torch.argsort(ages, descending=True, stable=True)  # (S,) slot (frames_seen + i) % S
+            ages = ages[order]
+            order = order.to(self.keys.device)
+        keys, values = (self.keys, self.values) if order is None else (
+            self.keys.index_select(2, order), self.values.index_select(2, order))
+        keys = keys[:, :, :P].reshape(B, H, P * N, D)  # (B, H, P N, D)
+        values = values[:, :, :P].reshape(B, H, P * N, D)
+        held = None if aligned else (ages[None, :] < self.valid[:, None]).to(self.keys.device)  # (B, S)
+        return keys, values, held
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Record T new frames, keys/values (B, heads, T, N, head_dim), in place."""
+        """Record T new frames of every row, keys/values (B, heads, T, N, head_dim), in place."""
         if keys.shape[:2] != self.keys.shape[:2] or keys.shape[3:] != self.keys.shape[3:]:
             raise ValueError(f"new keys {tuple(keys.shape)} do not fit cache {tuple(self.keys.shape)}")
         T = keys.shape[2]
         if self.window is None:
             self.keys = torch.cat([self.keys, keys.to(self.keys.dtype)], dim=2)  # (B, H, seen + T, N, D)
             self.values = torch.cat([self.values, values.to(self.values.dtype)], dim=2)
+            self.valid = self.valid + T
         else:
             S = self.window
             keep = min(T, S)  # older new frames would be overwritten anyway (S = 0: keep nothing)
@@ -427,20 +461,92 @@ class FrameKVCache:
                 self.values[:, :, slot : slot + first] = values[:, :, src : src + first]
                 self.keys[:, :, : keep - first] = keys[:, :, src + first : T]
                 self.values[:, :, : keep - first] = values[:, :, src + first : T]
+            self.valid = torch.clamp(self.valid + T, max=S)
+        self.next_frames = self.next_frames + T
         self.frames_seen += T
 
     def clone(self) -> FrameKVCache:
-        return replace(self, keys=self.keys.clone(), values=self.values.clone())
+        return replace(self, keys=self.keys.clone(), values=self.values.clone(),
+                       next_frames=self.next_frames.clone(), valid=self.valid.clone())
 
     def select(self, indices: torch.Tensor | list[int]) -> FrameKVCache:
         """A new cache with the batch rows `indices` (copied), e.g. to keep the best plans."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.keys.device)
-        return replace(self, keys=self.keys.index_select(0, idx), values=self.values.index_select(0, idx))
+        out = replace(self, keys=self.keys.index_select(0, idx), values=self.values.index_select(0, idx),
+                      next_frames=self.next_frames[idx.cpu()], valid=self.valid[idx.cpu()])
+        out._drop_unheld_slots()
+        return out
+
+    def assign(self, indices: torch.Tensor | list[int], other: FrameKVCache) -> None:
+        """Overwrite rows `indices` (distinct) with the rows of `other` (same window and layout), in place.
+
+        E.g. `other` freshly prefilled from a new context: those rows restart as if streamed alone
+        (their frame counters and held frames come from `other`, whatever its length). Finite
+        window: `other`'s ring is rotated so each frame keeps its age; memory is unchanged.
+        window=None: rows of different lengths share the slots, each masking what it does not
+        hold; the slots grow if `other` holds more frames than this cache has slots, and the
+        leading slots no row holds any more are dropped.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+        if other.window != self.window or other.keys.shape[1:2] + other.keys.shape[3:] != (
+            self.keys.shape[1:2] + self.keys.shape[3:]
+        ):
+            raise ValueError(
+                f"cannot assign a cache (window={other.window}, shape {tuple(other.keys.shape)}) to one "
+                f"(window={self.window}, shape {tuple(self.keys.shape)}): heads, N, head_dim and window must match"
+            )
+        _check_assign_indices(idx, self.batch_size, other.batch_size)
+        rows = idx.to(self.keys.device)
+        new_k = other.keys.to(self.keys.device, self.keys.dtype)
+        new_v = other.values.to(self.values.device, self.values.dtype)
+        if self.window is not None:
+            if self.window > 0:
+                # Slot of the frame written `a` writes ago: (frames_seen - 1 - a) % window in each
+                # ring, so rotating by the cursor difference keeps every frame's age.
+                shift = (self.frames_seen - other.frames_seen) % self.window
+                new_k, new_v = torch.roll(new_k, shift, dims=2), torch.roll(new_v, shift, dims=2)
+            self.keys[rows], self.values[rows] = new_k, new_v
+        else:
+            need = int(other.valid.max()) if len(other.valid) else 0
+            if need > self.slots:  # grow on the oldest side: no other row holds those slots
+                pad = need - self.slots
+                self.keys = F.pad(self.keys, (0, 0, 0, 0, pad, 0))
+                self.values = F.pad(self.values, (0, 0, 0, 0, pad, 0))
+                self.frames_seen = self.slots
+            m = min(self.slots, other.slots)  # the newest m slots of both line up by age
+            S = self.slots
+            self.keys[rows], self.values[rows] = 0, 0  # slots the new rows do not hold: masked anyway
+            self.keys[rows, :, S - m :] = new_k[:, :, other.slots - m :]
+            self.values[rows, :, S - m :] = new_v[:, :, other.slots - m :]
+        # Out of place: `to()` copies may share these small counter tensors.
+        self.next_frames, self.valid = self.next_frames.clone(), self.valid.clone()
+        self.next_frames[idx] = other.next_frames
+        self.valid[idx] = other.valid
+        self._drop_unheld_slots()
+
+    def _drop_unheld_slots(self) -> None:
+        """window=None: forget the oldest slots that no row holds, so memory follows the longest row."""
+        if self.window is None and self.batch_size and int(self.valid.max()) < self.slots:
+            keep = int(self.valid.max())
+            first = self.slots - keep
+            self.keys = self.keys[:, :, first:].contiguous()
+            self.values = self.values[:, :, first:].contiguous()
+            self.frames_seen = keep
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FrameKVCache:
         return replace(
             self, keys=self.keys.to(device=device, dtype=dtype), values=self.values.to(device=device, dtype=dtype)
         )
+
+
+def _check_assign_indices(idx: torch.Tensor, batch: int, n_new: int) -> None:
+    """Rows to overwrite: 1-D, distinct, in range, one per row of the incoming cache."""
+    if idx.numel() != n_new:
+        raise ValueError(f"{idx.numel()} row indices for a cache of {n_new} rows; need one per row")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= batch):
+        raise IndexError(f"row indices {idx.tolist()} out of range for a cache of {batch} rows")
+    if len(set(idx.tolist())) != idx.numel():
+        raise ValueError(f"row indices {idx.tolist()} must be distinct")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,14 +618,25 @@ class FrameLocalAttention(nn.Module):
             f"window={self.window}, backend={self.backend}"
         )
 
-    def _qkv(self, x: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, N, C) -> q, k, v (B, heads, T N, head_dim), normed and rotated at frames start_frame.."""
+    def _qkv(
+        self, x: torch.Tensor, start_frame: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, N, C) -> q, k, v (B, heads, T N, head_dim), normed and rotated at frames start_frame..
+
+        start_frame: one int for all rows, or (B,) int64 (CPU), one start per row (a cache's rows).
+        """
         B, T, N, C = x.shape
         qkv = self.qkv(x.reshape(B, T * N, C))  # (B, T N, 3 C)
         qkv = qkv.view(B, T * N, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T N, D)
         q, k, v = qkv.unbind(0)
         table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = self.rope.cos_sin(start_frame, T, x.device, table_dtype)  # (T N, D / 2)
+        starts = [start_frame] if isinstance(start_frame, int) else start_frame.tolist()
+        if len(set(starts)) <= 1:  # the usual case: one table for the batch
+            cos, sin = self.rope.cos_sin(starts[0] if starts else 0, T, x.device, table_dtype)  # (T N, D / 2)
+        else:  # rows at different frames: one table per distinct start, gathered per row
+            tables = {s: self.rope.cos_sin(s, T, x.device, table_dtype) for s in set(starts)}
+            cos = torch.stack([tables[s][0] for s in starts])[:, None]  # (B, 1, T N, D / 2)
+            sin = torch.stack([tables[s][1] for s in starts])[:, None]
         q = apply_rotary(self.q_norm(q), cos, sin)
         k = apply_rotary(self.k_norm(k), cos, sin)
         return q, k, v
@@ -554,47 +671,60 @@ class FrameLocalAttention(nn.Module):
         """x (B, T, N, d_model) -> (B, T, N, d_model).
 
         Without a cache: a clip whose first frame has absolute index `start_frame` (default 0; only
-        RoPE positions depend on it). With a cache: the T frames continue the cached stream (they
-        also attend to the cached frames; start_frame defaults to, and must equal, cache.next_frame)
-        and are recorded in the cache afterwards: prefill a context clip, then `step`.
+        RoPE positions depend on it). With a cache: the T frames continue each row's cached stream
+        (they also attend to its cached frames; start_frame, if given, must equal every row's
+        next frame) and are recorded in the cache afterwards: prefill a context clip, then `step`.
         """
         self._check_input(x, 4)
         B, T = x.shape[:2]
-        if cache is not None:
-            self._check_cache(cache, x)
-            if start_frame is not None and start_frame != cache.next_frame:
-                raise ValueError(f"start_frame={start_frame} but the cache continues at frame {cache.next_frame}")
-            start_frame = cache.next_frame
-        start_frame = 0 if start_frame is None else start_frame
-        q, k, v = self._qkv(x, start_frame)
-        keys, values = k, v
-        if cache is not None and cache.n_cached > 0:
-            past_k, past_v = cache.ordered()  # (B, H, P N, D)
-            keys = torch.cat([past_k.to(k.dtype), k], dim=2)  # (B, H, (P + T) N, D)
-            values = torch.cat([past_v.to(v.dtype), v], dim=2)
-        y = frame_attention(q, keys, values, self.tokens_per_frame, self.window, self.backend, self.flex_compiled)
-        if cache is not None:
-            N, D = self.tokens_per_frame, self.head_dim
-            cache.append(
-                k.view(B, self.n_heads, T, N, D),  # (B, H, T, N, D)
-                v.view(B, self.n_heads, T, N, D),
-            )
+        if cache is None:
+            q, k, v = self._qkv(x, 0 if start_frame is None else start_frame)
+            y = frame_attention(q, k, v, self.tokens_per_frame, self.window, self.backend, self.flex_compiled)
+            return self._merge_heads(y, T)
+
+        self._check_cache(cache, x)
+        if start_frame is not None and bool((cache.next_frames != start_frame).any()):
+            at = cache.next_frames.tolist()
+            at = at[0] if len(set(at)) == 1 else at
+            raise ValueError(f"start_frame={start_frame} but the cache continues at frame {at}")
+        q, k, v = self._qkv(x, cache.next_frames)
+        past_k, past_v, held = cache.past(in_order=True)  # (B, H, P N, D), (B, P) or None
+        keys = torch.cat([past_k.to(k.dtype), k], dim=2)  # (B, H, (P + T) N, D)
+        values = torch.cat([past_v.to(v.dtype), v], dim=2)
+        if held is None:  # every row holds every cached frame: the backends' shared mask
+            y = frame_attention(q, keys, values, self.tokens_per_frame, self.window, self.backend, self.flex_compiled)
+        else:  # rows hold different frames: the rule plus each row's held frames, one dense SDPA
+            N, P = self.tokens_per_frame, held.shape[1]
+            rule = frame_window_mask(T, P + T, self.window, x.device)  # (T, P + T)
+            seen = torch.cat([held, held.new_ones(B, T)], dim=1)  # (B, P + T)
+            mask = (rule[None] & seen[:, None]).repeat_interleave(N, 1).repeat_interleave(N, 2)  # (B, T N, (P + T) N)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])  # (B, H, T N, D)
+        N, D = self.tokens_per_frame, self.head_dim
+        cache.append(
+            k.view(B, self.n_heads, T, N, D),  # (B, H, T, N, D)
+            v.view(B, self.n_heads, T, N, D),
+        )
         return self._merge_heads(y, T)
 
     def step(self, x: torch.Tensor, cache: FrameKVCache) -> torch.Tensor:
         """One new frame x (B, N, d_model) -> (B, N, d_model); attends to the cache and itself.
 
-        Every held frame is inside the window, so this is a mask-free SDPA over (held + 1) frames;
-        the cache is then updated in place.
+        Every held frame is inside the window, so this is one SDPA over (cached + 1) frames, with
+        no mask unless some row holds fewer frames than others (a restarted row); the cache is then
+        updated in place.
         """
         self._check_input(x, 3)
         self._check_cache(cache, x)
         B, N, _ = x.shape
-        q, k, v = self._qkv(x[:, None], cache.next_frame)  # (B, H, N, D) each
-        past_k, past_v = cache.unordered()  # (B, H, n N, D); key order does not matter here
-        keys = torch.cat([past_k.to(k.dtype), k], dim=2)  # (B, H, (n + 1) N, D)
+        q, k, v = self._qkv(x[:, None], cache.next_frames)  # (B, H, N, D) each
+        past_k, past_v, held = cache.past(in_order=False)  # (B, H, P N, D); key order does not matter here
+        keys = torch.cat([past_k.to(k.dtype), k], dim=2)  # (B, H, (P + 1) N, D)
         values = torch.cat([past_v.to(v.dtype), v], dim=2)
-        y = F.scaled_dot_product_attention(q, keys, values)  # (B, H, N, D)
+        mask = None
+        if held is not None:
+            seen = torch.cat([held, held.new_ones(B, 1)], dim=1)  # (B, P + 1): the new frame is always seen
+            mask = seen.repeat_interleave(N, dim=1)[:, None, None]  # (B, 1, 1, (P + 1) N)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, N, D)
         cache.append(
             k.view(B, self.n_heads, 1, N, self.head_dim),  # (B, H, 1, N, D)
             v.view(B, self.n_heads, 1, N, self.head_dim),
@@ -622,5 +752,6 @@ class FrameLocalAttention(nn.Module):
             keys=torch.zeros(shape, device=device, dtype=dtype),
             values=torch.zeros(shape, device=device, dtype=dtype),
             window=self.window,
-            start_frame=start_frame,
+            next_frames=torch.full((batch,), start_frame, dtype=torch.long),
+            valid=torch.zeros(batch, dtype=torch.long),
         )

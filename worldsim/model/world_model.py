@@ -185,6 +185,37 @@ class WorldModelCache:
             self.frames_seen,
         )
 
+    def assign(self, indices: Sequence[int] | torch.Tensor, other: WorldModelCache) -> None:
+        """Overwrite streams `indices` (1-D distinct ints or a bool mask) with the streams of `other`,
+        a cache of the same model (e.g. freshly prefilled from new context), in place.
+
+        Each stream then continues exactly as `other`'s would alone, whatever the lengths of the
+        two histories: the attention caches keep per-stream frame counters and masks (see
+        `FrameKVCache.assign`). `frames_seen` stays the batch's count of frames written.
+        """
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            if idx.shape != (self.batch_size,):
+                raise ValueError(f"bool mask has shape {tuple(idx.shape)} for {self.batch_size} streams")
+            idx = idx.nonzero().flatten()
+        if idx.dim() != 1:
+            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
+        # Checked here, before any layer changes, so a bad call leaves the cache as it was.
+        if idx.numel() != other.batch_size:
+            raise ValueError(f"{idx.numel()} stream indices for a cache of {other.batch_size} streams; need one each")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
+            raise IndexError(f"stream indices {idx.tolist()} out of range for a cache of {self.batch_size} streams")
+        if len(set(idx.tolist())) != idx.numel():
+            raise ValueError(f"stream indices {idx.tolist()} must be distinct")
+        structure = [(l.ssm is None, l.kv is None) for l in self.layers]
+        if structure != [(l.ssm is None, l.kv is None) for l in other.layers]:
+            raise ValueError("cannot assign a cache of a different model (its layers do not match)")
+        for mine, theirs in zip(self.layers, other.layers):
+            if mine.ssm is not None:
+                mine.ssm.assign(idx, theirs.ssm)
+            if mine.kv is not None:
+                mine.kv.assign(idx, theirs.kv)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WorldModelCache:
         return WorldModelCache(
             [LayerCache(None if l.ssm is None else l.ssm.to(device=device, dtype=dtype),

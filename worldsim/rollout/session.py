@@ -24,15 +24,14 @@ generator state was copied reproduces its parent's future exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from worldsim.codec.autoencoder import FrameCodec
 from worldsim.diffusion.sampler import sample_next_frames
-from worldsim.model.blockwise_ssm import BlockwiseSSMCache
-from worldsim.model.world_model import LayerCache, WorldModel, WorldModelCache
+from worldsim.model.world_model import WorldModel, WorldModelCache
 
 
 @dataclass
@@ -152,14 +151,10 @@ class RolloutSession:
     # -- the dream loop ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _prefill(self, frames, actions, batch: int, start_frame: int = 0) -> tuple[WorldModelCache, torch.Tensor]:
+    def _prefill(self, frames, actions, batch: int) -> tuple[WorldModelCache, torch.Tensor]:
+        """A fresh cache for `batch` streams that have seen the context (each from its frame 0)."""
         latents, cond, no_action = self._context(frames, actions, batch)
         cache = self.model.allocate_cache(batch, device=self.device)
-        if start_frame:
-            # RoPE positions of a stream joining a running batch (see reset_streams).
-            for layer in cache.layers:
-                if layer.kv is not None:
-                    layer.kv = replace(layer.kv, start_frame=start_frame)
         sigma = torch.zeros(latents.shape[:2], device=self.device)
         self.model(latents, sigma, cond, cache=cache, no_action=no_action)
         return cache, latents[:, -1]
@@ -236,6 +231,8 @@ class RolloutSession:
 
     @property
     def frames_seen(self) -> int:
+        """Frames the batch has written to the cache since `reset` (context included); a stream
+        restarted by `reset_streams` has seen fewer of its own."""
         self._require_reset()
         return self.cache.frames_seen
 
@@ -247,13 +244,10 @@ class RolloutSession:
         """Re-start streams `indices` from new context (shapes as in `reset`, batch len(indices));
         the other streams keep going. Returns the new streams' last context frames (k, H, W, 3).
 
-        The cache has no per-row overwrite and its attention ring shares one frame counter over the
-        batch, so: prefill a fresh cache for the k streams, placed at the batch's frame counter
-        (RoPE start and ring slots shifted so the new frames are the most recent ones), then
-        splice its rows in. A stream's attention only sees its own frames when the context fills
-        the ring (T0 >= attention window), or when the whole batch is at its context length;
-        otherwise this raises. A `WorldModelCache.assign(indices, other)` with per-row frame
-        counters in `FrameKVCache` would remove both the splicing and that restriction.
+        The new streams are prefilled on their own (from their frame 0) and their rows of the
+        cache overwritten (`WorldModelCache.assign`): each then dreams exactly what a fresh
+        single-stream session reset from that context dreams, whatever the context length and
+        however far the batch has run (causal_full included: its rows then differ in length).
         """
         self._require_reset()
         idx = [int(i) for i in indices]
@@ -261,63 +255,11 @@ class RolloutSession:
             return torch.empty(0, *self.codec.decode(self.latents[:1], as_uint8=True).shape[1:], dtype=torch.uint8)
         if len(set(idx)) != len(idx) or min(idx) < 0 or max(idx) >= self.batch:
             raise ValueError(f"stream indices {idx} must be distinct and in [0, {self.batch})")
-        T0 = torch.as_tensor(context_frames).shape[1] if torch.as_tensor(context_frames).ndim == 5 else 0
-        F = self.cache.frames_seen
-        self._check_spliceable(T0, F)
-        fresh, last = self._prefill(context_frames, context_actions, len(idx), start_frame=self._kv_start() + F - T0)
-        rows = torch.as_tensor(idx, device=self.device)
-        layers = []
-        for old, new in zip(self.cache.layers, fresh.layers):
-            layers.append(LayerCache(
-                None if old.ssm is None else _splice_ssm(old.ssm, new.ssm, rows),
-                None if old.kv is None else _splice_kv(old.kv, new.kv, rows, F - T0),
-            ))
-        self.cache = WorldModelCache(layers, F)
-        latents = self.latents.clone()
-        latents[rows] = last
+        fresh, last = self._prefill(context_frames, context_actions, len(idx))
+        self.cache.assign(idx, fresh)
+        latents = self.latents.clone()  # a fork may share the old tensor
+        latents[torch.as_tensor(idx, device=self.device)] = last
         self.latents = latents
         for i, g in zip(idx, self._generators(seeds, len(idx))):
             self.generators[i] = g
         return self.codec.decode(last, as_uint8=True).cpu()
-
-    def _kv_start(self) -> int:
-        for layer in self.cache.layers:
-            if layer.kv is not None:
-                return layer.kv.start_frame
-        return 0
-
-    def _check_spliceable(self, T0: int, F: int) -> None:
-        window = None
-        has_kv = any(layer.kv is not None for layer in self.cache.layers)
-        if not has_kv or T0 == F:
-            return
-        window = next(layer.kv.window for layer in self.cache.layers if layer.kv is not None)
-        if window is None or T0 < window or T0 > F:
-            raise ValueError(
-                f"cannot restart single streams: a context of {T0} frames while the batch is at frame {F} "
-                f"with attention window {window}; streams share the attention ring's frame counter, so "
-                f"restarting some of them needs context_frames >= the attention window "
-                f"(or reset the whole batch)"
-            )
-
-
-def _splice_ssm(old: BlockwiseSSMCache, new: BlockwiseSSMCache, rows: torch.Tensor) -> BlockwiseSSMCache:
-    """Copy of `old` with streams `rows` replaced by `new`'s (rows are (stream, block) pairs)."""
-    def put(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = a.reshape(old.batch_size, old.n_blocks, *a.shape[1:]).clone()  # (B, nb, ...)
-        out[rows] = b.reshape(len(rows), new.n_blocks, *b.shape[1:])
-        return out.reshape(a.shape)
-
-    return BlockwiseSSMCache(put(old.ssm_state, new.ssm_state), put(old.conv_state, new.conv_state), old.n_blocks)
-
-
-def _splice_kv(old, new, rows: torch.Tensor, shift: int):
-    """Copy of `old` with `rows` replaced by `new`'s keys/values, whose frames are rolled into the
-    ring slots they would hold had they been written at the batch's frame counter."""
-    keys, values = new.keys, new.values  # (k, heads, slots, N, head_dim)
-    if old.window:  # ring of `window` slots: frame f lives in slot f % window
-        keys = torch.roll(keys, shift % old.window, dims=2)
-        values = torch.roll(values, shift % old.window, dims=2)
-    out_k, out_v = old.keys.clone(), old.values.clone()
-    out_k[rows], out_v[rows] = keys.to(out_k.dtype), values.to(out_v.dtype)
-    return replace(old, keys=out_k, values=out_v)
