@@ -8,8 +8,8 @@ sub-env i returns its last frame; the NEXT step ignores i's action, restarts it 
 and returns the first frame with reward 0 and terminated = truncated = False. SAME_STEP (what the
 SB3 adapter uses): the ending step already returns the new episode's first frame, and the last
 frame goes to info["final_obs"] (with info["final_info"], both masked by info["_final_obs"]).
-Restarting some streams splices fresh state into the batch (`RolloutSession.reset_streams`), which
-needs context_frames >= the model's attention window.
+Restarting some streams re-prefills just their rows of the model cache from the new context and
+overwrites them in the batch (`RolloutSession.reset_streams`); the other streams carry on.
 """
 
 from __future__ import annotations
