@@ -11,6 +11,7 @@ import typer
 from worldsim.commands.bench import bench_app
 from worldsim.commands.collect import collect
 from worldsim.commands.ingest import ingest
+from worldsim.commands.play import play
 from worldsim.commands.train import train
 from worldsim.commands.train_codec import train_codec
 
@@ -25,6 +26,7 @@ app.command()(collect)
 app.command()(ingest)
 app.command(name="train-codec")(train_codec)
 app.command()(train)
+app.command()(play)
 app.add_typer(bench_app, name="bench")
 
 

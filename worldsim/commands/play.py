@@ -1,0 +1,101 @@
+"""`worldsim play`: drive a trained world model's dream with the keyboard (pygame window)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+NO_MODEL_HELP = (
+    "worldsim play needs a trained world model: pass --checkpoint <world-model checkpoint or run "
+    "folder> (add --codec <codec folder> if the codec recorded in it has moved). worldsim ships no "
+    "bundled model yet; make one with `worldsim collect`, `worldsim train-codec`, then `worldsim train`."
+)
+
+
+def play(
+    checkpoint: Optional[Path] = typer.Option(  # noqa: UP007 (typer needs Optional on Python 3.11)
+        None, "--checkpoint", "-c", help="World-model checkpoint folder or `worldsim train` run folder."
+    ),
+    codec: Optional[Path] = typer.Option(  # noqa: UP007
+        None, help="Frame codec checkpoint (default: the one recorded in the world-model checkpoint)."
+    ),
+    dataset: list[str] = typer.Option(
+        [], "--dataset", "-d",
+        help="Minari dataset id or folder to take context clips from; repeatable "
+             "(default: clips of the live Memory Maze, which also allows the real side).",
+    ),
+    maze_size: int = typer.Option(9, help="Memory Maze side (9, 11, 13 or 15) for the live context."),
+    real: bool = typer.Option(True, "--real/--no-real", help="Start with the real env side by side (V toggles)."),
+    agent: Optional[Path] = typer.Option(  # noqa: UP007
+        None, help="Saved Stable-Baselines3 model (.zip) for agent mode (Tab); default: a random walk."
+    ),
+    record: Optional[Path] = typer.Option(  # noqa: UP007
+        None, help="Record from the start to this .mp4 or .gif (C starts/stops takes)."
+    ),
+    max_frames: Optional[int] = typer.Option(  # noqa: UP007
+        None, min=1, help="Quit after this many frames (default: run until Esc/Q)."
+    ),
+    fps: float = typer.Option(10.0, min=0, help="Frames (dream steps) per second at most; 0: no cap."),
+    scale: int = typer.Option(6, min=1, help="Upscaling of the 64 px frames on screen and in videos."),
+    context_frames: int = typer.Option(9, min=1, help="Real frames prefilled before the dream starts."),
+    sampler_steps: int = typer.Option(4, min=1, help="Denoiser calls per dreamed frame."),
+    seed: int = typer.Option(0, min=0, help="Seeds the context clips and the sampler's noise."),
+    device: str = typer.Option("cpu", help="Device of the model: cpu or cuda."),
+) -> None:
+    """Play the world model live: arrows/WASD (number keys for other games) choose the action.
+
+    space pause, . or N single step, Tab human/agent, R new context clip, V real env side by side,
+    C record, Esc/Q quit. The overlay shows fps, the model's step latency, mode, step and reward.
+    """
+    if checkpoint is None:
+        typer.echo(f"error: {NO_MODEL_HELP}", err=True)
+        raise typer.Exit(code=2)
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # pygame's import banner
+    try:
+        import pygame  # noqa: F401
+    except ImportError:
+        typer.echo("error: worldsim play needs pygame: pip install 'worldsim[viewer]'", err=True)
+        raise typer.Exit(code=1) from None
+
+    from worldsim.codec.checkpoint import CheckpointError as CodecCheckpointError
+    from worldsim.envs.dream import MemoryMazeContext, MinariContext, load_dream_model
+    from worldsim.train.checkpoint import CheckpointError
+    from worldsim.viewer.app import Viewer, ViewerConfig
+    from worldsim.viewer.policies import load_sb3_policy
+
+    try:
+        model, codec_model = load_dream_model(checkpoint, codec, device=device)
+    except (CheckpointError, CodecCheckpointError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=1) from None
+
+    policy = None
+    if agent is not None:
+        try:
+            policy = load_sb3_policy(agent)
+        except (ValueError, FileNotFoundError) as e:
+            typer.echo(f"warning: {e}; agent mode uses a random walk instead", err=True)
+
+    if dataset:
+        context = MinariContext(dataset, context_frames)
+        if real:
+            typer.echo("note: the real side needs the live Memory Maze context; not shown with --dataset", err=True)
+            real = False
+    else:
+        from worldsim.envs.memory_maze import MemoryMazeEnv
+
+        context = MemoryMazeContext(env=MemoryMazeEnv(size=maze_size, render_mode="rgb_array"))
+
+    config = ViewerConfig(context_frames=context_frames, sampler_steps=sampler_steps, fps=fps, scale=scale,
+                          seed=seed, show_real=real, record_path=record)
+    try:
+        with Viewer(model, codec_model, context, config, policy=policy) as viewer:
+            viewer.run(max_frames=max_frames)
+    finally:
+        if isinstance(context, MemoryMazeContext):
+            context.close()
+    for path in viewer.saved:
+        typer.echo(f"saved {path}")

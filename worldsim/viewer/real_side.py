@@ -1,0 +1,60 @@
+"""The real Memory Maze beside the dream, stepped with the same actions (DIAMOND's dream/real
+switch, shown side by side), so one sees where the model's imagination leaves reality.
+
+The env is the one the dream's context came from (`MemoryMazeContext(env=...)`): sampling a
+context resets it from a seed and plays the context's actions, which leaves it exactly at the
+frame the dream starts from. After that every dream action is applied to it too. While the real
+side is hidden its steps are only queued, and played when it is shown again (`catch_up`), so
+hiding it costs nothing yet the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class RealSide:
+    def __init__(self, env) -> None:
+        if getattr(env, "render_mode", None) != "rgb_array":
+            raise ValueError("the real side needs the env created with render_mode='rgb_array'")
+        self.env = env
+        self.frame: np.ndarray | None = None
+        self.steps = 0
+        self.total_reward = 0.0
+        self.done = False
+        self.step_ms = 0.0
+        self.actions: list[int] = []  # applied since the context, in order
+        self.pending: list[int] = []  # queued while hidden
+
+    @property
+    def seed(self) -> int | None:
+        """The seed the env was last reset from (the dream's current context)."""
+        return self.env.np_random_seed
+
+    def restart(self) -> None:
+        """Call after the context source has reset the env: it now stands at the context's end."""
+        self.frame = self.env.render()
+        self.steps, self.total_reward, self.done = 0, 0.0, False
+        self.actions, self.pending = [], []
+
+    def follow(self, action: int, live: bool) -> None:
+        """The dream took `action`: step now if shown (`live`), else queue it."""
+        self.pending.append(int(action))
+        if live:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        for action in self.pending:
+            if self.done:  # Memory Maze's time limit: the real episode is over, the dream goes on
+                break
+            t0 = time.perf_counter()
+            obs, reward, terminated, truncated, _ = self.env.step(action)
+            self.step_ms = 1000 * (time.perf_counter() - t0)
+            self.frame = obs
+            self.steps += 1
+            self.total_reward += reward
+            self.actions.append(action)
+            self.done = terminated or truncated
+        self.pending = []
