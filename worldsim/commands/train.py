@@ -38,7 +38,7 @@ def train(
         ..., help="Frame codec checkpoint folder or `worldsim train-codec` run folder."
     ),
     run_dir: Path = typer.Option(Path("runs/world-model"), help="Run folder (checkpoints, TensorBoard)."),
-    preset: str = typer.Option("tiny", help="Model size: tiny, small or base."),
+    preset: str = typer.Option("tiny", help="Model size: tiny, small, cpu (small's speed-up for CPU training) or base."),
     variant: str = typer.Option(
         "lssvwm", help="lssvwm, or a baseline: causal_full, causal_window, mamba_only, no_blockwise."
     ),
@@ -67,6 +67,10 @@ def train(
     bf16: bool = typer.Option(False, help="bf16 autocast (CUDA only)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA only)."),
     num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
+    latent_cache: bool = typer.Option(
+        True, help="Encode each episode once into RUN_DIR/latents (keyed by the codec) and train on "
+        "those latents; --no-latent-cache encodes every batch's frames at every step.",
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train the world model on windows of Minari datasets, in the latent space of a frozen codec.
@@ -94,7 +98,7 @@ def train(
         warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed,
         log_every=log_every, checkpoint_every=checkpoint_every, sample_every=sample_every,
         keep_checkpoints=keep_checkpoints, resume=resume, device=device, bf16=bf16, compile=compile,
-        num_workers=num_workers, progress=progress and rank == 0,
+        num_workers=num_workers, latent_cache=latent_cache, progress=progress and rank == 0,
     )  # fmt: skip
     try:
         summary = run_train(config)

@@ -208,11 +208,19 @@ class ModelConfig:
 # Sizes: tiny for tests (< 100k parameters, seconds per step), small for hours on a 2-core CPU
 # (a few M), base for a GPU (~190M, the paper's scale). Latent shape: the default codec's
 # (16, 8, 8); the trainer overrides it from the codec it uses.
+# cpu: "small" made ~7x faster to train on a CPU (window 16, batch 8, one thread, torch 2.13:
+# 3.62 -> 0.51 s per forward + backward + AdamW step, 2.8M -> 2.3M parameters). Nearly all of the
+# gain is patch 2: 2 x 2 latent cells per token give 16 tokens per frame instead of 64, 4x fewer
+# tokens through every linear layer and 16x less attention (window 9 over 16 frames is ~60% of a
+# dense 1024 x 1024 score matrix at patch 1). ssm_expand 1 and mlp_ratio 3 take the last ~25%,
+# keeping the 6 layers (three cycles of 2x2 / 4x4 SSM blocks) that carry the temporal memory.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(latent_channels=16, latent_grid=(8, 8), d_model=32, n_layers=2, n_heads=2,
                         d_state=8, ssm_head_dim=16),
     "small": ModelConfig(latent_channels=16, latent_grid=(8, 8), d_model=128, n_layers=6, n_heads=4,
                          d_state=16, ssm_head_dim=32),
+    "cpu": ModelConfig(latent_channels=16, latent_grid=(8, 8), patch=2, d_model=128, n_layers=6, n_heads=4,
+                       mlp_ratio=3.0, d_state=16, ssm_head_dim=32, ssm_expand=1),
     "base": ModelConfig(latent_channels=16, latent_grid=(8, 8), d_model=768, n_layers=12, n_heads=12,
                         d_state=64, ssm_head_dim=64),
 }

@@ -1,8 +1,10 @@
 """Train the world model on Minari windows, in the latent space of a frozen frame codec.
 
-One step: a batch of windows (B, T) of uint8 frames -> the frozen codec encodes them (no grad) ->
-`world_model_loss` (diffusion forcing noise, EDM-weighted denoising loss, reward and termination
-heads) -> AdamW with gradient clipping -> the EMA of the weights follows.
+One step: a batch of windows (B, T) of latents -> `world_model_loss` (diffusion forcing noise, EDM-weighted denoising loss, reward and termination
+heads) -> AdamW with gradient clipping -> the EMA of the weights follows. The latents come from
+the latent cache (`latent_cache`: every episode encoded once by the frozen codec before the first
+step), or with `latent_cache=False` from encoding the window's uint8 frames at every step; both
+give the same float32 latents.
 
 Exact resume: everything random in a step comes from a generator seeded by (seed, step, rank)
 and the windows of step s are a pure function of (seed, s) (`StepBatches`), so a run killed at any
@@ -11,7 +13,8 @@ checkpoint still carries the optimizer, scheduler, EMA and global RNG states (`c
 nothing else can drift.
 
 Run folder (`run_dir`): latest.json, checkpoints/step_XXXXXX/ (see `checkpoint`), tb/ (TensorBoard
-scalars and rollout samples), samples/ (the same samples as PNG grids and GIFs).
+scalars and rollout samples), samples/ (the same samples as PNG grids and GIFs), latents/ (the
+latent cache, keyed by the codec's weights hash).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from worldsim.data.windows import WindowDataset, WindowSampler
 from worldsim.train import checkpoint as ckpt
 from worldsim.train import distributed as ddp
+from worldsim.train import latent_cache
 from worldsim.train.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,7 @@ class TrainConfig:
     run_dir: str = "runs/world-model"
     """Folder for latest.json, checkpoints/, tb/ and samples/."""
     preset: str = "tiny"
-    """Model size preset (`worldsim.model.config.PRESETS`: tiny, small, base)."""
+    """Model size preset (`worldsim.model.config.PRESETS`: tiny, small, cpu, base)."""
     variant: str = "lssvwm"
     """lssvwm or a baseline (`worldsim.model.config.VARIANTS`)."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +106,9 @@ class TrainConfig:
     """torch.compile the world model on CUDA (ignored, with a log line, on CPU)."""
     num_workers: int = 0
     """DataLoader worker processes reading windows (0: in the training process)."""
+    latent_cache: bool = True
+    """Encode every episode once into run_dir/latents/ and train on those latents, instead of
+    encoding each batch's frames at every step (same latents, one encoding pass up front)."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
 
@@ -349,6 +356,20 @@ def fixed_sample_batch(dataset: WindowDataset, count: int) -> dict[str, torch.Te
     return {k: torch.stack([item[k] for item in items]) for k in ("frames", "actions")}
 
 
+def cached_latent_windows(cfg: TrainConfig, dataset: WindowDataset, codec, codec_sha: str, info: ddp.DistInfo):
+    """The run's windows as latents from the cache in run_dir/latents, encoding what is missing
+    first (each rank a share of the episodes; every rank waits for all of them)."""
+    root = Path(cfg.run_dir) / latent_cache.CACHE_DIR
+    folders, _ = latent_cache.build_latent_cache(
+        dataset.stores, codec, codec_sha, root, rank=info.rank, world_size=info.world_size, progress=cfg.progress,
+    )  # fmt: skip
+    ddp.barrier(info)
+    latent_cache.check_latent_cache(folders, dataset.stores, codec_sha, tuple(codec.config.latent_shape))
+    if info.is_main:
+        log.info("training on cached latents in %s", root / codec_sha[:16])
+    return latent_cache.LatentWindowDataset(dataset, folders)
+
+
 # ------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig) -> TrainSummary:
     """Train (or with cfg.resume, continue) a world-model run. Under torchrun, every rank calls this."""
@@ -415,6 +436,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
 
     train_model = ddp.wrap_model(model, info, compile=cfg.compile and device.type == "cuda")
 
+    # After the resume checks, so a refused run does not pay for the encoding pass first.
+    train_data = cached_latent_windows(cfg, dataset, codec, codec_sha, info) if cfg.latent_cache else dataset
     sampler = WindowSampler(dataset, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     batches = StepBatches(sampler, cfg.batch_size, step, end)
     if last_ckpt is not None:
@@ -427,7 +450,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
     # A private generator: the loader draws its workers' base seed from it, not from the global
     # RNG, whose stream a resumed run must continue exactly where the checkpoint left it.
     loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        train_data, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),
     )  # fmt: skip
 
@@ -483,14 +506,16 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
     model.train()
     try:
         for batch in loader:
-            frames = batch["frames"].to(device, non_blocking=True)  # (B, T, H, W, 3) uint8
             actions = batch["actions"].to(device)
             if model_cfg.action_kind == "continuous":
                 actions = actions.flatten(2).float()  # (B, T, D)
             rewards = batch["rewards"].to(device).float()
             terminations = batch["terminations"].to(device)
-            with torch.no_grad():
-                latents = codec.encode(frames)  # (B, T, C, h, w), frozen codec
+            if "latents" in batch:  # from the latent cache
+                latents = batch["latents"].to(device, non_blocking=True)  # (B, T, C, h, w)
+            else:
+                with torch.no_grad():  # (B, T, H, W, 3) uint8 -> (B, T, C, h, w), frozen codec
+                    latents = codec.encode(batch["frames"].to(device, non_blocking=True))
             generator = step_generator(cfg.seed, step, info.rank, device)
             with _autocast(cfg, device):
                 loss, metrics = world_model_loss(train_model, latents, actions, rewards, terminations, generator=generator)
