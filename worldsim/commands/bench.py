@@ -70,3 +70,49 @@ def bench_train(
     )
     results = run(cfg, progress=not as_json)
     typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+@bench_app.command("rollout")
+def bench_rollout(
+    preset: str = typer.Option("tiny", help="Model preset (random weights: cost does not depend on them): tiny or small."),
+    variants: str = typer.Option("lssvwm,causal_full", help="Variants side by side."),
+    horizons: str = typer.Option("64,512,4096", help="Horizons (frames streamed before the timed window)."),
+    timed_frames: int = typer.Option(16, help="Frames timed at each horizon."),
+    sampler_steps: int = typer.Option(4, help="Denoiser calls per dreamed frame."),
+    advance: str = typer.Option("auto", help="auto (fill causal_full's KV cache) or stream (every variant streams; O(h^2) for causal_full)."),
+    batches: str = typer.Option("1,8,64", help="Dream vector env batch sizes."),
+    dream_steps: int = typer.Option(8, help="Timed vector steps per batch size."),
+    real_env: bool = typer.Option(True, "--real-env/--no-real-env", help="Time the real Memory Maze env too."),
+    maze_size: int = typer.Option(9, help="Memory Maze size for the real env."),
+    real_steps: int = typer.Option(300, help="Timed real env steps."),
+    long_steps: int = typer.Option(2000, help="Frames of the long rollout (100000 for the full memory check)."),
+    long_sampler_steps: int = typer.Option(1, help="Denoiser calls per frame in the long rollout."),
+    rss_every: int = typer.Option(500, help="Resident-set sample interval in the long rollout."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (1 for stable numbers on a shared machine)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Per-frame latency and state bytes vs horizon (LSSVWM vs causal KV cache), dream frames/s vs
+    batch next to the real env, and a long rollout's memory."""
+    from worldsim.bench.rollout import RolloutBenchConfig, format_table, run
+
+    cfg = RolloutBenchConfig(
+        preset=preset,
+        variants=tuple(v.strip() for v in variants.split(",")),
+        horizons=_int_list(horizons),
+        timed_frames=timed_frames,
+        sampler_steps=sampler_steps,
+        advance=advance,
+        batches=_int_list(batches),
+        dream_steps=dream_steps,
+        real_env=real_env,
+        maze_size=maze_size,
+        real_steps=real_steps,
+        long_steps=long_steps,
+        long_sampler_steps=long_sampler_steps,
+        rss_every=rss_every,
+        device=device,
+        threads=threads,
+    )
+    results = run(cfg, progress=not as_json)
+    typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))

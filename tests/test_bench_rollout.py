@@ -1,0 +1,75 @@
+"""`worldsim bench rollout` end to end at tiny sizes, and the consistency of its numbers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from worldsim.bench.rollout import RolloutBenchConfig, advance, format_table, random_parts, run
+from worldsim.commands.bench import bench_app
+from worldsim.rollout.session import RolloutSession
+
+TINY = dict(horizons=(8, 32), timed_frames=2, sampler_steps=1, batches=(1, 2), dream_steps=2, real_steps=10,
+            long_steps=12, rss_every=4, threads=1)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run(RolloutBenchConfig(**TINY))
+
+
+def test_state_bytes_flat_for_lssvwm_and_growing_for_causal(results):
+    rows = {(r["variant"], r["horizon"]): r for r in results["horizons"]}
+    assert rows["lssvwm", 8]["state_bytes"] == rows["lssvwm", 32]["state_bytes"]
+    assert results["state_constant"] == {"lssvwm": True, "causal_full": False}
+    # The causal KV cache holds every frame: its bytes are proportional to the horizon.
+    assert rows["causal_full", 32]["state_bytes"] == 4 * rows["causal_full", 8]["state_bytes"]
+    assert {r["advance"] for r in results["horizons"] if r["variant"] == "lssvwm"} == {"stream"}
+    for r in results["horizons"]:
+        assert 0 < r["ms_min"] <= r["ms_median"] and r["frames_seen"] == r["horizon"]
+    ratio = results["latency_ratio"]["lssvwm"]
+    assert ratio == pytest.approx(rows["lssvwm", 32]["ms_median"] / rows["lssvwm", 8]["ms_median"])
+
+
+def test_dream_real_and_long_rollout_figures(results):
+    assert [d["batch"] for d in results["dream"]] == [1, 2]
+    real = results["real"]["steps_per_s"]
+    for d in results["dream"]:
+        assert d["frames_per_s"] == pytest.approx(d["batch"] * d["steps"] / d["seconds"])
+        assert results["dream_vs_real"][str(d["batch"])] == pytest.approx(d["frames_per_s"] / real)
+    long = results["long"]
+    assert [s["step"] for s in long["samples"]] == [4, 8, 12]
+    assert long["nan_steps"] == 0 and long["first_nan_step"] is None
+    assert long["state_bytes_first"] == long["state_bytes_last"]
+    assert long["rss_max_growth"] == max(s["rss_bytes"] for s in long["samples"]) - long["rss_first"]
+    table = format_table(results)
+    assert "lssvwm: latency 32/8" in table and "dream/real" in table and "NaN steps: 0" in table
+
+
+def test_filled_kv_cache_matches_a_streamed_one():
+    """The cheap advance of causal_full leaves a cache of exactly the streamed shape."""
+    model, codec = random_parts("tiny", "causal_full", "small", torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    caches = []
+    for mode in ("auto", "stream"):
+        s = RolloutSession(model, codec, batch=1, sampler_steps=1, seed=0)
+        s.reset(rng.integers(0, 256, (1, 1, 64, 64, 3), dtype=np.uint8), np.zeros((1, 0), np.int64))
+        assert advance(s, 5, mode, rng) == ("fill" if mode == "auto" else "stream")
+        s.step(np.array([1]))  # a real step runs on the filled cache
+        caches.append(s)
+    filled, streamed = caches
+    assert filled.frames_seen == streamed.frames_seen == 7
+    assert filled.state_nbytes() == streamed.state_nbytes()
+    assert [l.kv.keys.shape for l in filled.cache.layers] == [l.kv.keys.shape for l in streamed.cache.layers]
+
+
+def test_cli_json_without_real_env():
+    out = CliRunner().invoke(bench_app, ["rollout", "--horizons", "4,8", "--timed-frames", "1", "--sampler-steps", "1",
+                                         "--batches", "1", "--dream-steps", "1", "--no-real-env", "--long-steps", "2",
+                                         "--rss-every", "1", "--variants", "lssvwm", "--threads", "1", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["real"] is None and data["dream_vs_real"] == {"1": None}
+    assert [r["horizon"] for r in data["horizons"]] == [4, 8] and data["long"]["steps"] == 2

@@ -1,0 +1,356 @@
+"""`worldsim bench rollout`: what one dreamed frame costs, and whether that cost stays flat.
+
+Four measurements, in one run, on one machine:
+
+  * Latency per frame at horizons (default 64, 512, 4096 frames) and the streaming state's bytes,
+    for LSSVWM and the causal-attention baseline with its KV cache, side by side. Goal: LSSVWM's
+    median latency at 4096 / at 64 <= 1.05, with identical state bytes at every horizon; the
+    causal baseline's KV cache (and latency) grow with the horizon.
+  * Dream env frames/s vs batch size (`DreamVectorEnv`, one model call for all sub-envs) next to
+    the real Memory Maze env's steps/s on the same CPU. Goal: batched dream >= real.
+  * A long rollout (default 2000 steps; `--long-steps 100000` for the full check): resident memory
+    sampled every `rss_every` steps stays flat and no latent / reward turns NaN.
+  * On a GPU (device auto picks it) the same tables give batched and single-stream frames/s.
+
+Method:
+  * Models are the preset with random weights; cost does not depend on the weight values (every
+    op's shapes depend only on the config and the horizon). The zero-initialised adaLN gates are
+    opened (small random values) so the streamed state actually feeds each frame, which matters
+    for the NaN check, and the termination head is biased negative so random heads do not end
+    dream episodes (a restart would be timed instead of a step).
+  * Latency at horizon h: the session is brought to h frames, then `timed_frames` real steps
+    are timed one by one (sampler_steps denoiser calls on a copy of the cache + the commit + the
+    codec decode, `RolloutSession.step`); the median is reported. Getting to h: fixed-size
+    variants stream commit-only steps (the real state at h). The causal-full baseline's KV cache
+    is instead filled to h frames in one `FrameKVCache.append` per layer: streaming it there
+    costs O(h^2) (about 8 minutes to 4096 frames for the tiny preset on 2 cores), and its step
+    cost depends on how many frames are held, not on their values. `advance="stream"` streams
+    every variant for real.
+  * Dream frames/s: after reset and one warm-up step, `dream_steps` vector steps are timed;
+    frames/s = batch * steps / seconds. Context clips are random frames (not timed).
+  * Real env: `worldsim.bench.data.measure_adapter` (our Gymnasium adapter, random actions).
+  * Memory: the process's resident set (/proc/self/statm) after freed heap is returned to the OS.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+# The termination head's bias for random models: logit ~ -10, far below the threshold 0.
+NO_TERMINATION_BIAS = -10.0
+
+
+@dataclass
+class RolloutBenchConfig:
+    preset: str = "tiny"
+    """World-model preset (worldsim.model.config.PRESETS): tiny or small on a CPU."""
+    codec: str = "small"
+    """Codec preset; its latent (16, 8, 8) is the model presets' latent shape."""
+    variants: tuple[str, ...] = ("lssvwm", "causal_full")
+    """Variants timed side by side at each horizon."""
+    horizons: tuple[int, ...] = (64, 512, 4096)
+    """Frames already streamed when the timed window starts."""
+    timed_frames: int = 16
+    """Frames timed at each horizon (median reported)."""
+    sampler_steps: int = 4
+    """Denoiser calls per dreamed frame."""
+    advance: str = "auto"
+    """How a session gets to a horizon: "auto" (stream fixed-size variants, fill causal_full's
+    KV cache) or "stream" (commit-only steps for every variant; O(h^2) for causal_full)."""
+    batches: tuple[int, ...] = (1, 8, 64)
+    """Dream vector env batch sizes."""
+    dream_steps: int = 8
+    """Timed vector steps per batch size (after one warm-up step)."""
+    context_frames: int = 9
+    """Context clip length for the dream env (the tiny/small attention window)."""
+    real_env: bool = True
+    """Measure the real Memory Maze env (MuJoCo) for the dream/real ratio."""
+    maze_size: int = 9
+    """Memory Maze size for the real env."""
+    real_steps: int = 300
+    """Timed real env steps."""
+    long_steps: int = 2000
+    """Frames of the long rollout (100000 for the full check)."""
+    long_sampler_steps: int = 1
+    """Denoiser calls per frame in the long rollout: the state only advances at the commit, so
+    one call keeps a 100k-step run affordable without changing what is measured."""
+    rss_every: int = 500
+    """Resident-set sample interval in the long rollout (steps)."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu" or "cuda"."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default). Use 1 for stable numbers on a shared machine."""
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------ helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes() -> int:
+    """Resident set after returning freed heap to the OS (so it counts what is in use)."""
+    from worldsim.bench.train import _malloc_trim, _rss_bytes
+
+    _malloc_trim()
+    return _rss_bytes()
+
+
+def random_parts(preset: str, variant: str, codec_preset: str, device: torch.device, seed: int = 0):
+    """(world model, codec) with random weights, shaped as the presets say (module doc)."""
+    from worldsim.codec.autoencoder import FrameCodec, preset as codec_config
+    from worldsim.model.config import make_config
+    from worldsim.model.world_model import WorldModel
+
+    torch.manual_seed(seed)
+    codec = FrameCodec(codec_config(codec_preset)).eval()
+    c, h, w = codec.config.latent_shape
+    model = WorldModel(make_config(preset, variant, latent_channels=c, latent_grid=(h, w))).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:  # adaLN-Zero gates and the final layer start at zero
+                p.normal_(0, 0.05)
+        model.net.heads.mlp[-1].bias[1] = NO_TERMINATION_BIAS
+    return model.to(device), codec.to(device)
+
+
+def _random_context(rng: np.random.Generator, batch: int, frames: int, n_actions: int):
+    return (rng.integers(0, 256, (batch, frames, 64, 64, 3), dtype=np.uint8),
+            rng.integers(0, n_actions, (batch, frames - 1)))
+
+
+# ------------------------------------------------------------------------------ latency vs horizon
+def _fill_kv(session, frames: int) -> None:
+    """Append `frames` frames of random keys/values to every layer's growing KV cache."""
+    cache = session.cache
+    for layer in cache.layers:
+        if layer.ssm is not None or layer.kv is None or layer.kv.window is not None:
+            raise ValueError("filling only applies to a pure growing-KV (causal_full) cache")
+        B, H, _, N, D = layer.kv.keys.shape
+        layer.kv.append(torch.randn(B, H, frames, N, D, device=layer.kv.keys.device, dtype=layer.kv.keys.dtype),
+                        torch.randn(B, H, frames, N, D, device=layer.kv.keys.device, dtype=layer.kv.keys.dtype))
+    cache.frames_seen += frames
+
+
+@torch.no_grad()
+def _stream_commits(session, frames: int, rng: np.random.Generator) -> None:
+    """Commit-only steps: the state at the horizon exactly as a rollout leaves it (no sampler)."""
+    model, device = session.model, session.device
+    shape = (session.batch, *session.latents.shape[1:])
+    zero = torch.zeros(session.batch, device=device)
+    for _ in range(frames):
+        a = torch.as_tensor(rng.integers(0, model.cfg.n_actions, session.batch), device=device)
+        model.step(torch.randn(shape, device=device), zero, a, session.cache)
+
+
+def advance(session, frames: int, mode: str, rng: np.random.Generator) -> str:
+    """Bring the session `frames` frames further; returns how ("stream" or "fill")."""
+    if frames <= 0:
+        return "none"
+    growing = session.model.cfg.attn_window is None and session.model.cfg.has_attention
+    how = "fill" if mode == "auto" and growing and not session.model.cfg.has_ssm else "stream"
+    if how == "fill":
+        _fill_kv(session, frames)
+    else:
+        _stream_commits(session, frames, rng)
+    return how
+
+
+def measure_horizons(cfg: RolloutBenchConfig, variant: str, device: torch.device) -> list[dict[str, Any]]:
+    """Per-frame latency and state bytes of one variant at each horizon (ascending)."""
+    from worldsim.rollout.session import RolloutSession
+
+    model, codec = random_parts(cfg.preset, variant, cfg.codec, device, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    session = RolloutSession(model, codec, batch=1, sampler_steps=cfg.sampler_steps, seed=cfg.seed)
+    session.reset(*_random_context(rng, 1, 1, model.cfg.n_actions))
+    session.step(rng.integers(0, model.cfg.n_actions, 1))  # warm-up (first-call allocations)
+    rows = []
+    for h in sorted(cfg.horizons):
+        how = advance(session, h - session.frames_seen, cfg.advance, rng)
+        start_frame = session.frames_seen  # = h unless horizons are closer than timed_frames
+        state = session.state_nbytes()
+        times = []
+        for _ in range(cfg.timed_frames):
+            a = rng.integers(0, model.cfg.n_actions, 1)
+            _sync(device)
+            start = time.perf_counter()
+            session.step(a)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        rows.append({
+            "variant": variant, "horizon": h, "frames_seen": start_frame, "advance": how, "state_bytes": state,
+            "ms_median": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
+            "ms_mean": 1e3 * statistics.fmean(times),
+        })
+    return rows
+
+
+# ------------------------------------------------------------------------------ dream fps vs batch
+def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, device: torch.device) -> dict[str, Any]:
+    from worldsim.envs.dream import ClipContext
+    from worldsim.envs.dream_vector import DreamVectorEnv
+
+    model, codec = random_parts(cfg.preset, "lssvwm", cfg.codec, device, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    frames, actions = _random_context(rng, 1, cfg.context_frames + 1, model.cfg.n_actions)
+    env = DreamVectorEnv(batch, model=model, codec=codec, context=ClipContext([frames[0]], [actions[0]]),
+                         context_frames=cfg.context_frames, horizon=10**9, sampler_steps=cfg.sampler_steps)
+    env.reset(seed=cfg.seed)
+    env.step(env.action_space.sample())  # warm-up
+    start = time.perf_counter()
+    for _ in range(cfg.dream_steps):
+        env.step(env.action_space.sample())
+    elapsed = time.perf_counter() - start  # frames come back as numpy: the device is synchronised
+    env.close()
+    return {"batch": batch, "steps": cfg.dream_steps, "seconds": elapsed,
+            "frames_per_s": batch * cfg.dream_steps / elapsed, "ms_per_step": 1e3 * elapsed / cfg.dream_steps}
+
+
+# ------------------------------------------------------------------------------ long rollout
+@torch.no_grad()
+def measure_long_rollout(cfg: RolloutBenchConfig, device: torch.device, progress: bool = False) -> dict[str, Any]:
+    """Stream `long_steps` real frames; RSS, state bytes and ms/frame sampled every `rss_every`."""
+    from worldsim.rollout.session import RolloutSession
+
+    model, codec = random_parts(cfg.preset, "lssvwm", cfg.codec, device, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    session = RolloutSession(model, codec, batch=1, sampler_steps=cfg.long_sampler_steps, seed=cfg.seed)
+    session.reset(*_random_context(rng, 1, cfg.context_frames, model.cfg.n_actions))
+    actions = rng.integers(0, model.cfg.n_actions, (cfg.long_steps, 1))
+    every = max(1, min(cfg.rss_every, cfg.long_steps))
+    samples, nan_steps, first_nan = [], 0, None
+    start = segment_start = time.perf_counter()
+    for t in range(cfg.long_steps):
+        out = session.step(actions[t])
+        finite = bool(torch.isfinite(out.latents).all()) and bool(torch.isfinite(out.rewards).all()) \
+            and bool(torch.isfinite(out.termination_logits).all())
+        if not finite:
+            nan_steps += 1
+            first_nan = t if first_nan is None else first_nan
+        if (t + 1) % every == 0 or t + 1 == cfg.long_steps:
+            now = time.perf_counter()
+            done_in_segment = (t + 1) - (samples[-1]["step"] if samples else 0)
+            samples.append({"step": t + 1, "rss_bytes": rss_bytes(), "state_bytes": session.state_nbytes(),
+                            "ms_per_frame": 1e3 * (now - segment_start) / done_in_segment})
+            segment_start = time.perf_counter()  # RSS sampling is not part of the frame time
+            if progress:
+                print(f"  long rollout: {t + 1}/{cfg.long_steps} steps, RSS {samples[-1]['rss_bytes'] / 2**20:.1f} MiB",
+                      flush=True)
+    elapsed = time.perf_counter() - start
+    rss = [s["rss_bytes"] for s in samples]
+    return {
+        "steps": cfg.long_steps, "seconds": elapsed, "sampler_steps": cfg.long_sampler_steps,
+        "samples": samples, "rss_first": rss[0], "rss_last": rss[-1],
+        "rss_max_growth": max(rss) - rss[0],  # against the first sample, taken after `every` steps
+        "state_bytes_first": samples[0]["state_bytes"], "state_bytes_last": samples[-1]["state_bytes"],
+        "ms_per_frame_first": samples[0]["ms_per_frame"], "ms_per_frame_last": samples[-1]["ms_per_frame"],
+        "nan_steps": nan_steps, "first_nan_step": first_nan,
+    }
+
+
+# ------------------------------------------------------------------------------ the bench
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) -> dict[str, Any]:
+    if cfg.advance not in ("auto", "stream"):
+        raise ValueError(f"advance must be 'auto' or 'stream', got {cfg.advance!r}")
+    if min(cfg.horizons) < 2 or cfg.timed_frames < 1 or min(cfg.batches) < 1 or cfg.long_steps < 1:
+        raise ValueError("horizons must be >= 2 frames; timed_frames, batches and long_steps >= 1")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    say = print if progress else (lambda *a, **k: None)
+    results: dict[str, Any] = {
+        "config": asdict(cfg), "device": str(device), "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    lo, hi = min(cfg.horizons), max(cfg.horizons)
+    results["horizons"], results["latency_ratio"], results["state_constant"] = [], {}, {}
+    for variant in cfg.variants:
+        say(f"latency vs horizon: {variant}", flush=True)
+        rows = measure_horizons(cfg, variant, device)
+        results["horizons"] += rows
+        by_h = {r["horizon"]: r for r in rows}
+        results["latency_ratio"][variant] = _ratio(by_h[hi]["ms_median"], by_h[lo]["ms_median"])
+        results["state_constant"][variant] = len({r["state_bytes"] for r in rows}) == 1
+    results["dream"] = []
+    for b in cfg.batches:
+        say(f"dream env frames/s: batch {b}", flush=True)
+        results["dream"].append(measure_dream_fps(cfg, b, device))
+    results["real"] = None
+    if cfg.real_env:
+        from worldsim.bench.data import measure_adapter
+
+        say("real Memory Maze steps/s", flush=True)
+        results["real"] = measure_adapter(cfg.maze_size, cfg.real_steps, cfg.seed)
+    real = results["real"]["steps_per_s"] if results["real"] else None
+    results["dream_vs_real"] = {str(d["batch"]): _ratio(d["frames_per_s"], real) for d in results["dream"]}
+    say(f"long rollout: {cfg.long_steps} steps", flush=True)
+    results["long"] = measure_long_rollout(cfg, device, progress)
+    return results
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    where = results["gpu"] or f"{results['device']} ({results['threads']} threads of {results['cpu_count']} cores)"
+    lines = [f"Rollout bench, preset {cfg['preset']} (random weights), codec {cfg['codec']}, on {where}",
+             f"Per-frame latency ({cfg['sampler_steps']} sampler steps + commit + decode; median of "
+             f"{cfg['timed_frames']} frames after the horizon)",
+             f"  {'variant':<12} {'horizon':>8} {'ms/frame':>9} {'min ms':>8} {'state':>12}  reached by"]
+    for r in results["horizons"]:
+        lines.append(f"  {r['variant']:<12} {r['horizon']:>8} {r['ms_median']:>9.2f} {r['ms_min']:>8.2f} "
+                     f"{_mib(r['state_bytes']):>12}  {r['advance']}")
+    lo, hi = min(cfg["horizons"]), max(cfg["horizons"])
+    for variant, ratio in results["latency_ratio"].items():
+        same = "identical" if results["state_constant"][variant] else "growing"
+        goal = "  (goal <= 1.05)" if variant == "lssvwm" else ""
+        lines.append(f"  {variant}: latency {hi}/{lo} = {_fmt(ratio, '.3f')}{goal}; state bytes {same}")
+    lines.append(f"Dream env (DreamVectorEnv, lssvwm) frames/s vs batch, {cfg['sampler_steps']} sampler steps")
+    real = results["real"]
+    for d in results["dream"]:
+        ratio = results["dream_vs_real"][str(d["batch"])]
+        lines.append(f"  batch {d['batch']:>4}: {d['frames_per_s']:>9.1f} frames/s ({d['ms_per_step']:.1f} ms/step)"
+                     f"   dream/real {_fmt(ratio, '.2f', 'x')}")
+    if real:
+        lines.append(f"  real Memory Maze {cfg['maze_size']}x{cfg['maze_size']} (Gymnasium adapter): "
+                     f"{real['steps_per_s']:.1f} steps/s  (goal: batched dream >= real)")
+    else:
+        lines.append("  real Memory Maze: not measured")
+    long = results["long"]
+    lines += [
+        f"Long rollout: {long['steps']} frames ({long['sampler_steps']} sampler steps per frame), {long['seconds']:.1f} s",
+        f"  RSS first {_mib(long['rss_first'])}, last {_mib(long['rss_last'])}, max growth "
+        f"{_mib(long['rss_max_growth'])}; state {_mib(long['state_bytes_first'])} -> {_mib(long['state_bytes_last'])}",
+        f"  ms/frame first segment {long['ms_per_frame_first']:.2f}, last {long['ms_per_frame_last']:.2f}; "
+        f"NaN steps: {long['nan_steps']}",
+    ]
+    return "\n".join(lines)

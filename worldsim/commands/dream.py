@@ -1,0 +1,35 @@
+"""`worldsim dream`: a trained world model rolled out from real context, written as a video."""
+
+from __future__ import annotations
+
+import typer
+
+
+def dream(
+    checkpoint: str | None = typer.Option(None, help="World-model run or checkpoint folder (default: the bundled model, when one ships)."),
+    codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
+    context: str = typer.Option("memory-maze", help="memory-maze (live env: real | dream video) or a Minari dataset id / path."),
+    maze_size: int = typer.Option(9, help="Memory Maze size for the live context."),
+    context_frames: int = typer.Option(9, help="Real frames prefilled before dreaming."),
+    policy: str = typer.Option("random", help="random, scripted (live maze only) or a Stable-Baselines3 .zip."),
+    steps: int = typer.Option(100, help="Frames to dream."),
+    out: str = typer.Option("dream.mp4", help="Video file, .mp4 or .gif."),
+    seed: int = typer.Option(0, help="Fixes the context, the policy and the sampler noise."),
+    sampler_steps: int = typer.Option(4, help="Denoiser calls per frame."),
+    fps: int = typer.Option(8, help="Video playback frames per second."),
+    scale: int = typer.Option(4, help="Integer upscale of the 64x64 frames in the video."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Dream with a world model from real context and write the video (real env side by side when
+    there is one); prints frames/s and per-step latency."""
+    from worldsim.dream import DreamConfig, NoModelError, dream as run_dream, format_result
+
+    cfg = DreamConfig(checkpoint=checkpoint, codec=codec, context=context, maze_size=maze_size,
+                      context_frames=context_frames, policy=policy, steps=steps, out=out, seed=seed,
+                      sampler_steps=sampler_steps, fps=fps, scale=scale, device=device)
+    try:
+        result = run_dream(cfg, progress=True)
+    except NoModelError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_result(result))
