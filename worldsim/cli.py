@@ -11,6 +11,7 @@ import typer
 from worldsim.commands.bench import bench_app
 from worldsim.commands.collect import collect
 from worldsim.commands.dream import dream
+from worldsim.commands.evaluate import eval_app
 from worldsim.commands.ingest import ingest
 from worldsim.commands.play import play
 from worldsim.commands.train import train
@@ -29,6 +30,7 @@ app.command(name="train-codec")(train_codec)
 app.command()(train)
 app.command()(play)
 app.command()(dream)
+app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 
 

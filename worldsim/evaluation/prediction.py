@@ -1,0 +1,303 @@
+"""`worldsim eval prediction`: how well a world model predicts real episodes it has not seen.
+
+    results = evaluate_prediction(PredictionEvalConfig(checkpoint="runs/wm", dataset="worldsim/mm9-test-v0"))
+    print(format_table(results))
+
+Windows. From each evaluated episode, `starts_per_episode` start points s are drawn (seeded,
+without repeats) among those with a whole window inside the episode: `context` real frames
+o_s .. o_{s+C-1} (with the C - 1 actions between them) followed by `horizon` target frames
+o_{s+C} .. o_{s+C+H-1}, each reached by its true action. Target step t = 1..H is frame
+o_{s+C-1+t}. Windows run as B parallel streams of one `RolloutSession` (`batch_size` at a time);
+every stream has its own noise generator, so a window's numbers do not depend on its batch mates.
+
+Four PSNRs per (window, t), all on uint8 frames against the real target frame:
+
+  * teacher-forced 1-step: the model sees the real past (the context, then every real target frame
+    before t, each encoded and committed to the cache at sigma = 0) and samples frame t.
+  * open loop: the model sees only the context and dreams frames 1..t from the true actions,
+    each committed as it dreams it (`RolloutSession.step`).
+  * codec ceiling: decode(encode(target)), the best any latent world model can score with this codec.
+  * copy last frame: the last context frame as the prediction of every target (a model below it
+    has learned less than "nothing moves").
+
+Both model predictions start from the same prefilled cache with the same generator states, so at
+t = 1 teacher forcing and open loop predict the very same frame. PSNR values are averaged per
+frame (the convention of video-prediction papers, and the paper's Memory Maze tables); identical
+frames score the `psnr` cap of 100 dB, which only the copy baseline can hit (static scenes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+REPORTED_STEPS = (1, 4, 16)
+"""Open-loop steps singled out in the table (with the horizon itself), when within the horizon."""
+
+
+@dataclass
+class PredictionEvalConfig:
+    checkpoint: str
+    """World-model run or checkpoint folder."""
+    dataset: str
+    """Minari dataset id or path holding the held-out episodes."""
+    codec: str | None = None
+    """Codec checkpoint; None uses the one the world model records."""
+    episodes: int | None = None
+    """Evaluate the first N episodes of the dataset; None: all of them."""
+    context: int = 9
+    """Real frames prefilled before predicting (C)."""
+    horizon: int = 16
+    """Frames predicted after the context (H)."""
+    starts_per_episode: int = 4
+    """Random start points per episode (fewer when the episode has fewer windows)."""
+    sampler_steps: int = 4
+    """Denoiser calls per predicted frame."""
+    seed: int = 0
+    """Fixes the start points and the sampler noise."""
+    batch_size: int = 64
+    """Windows streamed together (memory bound only: results do not depend on it)."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu" or "cuda"."""
+
+    def validate(self) -> None:
+        for name in ("context", "horizon", "starts_per_episode", "sampler_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.episodes is not None and self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1 (or None for all), got {self.episodes}")
+
+
+@dataclass
+class Window:
+    episode: int
+    start: int
+    seed: int
+    """Seed of this stream's noise generator."""
+
+
+# ------------------------------------------------------------------------------ windows
+def choose_windows(episode_steps: np.ndarray, cfg: PredictionEvalConfig) -> tuple[list[Window], list[int]]:
+    """Seeded start points -> (windows sorted by episode then start, episodes too short to evaluate).
+
+    A window reads C + H steps from the store (observations and their actions; the last action is
+    not used), so an episode of n steps holds n - (C + H) + 1 start points."""
+    length = cfg.context + cfg.horizon
+    n_eval = len(episode_steps) if cfg.episodes is None else min(cfg.episodes, len(episode_steps))
+    rng = np.random.default_rng(cfg.seed)
+    windows, short = [], []
+    for ep in range(n_eval):
+        n_starts = int(episode_steps[ep]) - length + 1
+        if n_starts < 1:
+            short.append(ep)
+            continue
+        starts = np.sort(rng.choice(n_starts, size=min(cfg.starts_per_episode, n_starts), replace=False))
+        windows += [Window(ep, int(s), 0) for s in starts]
+    if not windows:
+        lengths = ", ".join(str(int(n)) for n in episode_steps[:n_eval][:10])
+        raise ValueError(
+            f"no episode is long enough: context {cfg.context} + horizon {cfg.horizon} = {length} steps "
+            f"per window, the episodes have {lengths}{' ...' if n_eval > 10 else ''} steps; "
+            f"lower --horizon or --context"
+        )
+    # Seeds drawn after all starts: the start points do not depend on how many windows there are.
+    for w, s in zip(windows, rng.integers(0, 2**63 - 1, size=len(windows)).tolist()):
+        w.seed = int(s)
+    return windows, short
+
+
+def read_windows(store, windows: list[Window], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> frames uint8 (B, C + H, H, W, 3), actions (B, C + H - 1[, D]): action i led to frame i + 1."""
+    frames, actions = [], []
+    for w in windows:
+        steps = store.read(w.episode, w.start, length)
+        frames.append(steps["frames"])
+        actions.append(steps["actions"][: length - 1])
+    return np.stack(frames), np.stack(actions)
+
+
+def check_compatible(store, model, codec) -> None:
+    """Clear errors for a dataset the model cannot be evaluated on (before any compute)."""
+    import gymnasium as gym
+
+    s, c = codec.config.image_size, codec.config.image_channels
+    if tuple(store.frame_shape) != (s, s, c):
+        raise ValueError(f"{store.name}: frames {tuple(store.frame_shape)}, the codec takes {(s, s, c)}")
+    cfg, space = model.cfg, store.action_space
+    if cfg.action_kind == "discrete":
+        if not isinstance(space, gym.spaces.Discrete) or int(space.n) != cfg.n_actions:
+            raise ValueError(f"{store.name}: actions {space}, the model takes Discrete({cfg.n_actions})")
+    elif not isinstance(space, gym.spaces.Box) or tuple(space.shape) != (cfg.action_dim,):
+        raise ValueError(f"{store.name}: actions {space}, the model takes a Box of shape ({cfg.action_dim},)")
+
+
+# ------------------------------------------------------------------------------ predictions
+@torch.no_grad()
+def teacher_forced_step(session, actions: torch.Tensor, real_latents: torch.Tensor) -> torch.Tensor:
+    """Sample each stream's next latent from the session's cache without committing it (as
+    `RolloutSession.step` does), then commit the REAL next latent instead, so the next prediction
+    again starts from the real past. Returns the predicted latents (B, C, h, w)."""
+    from worldsim.diffusion.sampler import sample_next_frames
+
+    model, cache = session.model, session.cache
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return model.step(x, sigma, actions, cache, commit=False).denoised
+
+    predicted = sample_next_frames(denoise, real_latents.shape, session.generators, session.sampler_steps,
+                                   device=session.device, **session.sampler_kwargs)
+    model.step(real_latents, torch.zeros(len(real_latents), device=session.device), actions, cache)  # commit
+    session.latents = real_latents  # the session's "last committed frame" stays truthful
+    return predicted
+
+
+@torch.no_grad()
+def predict_windows(model, codec, frames: np.ndarray, actions: np.ndarray, context: int,
+                    sampler_steps: int, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced and open-loop predictions of the H = T - context frames after the context.
+
+    frames uint8 (B, T, H, W, 3), actions (B, T - 1[, D]). Returns two uint8 (B, H, H, W, 3) CPU
+    tensors: (teacher_forced, open_loop)."""
+    from worldsim.rollout.session import RolloutSession
+
+    B, T = frames.shape[:2]
+    horizon = T - context
+    session = RolloutSession(model, codec, batch=B, sampler_steps=sampler_steps)
+    session.reset(frames[:, :context], actions[:, : context - 1], seeds=seeds)
+    forced = session.select(range(B))  # same cache and generator states: t = 1 is the same sample
+    targets = torch.as_tensor(frames[:, context:])
+    real_latents = codec.encode(targets.to(session.device))  # (B, H, C, h, w)
+    step_actions = torch.as_tensor(actions[:, context - 1:]).to(session.device)  # (B, H[, D])
+    if model.cfg.action_kind == "discrete":
+        step_actions = step_actions.long()
+    else:
+        step_actions = step_actions.float()
+    tf, ol = [], []
+    for t in range(horizon):
+        tf.append(codec.decode(teacher_forced_step(forced, step_actions[:, t], real_latents[:, t]), as_uint8=True).cpu())
+        ol.append(session.step(actions[:, context - 1 + t]).frames)
+    return torch.stack(tf, dim=1), torch.stack(ol, dim=1)
+
+
+def _frame_psnr(reference: torch.Tensor, prediction: torch.Tensor) -> np.ndarray:
+    """Per-frame PSNR of uint8 (B, H, ...) frames -> (B, H) float64."""
+    from worldsim.codec.autoencoder import psnr
+
+    B, H = reference.shape[:2]
+    return psnr(reference.flatten(0, 1), prediction.flatten(0, 1)).double().reshape(B, H).numpy()
+
+
+@torch.no_grad()
+def score_windows(model, codec, frames: np.ndarray, actions: np.ndarray, context: int,
+                  sampler_steps: int, seeds: list[int]) -> dict[str, np.ndarray]:
+    """PSNR (B, H) per window and target step for each of the four predictions (module doc)."""
+    teacher, open_loop = predict_windows(model, codec, frames, actions, context, sampler_steps, seeds)
+    device = codec.latent_mean.device
+    targets = torch.as_tensor(frames[:, context:])  # (B, H, H, W, 3)
+    ceiling = codec.decode(codec.encode(targets.to(device)), as_uint8=True).cpu()
+    last = torch.as_tensor(frames[:, context - 1 : context]).expand_as(targets)
+    return {
+        "teacher_forced": _frame_psnr(targets, teacher),
+        "open_loop": _frame_psnr(targets, open_loop),
+        "codec": _frame_psnr(targets, ceiling),
+        "copy_last": _frame_psnr(targets, last),
+    }
+
+
+# ------------------------------------------------------------------------------ the evaluation
+def _summary(per_window: np.ndarray, horizon: int) -> dict[str, Any]:
+    """(N, H) PSNRs -> the mean curve, the mean over steps, its standard error over windows, and
+    the values at the reported steps."""
+    curve = per_window.mean(axis=0)
+    window_means = per_window.mean(axis=1)
+    # One window has no spread to measure: None (JSON null) rather than NaN, which JSON lacks.
+    sem = float(window_means.std(ddof=1) / np.sqrt(len(window_means))) if len(window_means) > 1 else None
+    steps = sorted({t for t in (*REPORTED_STEPS, horizon) if t <= horizon})
+    return {
+        "mean": float(window_means.mean()),
+        "sem": sem,
+        "at": {str(t): float(curve[t - 1]) for t in steps},
+        "curve": [float(x) for x in curve],
+    }
+
+
+def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> dict[str, Any]:
+    """Run the evaluation the config describes (module doc); a JSON-able dict of results."""
+    from worldsim.data.episode_store import EpisodeStore
+    from worldsim.envs.dream import load_dream_model
+
+    cfg.validate()
+    store = EpisodeStore(cfg.dataset)
+    windows, short = choose_windows(store.episode_steps, cfg)  # fails fast, before loading a model
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    model, codec = load_dream_model(cfg.checkpoint, cfg.codec, device=device)
+    model.eval()
+    codec.eval()
+    check_compatible(store, model, codec)
+
+    from tqdm import tqdm
+
+    length = cfg.context + cfg.horizon
+    scores: dict[str, list[np.ndarray]] = {}
+    start = time.perf_counter()
+    bar = tqdm(total=len(windows), desc="eval prediction", unit="window", disable=not progress, dynamic_ncols=True)
+    try:
+        for i in range(0, len(windows), cfg.batch_size):
+            chunk = windows[i : i + cfg.batch_size]
+            frames, actions = read_windows(store, chunk, length)
+            for name, value in score_windows(model, codec, frames, actions, cfg.context, cfg.sampler_steps,
+                                             [w.seed for w in chunk]).items():
+                scores.setdefault(name, []).append(value)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        store.close()
+    seconds = time.perf_counter() - start
+    psnr = {name: _summary(np.concatenate(parts), cfg.horizon) for name, parts in scores.items()}
+    return {
+        "config": asdict(cfg),
+        "device": str(device),
+        "windows": len(windows),
+        "episodes": len({w.episode for w in windows}),
+        "episodes_too_short": short,
+        "starts": [[w.episode, w.start] for w in windows],
+        "psnr": psnr,
+        "seconds": seconds,
+        "predicted_frames_per_s": 2 * len(windows) * cfg.horizon / seconds,
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    cfg, psnr = results["config"], results["psnr"]
+    steps = list(psnr["open_loop"]["at"])
+    short = results["episodes_too_short"]
+    lines = [
+        f"Prediction PSNR (dB) on {cfg['dataset']}: {results['windows']} windows from {results['episodes']} episodes "
+        f"(context {cfg['context']}, horizon {cfg['horizon']}, {cfg['sampler_steps']} sampler steps, seed {cfg['seed']})",
+    ]
+    if short:
+        lines.append(f"  skipped {len(short)} episodes shorter than context + horizon: {short[:10]}{' ...' if len(short) > 10 else ''}")
+    head = "".join(f"{'t=' + t:>8}" for t in steps)
+    lines.append(f"  {'':<28}{head}{'mean':>8}{'± sem':>8}")
+    rows = [
+        ("codec ceiling", "codec"),
+        ("1-step (teacher-forced)", "teacher_forced"),
+        ("open loop", "open_loop"),
+        ("copy last context frame", "copy_last"),
+    ]
+    for label, key in rows:
+        s = psnr[key]
+        cells = "".join(f"{s['at'][t]:>8.2f}" for t in steps)
+        sem = "-" if s["sem"] is None else f"{s['sem']:.2f}"
+        lines.append(f"  {label:<28}{cells}{s['mean']:>8.2f}{sem:>8}")
+    curve = " ".join(f"{x:.1f}" for x in psnr["open_loop"]["curve"])
+    lines += [
+        f"  open-loop curve t=1..{cfg['horizon']}: {curve}",
+        f"  {results['seconds']:.1f} s on {results['device']} ({results['predicted_frames_per_s']:.1f} predicted frames/s)",
+    ]
+    return "\n".join(lines)
