@@ -221,15 +221,23 @@ class DreamEnv(gym.Env):
 
 # ------------------------------------------------------------------------------ loading
 def load_dream_model(checkpoint, codec=None, device: str | torch.device = "cpu"):
-    """(world model with its EMA weights, its codec) from a world-model checkpoint (or run) folder.
+    """(world model with its EMA weights, its codec) from a world-model checkpoint (or run) folder,
+    or from a model bundle folder (`worldsim.bundled`).
 
     The codec defaults to the one recorded in the checkpoint; any codec given must have the config
     the model was trained with. Config mismatches raise `CheckpointError` naming the keys.
     """
+    from worldsim.bundled import is_bundle, load_bundle_codec, load_bundle_model
     from worldsim.codec.autoencoder import CodecConfig
     from worldsim.codec.checkpoint import load_codec
     from worldsim.train.checkpoint import CheckpointError, load_world_model
 
+    if is_bundle(checkpoint):  # the bundled default model (or another bundle folder)
+        model, _ = load_bundle_model(checkpoint, device=device)
+        bundle_codec = load_bundle_codec(checkpoint, device=device)
+        if codec is None:
+            return model, bundle_codec
+        return model, load_codec(codec, expect=bundle_codec.config, device=device)
     model, sidecar = load_world_model(checkpoint, device=device)
     recorded = sidecar.get("codec") or {}
     path = codec if codec is not None else recorded.get("path")
@@ -242,8 +250,21 @@ def load_dream_model(checkpoint, codec=None, device: str | torch.device = "cpu")
 NO_MODEL_HELP = (
     "the dream envs need a trained world model: pass checkpoint=<world-model checkpoint or run folder> "
     "(and optionally codec=<codec checkpoint>), e.g. gymnasium.make('{id}', checkpoint='runs/wm'). "
-    "Train one with `worldsim train-codec` then `worldsim train`; no bundled default model exists yet."
+    "Train one with `worldsim train-codec` then `worldsim train`. No bundled default model is installed."
 )
+
+
+def default_checkpoint(maze_size: int):
+    """The bundled model's folder, used when no checkpoint is given; ValueError when none is
+    installed or when it learned another maze size."""
+    from worldsim.bundled import bundle_location, bundled_model_dir, check_maze_size
+
+    found = bundled_model_dir()
+    if found is None:
+        help_text = NO_MODEL_HELP.format(id=f"worldsim/Dream-MemoryMaze-{maze_size}x{maze_size}-v0")
+        raise ValueError(f"{help_text} (looked in {bundle_location()})")
+    check_maze_size(found, maze_size)
+    return found
 
 
 def make_context(context: ContextSource | None, dataset, maze_size: int, context_frames: int) -> ContextSource:
@@ -264,10 +285,11 @@ def make_dream_env(
     context_frames: int = 9,
     **kwargs,
 ) -> DreamEnv:
-    """Entry point of the registered dream ids. Context: `context`, else a Minari `dataset` (path or
-    list of paths), else the live Memory Maze of `maze_size`."""
+    """Entry point of the registered dream ids. Model: `checkpoint`, else the bundled model. Context:
+    `context` (e.g. `worldsim.bundled.load_bundle_clips(dir).context()`), else a Minari `dataset`
+    (path or list of paths), else the live Memory Maze of `maze_size`."""
     if checkpoint is None:
-        raise ValueError(NO_MODEL_HELP.format(id=f"worldsim/Dream-MemoryMaze-{maze_size}x{maze_size}-v0"))
+        checkpoint = default_checkpoint(maze_size)
     model, codec_model = load_dream_model(checkpoint, codec)
     return DreamEnv(model=model, codec=codec_model, context=make_context(context, dataset, maze_size, context_frames),
                     context_frames=context_frames, **kwargs)

@@ -22,7 +22,7 @@ from gymnasium.vector.utils import batch_space
 
 from worldsim.envs.dream import (
     FRAME_SHAPE, RENDER_FPS, SEED_BOUND, ContextSource, action_space_for, check_action, load_dream_model,
-    make_context, NO_MODEL_HELP,
+    default_checkpoint, make_context,
 )
 from worldsim.rollout.session import RolloutSession
 
@@ -175,7 +175,7 @@ def make_dream_vector_env(
 ) -> DreamVectorEnv:
     """Vector entry point of the registered dream ids (arguments as `make_dream_env`)."""
     if checkpoint is None:
-        raise ValueError(NO_MODEL_HELP.format(id=f"worldsim/Dream-MemoryMaze-{maze_size}x{maze_size}-v0"))
+        checkpoint = default_checkpoint(maze_size)  # the bundled model, or a clear error
     model, codec_model = load_dream_model(checkpoint, codec)
     return DreamVectorEnv(num_envs, model=model, codec=codec_model, context_frames=context_frames,
                           context=make_context(context, dataset, maze_size, context_frames), **kwargs)

@@ -32,13 +32,10 @@ from typing import Any, Protocol
 import numpy as np
 
 MEMORY_MAZE = "memory-maze"
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "dream-memory-maze-9x9"
-"""Where a bundled world-model checkpoint (with its codec) goes once one ships; none exists yet."""
-
 NO_MODEL_HELP = (
     "no world model to dream with: pass --checkpoint <world-model run or checkpoint folder> "
     "(and --codec <codec checkpoint> if the checkpoint's recorded codec path moved). No bundled "
-    "model ships yet. Train one on this machine:\n"
+    "model is installed ({where}). Train one on this machine:\n"
     "  worldsim collect --env-id worldsim/MemoryMaze-9x9-v0 --policy mixed --episodes 20 --workers 2 "
     "--dataset-id worldsim/mm9-v0\n"
     "  worldsim train-codec worldsim/mm9-v0 --out runs/codec\n"
@@ -103,12 +100,20 @@ class DreamResult:
 
 
 # ------------------------------------------------------------------------------ model
-def resolve_checkpoint_arg(checkpoint: str | os.PathLike | None) -> Path:
+def resolve_checkpoint_arg(checkpoint: str | os.PathLike | None, maze_size: int | None = None) -> Path:
+    """The checkpoint given, else the bundled model (`worldsim.bundled`), else NoModelError.
+
+    With the bundled model and a live maze of `maze_size`, the size must be the one it learned."""
+    from worldsim.bundled import bundle_location, bundled_model_dir, check_maze_size
+
     if checkpoint is not None:
         return Path(checkpoint)
-    if BUNDLED_MODEL.is_dir():
-        return BUNDLED_MODEL
-    raise NoModelError(NO_MODEL_HELP)
+    found = bundled_model_dir()
+    if found is None:
+        raise NoModelError(NO_MODEL_HELP.format(where=f"looked in {bundle_location()}"))
+    if maze_size is not None:
+        check_maze_size(found, maze_size)
+    return found
 
 
 # ------------------------------------------------------------------------------ policies
@@ -241,8 +246,8 @@ def dream(cfg: DreamConfig, progress: bool = False) -> DreamResult:
     out = Path(cfg.out)
     if out.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--out must end in .mp4 or .gif, got {out.name}")
-    checkpoint = resolve_checkpoint_arg(cfg.checkpoint)
     live = cfg.context == MEMORY_MAZE
+    checkpoint = resolve_checkpoint_arg(cfg.checkpoint, cfg.maze_size if live else None)
     policy = make_policy(cfg.policy, live)  # before loading anything: bad arguments fail fast
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)

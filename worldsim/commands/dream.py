@@ -6,7 +6,7 @@ import typer
 
 
 def dream(
-    checkpoint: str | None = typer.Option(None, help="World-model run or checkpoint folder (default: the bundled model, when one ships)."),
+    checkpoint: str | None = typer.Option(None, help="World-model run or checkpoint folder (default: the bundled model, when installed)."),
     codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
     context: str = typer.Option("memory-maze", help="memory-maze (live env: real | dream video) or a Minari dataset id / path."),
     maze_size: int = typer.Option(9, help="Memory Maze size for the live context."),
@@ -22,6 +22,7 @@ def dream(
 ) -> None:
     """Dream with a world model from real context and write the video (real env side by side when
     there is one); prints frames/s and per-step latency."""
+    from worldsim.bundled import BundleError
     from worldsim.dream import DreamConfig, NoModelError, dream as run_dream, format_result
 
     cfg = DreamConfig(checkpoint=checkpoint, codec=codec, context=context, maze_size=maze_size,
@@ -32,4 +33,7 @@ def dream(
     except NoModelError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except BundleError as e:  # the bundled model is corrupt, or learned another maze size
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(format_result(result))

@@ -10,14 +10,15 @@ import typer
 
 NO_MODEL_HELP = (
     "worldsim play needs a trained world model: pass --checkpoint <world-model checkpoint or run "
-    "folder> (add --codec <codec folder> if the codec recorded in it has moved). worldsim ships no "
-    "bundled model yet; make one with `worldsim collect`, `worldsim train-codec`, then `worldsim train`."
+    "folder> (add --codec <codec folder> if the codec recorded in it has moved). No bundled model is "
+    "installed ({where}); make one with `worldsim collect`, `worldsim train-codec`, then `worldsim train`."
 )
 
 
 def play(
     checkpoint: Optional[Path] = typer.Option(  # noqa: UP007 (typer needs Optional on Python 3.11)
-        None, "--checkpoint", "-c", help="World-model checkpoint folder or `worldsim train` run folder."
+        None, "--checkpoint", "-c",
+        help="World-model checkpoint folder or `worldsim train` run folder (default: the bundled model, when installed).",
     ),
     codec: Optional[Path] = typer.Option(  # noqa: UP007
         None, help="Frame codec checkpoint (default: the one recorded in the world-model checkpoint)."
@@ -50,9 +51,19 @@ def play(
     space pause, . or N single step, Tab human/agent, R new context clip, V real env side by side,
     C record, Esc/Q quit. The overlay shows fps, the model's step latency, mode, step and reward.
     """
+    from worldsim.bundled import BundleError, bundle_location, bundled_model_dir, check_maze_size
+
     if checkpoint is None:
-        typer.echo(f"error: {NO_MODEL_HELP}", err=True)
-        raise typer.Exit(code=2)
+        checkpoint = bundled_model_dir()
+        if checkpoint is None:
+            typer.echo(f"error: {NO_MODEL_HELP.format(where=f'looked in {bundle_location()}')}", err=True)
+            raise typer.Exit(code=2)
+        if not dataset:  # the live maze must be the size the bundled model learned
+            try:
+                check_maze_size(checkpoint, maze_size)
+            except BundleError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(code=2) from None
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # pygame's import banner
     try:
         import pygame  # noqa: F401
@@ -68,7 +79,7 @@ def play(
 
     try:
         model, codec_model = load_dream_model(checkpoint, codec, device=device)
-    except (CheckpointError, CodecCheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, CodecCheckpointError, BundleError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=1) from None
 
