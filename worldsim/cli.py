@@ -13,6 +13,7 @@ from worldsim.commands.collect import collect
 from worldsim.commands.dream import dream
 from worldsim.commands.evaluate import eval_app
 from worldsim.commands.ingest import ingest
+from worldsim.commands.plan import plan
 from worldsim.commands.play import play
 from worldsim.commands.train import train
 from worldsim.commands.train_codec import train_codec
@@ -30,6 +31,7 @@ app.command(name="train-codec")(train_codec)
 app.command()(train)
 app.command()(play)
 app.command()(dream)
+app.command()(plan)
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 

@@ -37,3 +37,51 @@ def eval_prediction(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+def _labelled_checkpoints(specs: list[str]) -> dict[str, str]:
+    """["lssvwm=runs/a", "runs/b"] -> {"lssvwm": "runs/a", "b": "runs/b"} (a bare path is labelled by its folder)."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label, path = Path(spec).name, spec
+        if not label or not path or label in out:
+            raise typer.BadParameter(f"checkpoint {spec!r}: expected distinct LABEL=PATH entries")
+        out[label] = path
+    return out
+
+
+@eval_app.command("memory")
+def eval_memory(
+    checkpoint: list[str] = typer.Option(..., help="LABEL=PATH of a world model (repeat: LSSVWM and each baseline)."),
+    dataset: str = typer.Option(..., help="Minari dataset id or path with held-out episodes."),
+    protocol: list[str] = typer.Option(["revisits", "retrieval"], help="revisits and/or retrieval (repeat)."),
+    episodes: int | None = typer.Option(None, help="Evaluate the first N episodes (default: all)."),
+    context: int = typer.Option(200, help="Real frames before the revisit; the earlier visit must lie within."),
+    horizon: int = typer.Option(8, help="Frames dreamed open loop from the revisit on."),
+    min_gap: int | None = typer.Option(None, help="Targets need gap > this (default: the widest attention window)."),
+    max_targets: int | None = typer.Option(None, help="Seeded subset of at most N targets per protocol."),
+    sampler_steps: int = typer.Option(4, help="Denoiser calls per dreamed frame."),
+    seed: int = typer.Option(0, help="Fixes the target subset and the sampler noise."),
+    batch_size: int = typer.Option(16, help="Targets streamed together (memory only)."),
+    out_dir: str | None = typer.Option(None, help="Write memory.json and PNG plots here."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """PSNR and SSIM of frames at places last seen longer ago than the attention window, against
+    that gap, for each model (revisits recorded at collection and returns found in the poses)."""
+    from worldsim.evaluation.memory import MemoryEvalConfig, evaluate_memory, format_table
+
+    cfg = MemoryEvalConfig(checkpoints=_labelled_checkpoints(checkpoint), dataset=dataset,
+                           protocols=tuple(protocol), episodes=episodes, context=context, horizon=horizon,
+                           min_gap=min_gap, max_targets=max_targets, sampler_steps=sampler_steps, seed=seed,
+                           batch_size=batch_size, out_dir=out_dir, device=device)
+    try:
+        results = evaluate_memory(cfg, progress=not as_json)
+    except ValueError as e:  # bad arguments or data without qualifying revisits: no traceback
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))

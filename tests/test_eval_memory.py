@@ -1,0 +1,231 @@
+"""`worldsim eval memory` with two real tiny world models (an lssvwm and a causal_window baseline,
+random init) saved as checkpoints, on a small Minari dataset with revisit metadata and poses."""
+
+import json
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from worldsim.agents.revisits import find_revisits
+from worldsim.codec.autoencoder import FrameCodec, preset
+from worldsim.codec.checkpoint import save_codec
+from worldsim.commands.evaluate import eval_app
+from worldsim.data.episode_store import EpisodeStore
+from worldsim.data.minari_writer import DatasetWriter, Episode
+from worldsim.evaluation.memory import MemoryEvalConfig, bucket_of, evaluate_memory, format_table, prefill_session
+from worldsim.evaluation.metrics import psnr, ssim
+from worldsim.model.config import make_config
+from worldsim.model.world_model import WorldModel
+from worldsim.train.checkpoint import save_checkpoint
+from worldsim.train.ema import EMA
+
+WINDOWS = {"lssvwm": 3, "causal_window": 4}  # the widest (4) is the qualifying gap
+CONTEXT, HORIZON, EDGES = 12, 3, (4, 8, 16)
+EPISODE_STEPS = (30, 26)
+REVISITS = (
+    [[16, 6], [20, 17], [25, 20], [10, 2], [29, 25], [28, 20], [29, 5]],
+    [[20, 14]],
+)
+# Episode 0: (16, 6) gap 10 and (25, 20) gap 5 qualify; (20, 17) gap 3 and (29, 25) gap 4 (= the window)
+# are within the window; (10, 2) starts before the episode; (28, 20) ends after it; (29, 5) gap 24 > context.
+QUALIFYING = [[0, 16, 6], [0, 25, 20], [1, 20, 14]]
+
+
+def _poses(n: int, loop: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Heading east throughout. loop: 5 steps on a row of their own, then a 10-cell circuit, so the
+    first return is at step 15 to the pose of step 5 (gap 10)."""
+    t = np.arange(n + 1)
+    pos = np.stack([t, np.zeros_like(t)], 1).astype(float)
+    if loop:
+        pos = np.where(t[:, None] < 5, np.stack([t, np.full_like(t, 5)], 1), np.stack([(t - 5) % 10, 0 * t], 1)).astype(float)
+    return pos, np.tile([1.0, 0.0], (n + 1, 1))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoints {label: run folder}, dataset folder)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("evalmem")
+    codec = FrameCodec(preset("tiny")).eval()
+    codec_dir = save_codec(codec, root / "codec")
+    runs = {}
+    for variant, window in WINDOWS.items():
+        cfg = make_config("tiny", variant=variant, latent_channels=4, latent_grid=(16, 16), patch=2, attn_window=window)
+        model = WorldModel(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.abs().sum() == 0:  # open the zero-initialised gates so predictions depend on the state
+                    p.normal_(0, 0.05)
+        save_checkpoint(root / variant, step=1, model=model, model_config=cfg.to_dict(),
+                        optimizer=torch.optim.AdamW(model.parameters()), ema=EMA(model),
+                        extra={"codec": {"path": str(codec_dir), "config": codec.config.to_dict()}, "sigma_data": 1.0})
+        runs[variant] = str(root / variant)
+
+    rng = np.random.default_rng(1)
+    writer = DatasetWriter("eval/mem-v0", gym.spaces.Box(0, 255, (64, 64, 3), np.uint8), gym.spaces.Discrete(6),
+                           root=root / "data")
+    for ep, (n, revisits) in enumerate(zip(EPISODE_STEPS, REVISITS)):
+        x = np.arange(64)[None, :, None] + 3 * np.arange(n + 1)[:, None, None]  # a drifting gradient
+        frames = np.ascontiguousarray(np.broadcast_to((x * 4 % 256)[:, :, :, None], (n + 1, 64, 64, 3)).astype(np.uint8))
+        frames[..., 1] = rng.integers(0, 256, (n + 1, 1, 1), dtype=np.uint8)
+        pos, heading = _poses(n, loop=ep == 0)
+        no = np.zeros(n, bool)
+        writer.append(Episode(frames, rng.integers(0, 6, n), np.zeros(n), no, no,
+                              infos={"agent_pos": pos, "agent_dir": heading}, metadata={"revisits": revisits}))
+    return runs, writer.path
+
+
+def _cfg(setup, tmp_path=None, **kw) -> MemoryEvalConfig:
+    runs, data = setup
+    base = dict(checkpoints=runs, dataset=str(data), context=CONTEXT, horizon=HORIZON, gap_edges=EDGES,
+                sampler_steps=1, seed=3, batch_size=4, prefill_chunk=5, device="cpu",
+                out_dir=None if tmp_path is None else str(tmp_path))
+    return MemoryEvalConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def results(setup, tmp_path_factory):
+    return evaluate_memory(_cfg(setup, tmp_path_factory.mktemp("out")))
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_ssim_is_one_on_equal_frames_and_falls_with_noise():
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8))
+    assert torch.allclose(ssim(x, x), torch.ones(1, dtype=torch.float64))
+    scores = []
+    for level in (5, 20, 60):
+        noisy = (x.double() + torch.as_tensor(rng.normal(0, level, x.shape))).clamp(0, 255).round().to(torch.uint8)
+        scores.append(float(ssim(x, noisy)[0]))
+    assert 1 > scores[0] > scores[1] > scores[2]
+
+
+def test_ssim_of_flat_frames_is_the_luminance_term():
+    """Flat frames have no variance: SSIM = (2ab + C1) / (a^2 + b^2 + C1) exactly."""
+    a, b = 100.0, 140.0
+    x, y = torch.full((1, 16, 16, 3), int(a), dtype=torch.uint8), torch.full((1, 16, 16, 3), int(b), dtype=torch.uint8)
+    c1 = (0.01 * 255) ** 2
+    assert math.isclose(float(ssim(x, y)[0]), (2 * a * b + c1) / (a * a + b * b + c1), rel_tol=1e-9)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(x[:, :8, :8], y[:, :8, :8])
+
+
+def test_psnr_of_a_known_pair():
+    x = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
+    y = x.clone()
+    y[0] += 10  # MSE 100
+    got = psnr(x, y)
+    assert math.isclose(float(got[0]), 10 * math.log10(255**2 / 100), rel_tol=1e-6)
+    assert float(got[1]) == pytest.approx(100.0)  # identical frames: the cap
+
+
+# ------------------------------------------------------------------------------ targets and buckets
+def test_targets_buckets_and_exclusions(results):
+    rev = results["protocols"]["revisits"]
+    assert results["qualifying_gap"] == 4 and results["attention_windows"] == WINDOWS
+    assert rev["pairs"] == QUALIFYING and rev["targets"] == 3 and rev["candidates"] == 8
+    assert rev["excluded"] == {"within_window": 2, "beyond_context": 1, "too_close_to_start": 1, "too_close_to_end": 1}
+    for label in WINDOWS:
+        s = rev["models"][label]
+        assert s["count"] == 3
+        assert [(b["gap_min"], b["gap_max"], b["count"]) for b in s["buckets"]] == [(4, 8, 2), (8, 16, 1)]
+        assert s["buckets"][0]["mean_gap"] == 5.5 and s["buckets"][1]["psnr"]["sem"] is None  # one target
+        assert 0 < s["psnr"]["mean"] < 100 and -1 <= s["ssim"]["mean"] < 1
+    assert bucket_of(3, EDGES) == (0, 4) and bucket_of(16, EDGES) == (16, None) and bucket_of(8, EDGES) == (8, 16)
+
+
+def test_retrieval_targets_are_the_returns_found_in_the_poses(setup, results):
+    pos, heading = _poses(EPISODE_STEPS[0], loop=True)
+    assert find_revisits(pos, heading, min_gap=5) == [(15, 5)]
+    ret = results["protocols"]["retrieval"]
+    assert ret["pairs"] == [[0, 15, 5]] and ret["excluded"]["within_window"] == 0
+
+
+def test_references_equal_a_direct_computation(setup, results):
+    store = EpisodeStore(setup[1])
+    rev = results["protocols"]["revisits"]
+    copy_last, earlier = [], []
+    for ep, t_now, t_before in rev["pairs"]:
+        frames = torch.as_tensor(store.read(ep, t_before, t_now + HORIZON - t_before)["frames"])
+        real, gap = frames[-HORIZON:], t_now - t_before
+        copy_last.append(float(psnr(real, frames[gap - 1 : gap].expand_as(real)).mean()))
+        earlier.append(float(ssim(real, frames[:HORIZON]).mean()))
+    refs = rev["references"]
+    assert np.isclose(refs["copy_last"]["psnr"]["mean"], np.mean(copy_last))
+    assert np.isclose(refs["copy_last"]["buckets"][1]["psnr"]["mean"], copy_last[0])  # gap 10: the only one in [8, 16)
+    assert np.isclose(refs["earlier_visit"]["ssim"]["mean"], np.mean(earlier))
+
+
+def test_models_differ_and_same_seed_gives_same_numbers(setup, results):
+    rev = results["protocols"]["revisits"]["models"]
+    assert rev["lssvwm"]["psnr"] != rev["causal_window"]["psnr"]
+    again = evaluate_memory(_cfg(setup, protocols=("revisits",), batch_size=2))  # other batching too
+    for label in WINDOWS:
+        a, b = again["protocols"]["revisits"]["models"][label], rev[label]
+        assert np.isclose(a["psnr"]["mean"], b["psnr"]["mean"], atol=0.05)
+        assert np.isclose(a["ssim"]["mean"], b["ssim"]["mean"], atol=1e-3)
+
+
+def test_chunked_prefill_builds_the_one_shot_state(setup):
+    from worldsim.envs.dream import load_dream_model
+
+    model, codec = load_dream_model(setup[0]["lssvwm"])
+    store = EpisodeStore(setup[1])
+    steps = store.read(0, 2, CONTEXT)
+    frames, actions = steps["frames"][None], steps["actions"][None, : CONTEXT - 1]
+    chunked = prefill_session(model, codec, frames, actions, [1], 1, chunk=5)
+    whole = prefill_session(model, codec, frames, actions, [1], 1, chunk=CONTEXT)
+    x, sigma = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.ones(1)
+    with torch.no_grad():
+        a = model.step(x, sigma, torch.tensor([2]), chunked.cache, commit=False).denoised
+        b = model.step(x, sigma, torch.tensor([2]), whole.cache, commit=False).denoised
+    assert torch.allclose(a, b, atol=1e-4) and chunked.frames_seen == whole.frames_seen == CONTEXT
+    assert torch.allclose(chunked.latents, whole.latents)
+
+
+# ------------------------------------------------------------------------------ outputs
+def test_json_and_png_are_written(results):
+    import matplotlib.pyplot as plt
+
+    with open(results["json"]) as f:
+        assert json.load(f) == json.loads(json.dumps(results))  # the file is the results, plain JSON
+    assert set(results["plots"]) == {"revisits", "retrieval"}
+    for path in results["plots"].values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        image = plt.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    table = format_table(results)
+    assert "lssvwm" in table and "copy_last (ref)" in table and "4-8" in table and "within_window 2" in table
+
+
+# ------------------------------------------------------------------------------ errors and the CLI
+def test_no_qualifying_revisit_is_a_clear_error(setup):
+    with pytest.raises(ValueError, match=r"'revisits': no target qualifies out of 8.*within_window: 8"):
+        evaluate_memory(_cfg(setup, protocols=("revisits",), min_gap=30))
+    with pytest.raises(ValueError, match="inside the attention window"):
+        evaluate_memory(_cfg(setup, min_gap=3))
+    with pytest.raises(ValueError, match="protocols must be"):
+        evaluate_memory(_cfg(setup, protocols=("nope",)))
+
+
+def test_cli_json_and_error(setup, tmp_path):
+    runs, data = setup
+    app = typer.Typer()
+    app.add_typer(eval_app, name="eval")
+    args = ["eval", "memory", "--checkpoint", f"lssvwm={runs['lssvwm']}", "--checkpoint", f"cw={runs['causal_window']}",
+            "--dataset", str(data), "--protocol", "revisits", "--context", str(CONTEXT), "--horizon", "1",
+            "--sampler-steps", "1", "--max-targets", "2", "--device", "cpu", "--out-dir", str(tmp_path)]
+    out = CliRunner().invoke(app, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    parsed = json.loads(out.stdout)
+    assert set(parsed["protocols"]["revisits"]["models"]) == {"lssvwm", "cw"}
+    assert parsed["protocols"]["revisits"]["targets"] == 2 and (tmp_path / "memory_revisits.png").is_file()
+    bad = CliRunner().invoke(app, [*args, "--context", "2"])
+    assert bad.exit_code == 2 and "no target qualifies" in bad.output

@@ -1,0 +1,71 @@
+"""`worldsim plan`: MPC in the live Memory Maze with a planner in the dream, against random actions."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def plan(
+    checkpoint: str | None = typer.Option(None, help="World-model run or checkpoint folder (default: the bundled model, when installed)."),
+    codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
+    planner: str = typer.Option("cem", help="cem, mppi or random-shooting."),
+    horizon: int = typer.Option(8, help="Dreamed steps per candidate action sequence."),
+    candidates: int = typer.Option(64, help="Action sequences dreamed in parallel per iteration."),
+    iterations: int = typer.Option(3, help="Sample-score-refit rounds (random shooting: always 1)."),
+    elites: int | None = typer.Option(None, help="CEM: sequences the distributions are refit to (default: candidates / 8, at least 1)."),
+    temperature: float = typer.Option(1.0, help="MPPI: softmax temperature on the scores."),
+    discount: float = typer.Option(0.99, help="Per-step discount of the predicted rewards."),
+    sampler_steps: int = typer.Option(1, help="Denoiser calls per dreamed frame while planning."),
+    max_memory_mb: float = typer.Option(2048.0, help="Refuse plans whose forked states need more memory."),
+    steps: int = typer.Option(100, help="Real steps controlled per episode."),
+    episodes: int = typer.Option(1, help="Real episodes (each also run with random actions)."),
+    context_frames: int = typer.Option(9, help="Real frames (random actions) prefilled before planning."),
+    maze_size: int = typer.Option(9, help="Memory Maze size."),
+    seed: int = typer.Option(0, help="Fixes the mazes, the context and the planners' sampling."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Plan in the dream, act in the real maze, feed the real frames back; prints return vs random
+    actions and the planning time per decision."""
+    import torch
+
+    from worldsim.agents.mpc import compare_with_random
+    from worldsim.agents.planners import PlannerConfig, make_planner
+    from worldsim.envs.dream import default_checkpoint, load_dream_model
+    from worldsim.envs.memory_maze import MemoryMazeEnv
+
+    try:  # every setting is checked before the model and the MuJoCo env are built
+        cfg = PlannerConfig(horizon=horizon, candidates=candidates, iterations=iterations, discount=discount,
+                            sampler_steps=sampler_steps, elites=elites if elites is not None else max(1, candidates // 8),
+                            temperature=temperature, max_memory_mb=max_memory_mb)
+        chosen = make_planner(planner, cfg)
+        for name, value in (("steps", steps), ("episodes", episodes), ("context-frames", context_frames)):
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        path = checkpoint if checkpoint is not None else default_checkpoint(maze_size)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    model, frame_codec = load_dream_model(path, codec, device=dev)
+    env = MemoryMazeEnv(size=maze_size)
+    try:
+        result = compare_with_random(env, model, frame_codec, chosen, episodes, steps, context_frames, seed)
+    except (ValueError, MemoryError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        env.close()
+    result["settings"] = {"planner": planner, "horizon": horizon, "candidates": candidates,
+                          "iterations": iterations, "sampler_steps": sampler_steps, "seed": seed}
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    p, r = result["planner"], result["random"]
+    typer.echo(f"{planner}: mean return {sum(p['returns']) / len(p['returns']):.2f} "
+               f"over {episodes} episode(s) of {steps} steps, {p['ms_per_decision']:.1f} ms per decision")
+    typer.echo(f"random: mean return {sum(r['returns']) / len(r['returns']):.2f}")
