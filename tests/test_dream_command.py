@@ -16,13 +16,8 @@ import typer
 from typer.testing import CliRunner
 
 from worldsim.commands.dream import dream as dream_command
-from worldsim.codec.autoencoder import FrameCodec, preset
-from worldsim.codec.checkpoint import save_codec
 from worldsim.dream import DreamConfig, NoModelError, dream
-from worldsim.model.config import make_config
-from worldsim.model.world_model import WorldModel
-from worldsim.train.checkpoint import save_checkpoint
-from worldsim.train.ema import EMA
+from tiny_world import save_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 2
@@ -35,20 +30,7 @@ app.command()(dream_command)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A world-model run folder whose sidecar records a tiny codec, as `worldsim train` writes it."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("dream")
-    codec = FrameCodec(preset("tiny")).eval()
-    codec_dir = save_codec(codec, root / "codec")
-    cfg = make_config("tiny", latent_channels=4, latent_grid=(16, 16), patch=2)
-    model = WorldModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:  # open the zero-initialised gates so the dream depends on the state
-                p.normal_(0, 0.05)
-    save_checkpoint(root / "run", step=1, model=model, model_config=cfg.to_dict(),
-                    optimizer=torch.optim.AdamW(model.parameters()), ema=EMA(model),
-                    extra={"codec": {"path": str(codec_dir), "config": codec.config.to_dict()}, "sigma_data": 1.0})
-    return root / "run"
+    return save_tiny_run(tmp_path_factory.mktemp("dream"))
 
 
 def test_cli_live_maze_writes_side_by_side_mp4_and_prints_fps(checkpoint, tmp_path):

@@ -7,25 +7,17 @@ import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from gymnasium.vector import AutoresetMode
 
-from worldsim.codec.autoencoder import FrameCodec, preset
 from worldsim.envs.dream import ClipContext, DreamEnv, MinariContext, make_dream_env
 from worldsim.envs.dream_vector import DreamVectorEnv
 from worldsim.envs.sb3_vec import DreamSB3VecEnv
-from worldsim.model.config import make_config
-from worldsim.model.world_model import WorldModel
+from tiny_world import tiny_parts as _tiny_parts
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core box: threads only add overhead
 T0 = 9  # = the tiny preset's attention window (shorter contexts are tested too)
 
 
 def tiny_parts(**overrides):
-    torch.manual_seed(0)
-    codec = FrameCodec(preset("tiny")).eval()
-    model = WorldModel(make_config("tiny", latent_channels=4, latent_grid=(16, 16), patch=2, **overrides)).eval()
-    with torch.no_grad():  # open the zero-initialised adaLN gates / heads so dreams depend on input
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
+    model, codec = _tiny_parts(0, **overrides)
     rng = np.random.default_rng(0)
     episodes = [rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8) for n in (12, 15)]
     context = ClipContext(episodes, [rng.integers(0, 6, len(e) - 1) for e in episodes])

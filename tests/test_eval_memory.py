@@ -19,10 +19,7 @@ from worldsim.data.episode_store import EpisodeStore
 from worldsim.data.minari_writer import DatasetWriter, Episode
 from worldsim.evaluation.memory import MemoryEvalConfig, bucket_of, evaluate_memory, format_table, prefill_session
 from worldsim.evaluation.metrics import psnr, ssim
-from worldsim.model.config import make_config
-from worldsim.model.world_model import WorldModel
-from worldsim.train.checkpoint import save_checkpoint
-from worldsim.train.ema import EMA
+from tiny_world import save_run, tiny_model
 
 WINDOWS = {"lssvwm": 3, "causal_window": 4}  # the widest (4) is the qualifying gap
 CONTEXT, HORIZON, EDGES = 12, 3, (4, 8, 16)
@@ -56,16 +53,8 @@ def setup(tmp_path_factory):
     codec_dir = save_codec(codec, root / "codec")
     runs = {}
     for variant, window in WINDOWS.items():
-        cfg = make_config("tiny", variant=variant, latent_channels=4, latent_grid=(16, 16), patch=2, attn_window=window)
-        model = WorldModel(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.abs().sum() == 0:  # open the zero-initialised gates so predictions depend on the state
-                    p.normal_(0, 0.05)
-        save_checkpoint(root / variant, step=1, model=model, model_config=cfg.to_dict(),
-                        optimizer=torch.optim.AdamW(model.parameters()), ema=EMA(model),
-                        extra={"codec": {"path": str(codec_dir), "config": codec.config.to_dict()}, "sigma_data": 1.0})
-        runs[variant] = str(root / variant)
+        model = tiny_model(variant=variant, attn_window=window)
+        runs[variant] = str(save_run(root / variant, model, codec_dir, codec))
 
     rng = np.random.default_rng(1)
     writer = DatasetWriter("eval/mem-v0", gym.spaces.Box(0, 255, (64, 64, 3), np.uint8), gym.spaces.Discrete(6),

@@ -10,8 +10,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from worldsim.codec.autoencoder import FrameCodec, preset, psnr
-from worldsim.codec.checkpoint import load_codec, save_codec
+from worldsim.codec.autoencoder import psnr
+from worldsim.codec.checkpoint import load_codec
 from worldsim.commands.evaluate import eval_app
 from worldsim.data.episode_store import EpisodeStore
 from worldsim.data.minari_writer import DatasetWriter, Episode
@@ -23,10 +23,7 @@ from worldsim.evaluation.prediction import (
     read_windows,
     teacher_forced_step,
 )
-from worldsim.model.config import make_config
-from worldsim.model.world_model import WorldModel
-from worldsim.train.checkpoint import save_checkpoint
-from worldsim.train.ema import EMA
+from tiny_world import save_tiny_run
 
 EPISODE_STEPS = (20, 14, 6)  # the last one is shorter than context + horizon below
 CONTEXT, HORIZON, STARTS = 3, 5, 2
@@ -36,19 +33,9 @@ CONTEXT, HORIZON, STARTS = 3, 5, 2
 def setup(tmp_path_factory):
     """(world-model run folder, codec folder, dataset folder)."""
     torch.set_num_threads(1)
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("evalpred")
-    codec = FrameCodec(preset("tiny")).eval()
-    codec_dir = save_codec(codec, root / "codec")
-    cfg = make_config("tiny", latent_channels=4, latent_grid=(16, 16), patch=2)
-    model = WorldModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:  # open the zero-initialised gates so predictions depend on the state
-                p.normal_(0, 0.05)
-    save_checkpoint(root / "run", step=1, model=model, model_config=cfg.to_dict(),
-                    optimizer=torch.optim.AdamW(model.parameters()), ema=EMA(model),
-                    extra={"codec": {"path": str(codec_dir), "config": codec.config.to_dict()}, "sigma_data": 1.0})
+    save_tiny_run(root)
+    codec_dir = root / "codec"
 
     rng = np.random.default_rng(1)
     writer = DatasetWriter("eval/pred-v0", gym.spaces.Box(0, 255, (64, 64, 3), np.uint8), gym.spaces.Discrete(6),

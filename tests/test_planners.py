@@ -11,14 +11,12 @@ from typer.testing import CliRunner
 
 from worldsim.agents.mpc import run_mpc
 from worldsim.agents.planners import CEM, MPPI, PlannerConfig, RandomShooting, make_planner, plan_memory_bytes
-from worldsim.codec.autoencoder import FrameCodec, preset
 from worldsim.codec.checkpoint import save_codec
 from worldsim.commands.plan import plan as plan_command
-from worldsim.model.config import make_config
-from worldsim.model.world_model import WorldModel
 from worldsim.rollout.session import RolloutSession
 from worldsim.train.checkpoint import save_checkpoint
 from worldsim.train.ema import EMA
+from tiny_world import tiny_parts
 
 GOOD = 3  # the action the edited model rewards
 app = typer.Typer()
@@ -26,14 +24,7 @@ app.command()(plan_command)
 
 
 def _tiny(seed: int = 0):
-    torch.manual_seed(seed)
-    codec = FrameCodec(preset("tiny")).eval()
-    model = WorldModel(make_config("tiny", latent_channels=4, latent_grid=(16, 16), patch=2)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:  # open the zero-initialised gates so the dream depends on the inputs
-                p.normal_(0, 0.05)
-    return model, codec
+    return tiny_parts(seed)
 
 
 def _session(model, codec, seed=0):

@@ -8,16 +8,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from worldsim.codec.autoencoder import FrameCodec, preset
 from worldsim.envs.dream import ClipContext, MemoryMazeContext
 from worldsim.envs.memory_maze import ACTION_NAMES, MemoryMazeEnv
-from worldsim.model.config import make_config
-from worldsim.model.world_model import WorldModel
 from worldsim.viewer.app import Viewer, ViewerConfig
 from worldsim.viewer.keymap import (
     CONTROLS, DIGIT_KEYS, FORWARD_KEYS, LEFT_KEYS, MEMORY_MAZE_KEYMAP, RIGHT_KEYS, number_keymap,
 )
 from worldsim.viewer.policies import RandomWalk, load_sb3_policy
+from tiny_world import tiny_parts
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core box: threads only add overhead
 T0 = 5  # context frames
@@ -38,14 +36,7 @@ def tap(key):
 
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    codec = FrameCodec(preset("tiny")).eval()
-    model = WorldModel(make_config("tiny", latent_channels=4, latent_grid=(16, 16), patch=2)).eval()
-    with torch.no_grad():  # open the zero-initialised adaLN gates / heads so dreams depend on the actions
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return model, codec
+    return tiny_parts(0)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ against its `variant` so a checkpoint config that contradicts itself fails loudl
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 VARIANTS = ("lssvwm", "causal_full", "causal_window", "mamba_only", "no_blockwise")
