@@ -20,14 +20,7 @@ SIZE = 32  # frames of the test dataset; the tiny preset at this size has an 8x8
 EPISODES, STEPS = 3, 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tests run beside other jobs on 2 cores: several torch thread pools spinning at once are
-    # many times slower than one thread each.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scene(rng: np.random.Generator, n: int, size: int) -> np.ndarray:

@@ -21,13 +21,6 @@ from worldsim.diffusion.sampler import (
 )
 
 
-@pytest.fixture
-def one_thread():
-    # The CI box has 2 cores shared with other jobs: intra-op threads only add contention here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Recorder(nn.Module):

@@ -23,12 +23,7 @@ WINDOW = 6
 EPISODE_STEPS = (9, 14, 4)  # the last is shorter than a window: cached, never sliced
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

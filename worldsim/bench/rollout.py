@@ -105,12 +105,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def rss_bytes() -> int:
+def in_use_rss_bytes() -> int:
     """Resident set after returning freed heap to the OS (so it counts what is in use)."""
-    from worldsim.bench.train import _malloc_trim, _rss_bytes
+    from worldsim.bench.train import malloc_trim, rss_bytes
 
-    _malloc_trim()
-    return _rss_bytes()
+    malloc_trim()
+    return rss_bytes()
 
 
 def random_parts(preset: str, variant: str, codec_preset: str, device: torch.device, seed: int = 0):
@@ -248,7 +248,7 @@ def measure_long_rollout(cfg: RolloutBenchConfig, device: torch.device, progress
         if (t + 1) % every == 0 or t + 1 == cfg.long_steps:
             now = time.perf_counter()
             done_in_segment = (t + 1) - (samples[-1]["step"] if samples else 0)
-            samples.append({"step": t + 1, "rss_bytes": rss_bytes(), "state_bytes": session.state_nbytes(),
+            samples.append({"step": t + 1, "rss_bytes": in_use_rss_bytes(), "state_bytes": session.state_nbytes(),
                             "ms_per_frame": 1e3 * (now - segment_start) / done_in_segment})
             segment_start = time.perf_counter()  # RSS sampling is not part of the frame time
             if progress:

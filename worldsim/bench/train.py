@@ -76,13 +76,13 @@ PEAK_TFLOPS = {
 }
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """Current resident set of this process (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
     """Return freed heap pages to the OS (glibc), so the resident set is what is in use."""
     try:
         import ctypes
@@ -163,8 +163,8 @@ def measure_point(cfg_dict: dict[str, Any], variant: str, window: int) -> dict[s
         torch.cuda.reset_peak_memory_stats()
         mem_before = torch.cuda.memory_allocated()
     else:
-        _malloc_trim()
-        mem_before = _rss_bytes()
+        malloc_trim()
+        mem_before = rss_bytes()
     step(batch)  # warm-up at this shape: allocator, kernel selection
     times = []
     for _ in range(cfg.steps):

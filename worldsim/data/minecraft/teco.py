@@ -32,7 +32,7 @@ import numpy as np
 
 from worldsim.data.minari_writer import Episode
 from worldsim.data.minecraft.actions import YAW, button_index, noop_actions
-from worldsim.data.minecraft.video import RecordingError, read_video, resize_frames
+from worldsim.data.minecraft.video import RecordingError, find_paired_recordings, read_video, resize_frames
 
 FORMAT = "teco"
 TURN_DEGREES = 20.0
@@ -55,9 +55,7 @@ ACTION_TABLE = _action_table()
 def find_episodes(input_dir: Path) -> list[Path]:
     """The `<id>.npz` of every episode under `input_dir`, including ids with only an mp4
     (reading those reports the missing action file instead of silently skipping them)."""
-    found = [p for suffix in ("*.mp4", "*.npz") for p in Path(input_dir).rglob(suffix)]
-    stems = {p.with_suffix("") for p in found}
-    return sorted(stem.with_suffix(".npz") for stem in stems)
+    return find_paired_recordings(input_dir, ".npz", ".mp4")
 
 
 def read_episode(npz_path: Path, size: int = 64) -> Episode:

@@ -46,6 +46,14 @@ class VideoInfo:
     codec: str
 
 
+def find_paired_recordings(input_dir: Path, key_suffix: str, partner_suffix: str) -> list[Path]:
+    """The `<id><key_suffix>` path of every recording id under `input_dir` that has either file of
+    the pair, so a recording missing its partner is reported when read instead of silently skipped."""
+    found = [p for suffix in (key_suffix, partner_suffix) for p in Path(input_dir).rglob(f"*{suffix}")]
+    stems = {p.with_suffix("") for p in found}
+    return sorted(stem.with_suffix(key_suffix) for stem in stems)
+
+
 def read_video(
     path: Path,
     size: int,

@@ -34,7 +34,7 @@ import numpy as np
 
 from worldsim.data.minari_writer import Episode
 from worldsim.data.minecraft.actions import button_index, noop_actions, set_camera
-from worldsim.data.minecraft.video import RecordingError, read_video
+from worldsim.data.minecraft.video import RecordingError, find_paired_recordings, read_video
 
 FORMAT = "vpt"
 CAMERA_DEGREES_PER_COUNT = 360.0 / 2400.0
@@ -60,9 +60,7 @@ MOUSE_BUTTONS: dict[int, str] = {0: "attack", 1: "use", 2: "pickItem"}
 def find_episodes(input_dir: Path) -> list[Path]:
     """The `<id>.mp4` of every recording under `input_dir`, including ids that only have a jsonl
     (reading those reports the missing video instead of silently skipping them)."""
-    found = [p for suffix in ("*.mp4", "*.jsonl") for p in Path(input_dir).rglob(suffix)]
-    stems = {p.with_suffix("") for p in found}
-    return sorted(stem.with_suffix(".mp4") for stem in stems)
+    return find_paired_recordings(input_dir, ".mp4", ".jsonl")
 
 
 def read_episode(video_path: Path, size: int = 64) -> Episode:
