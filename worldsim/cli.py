@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from worldsim.commands.agent import agent_app
 from worldsim.commands.bench import bench_app
 from worldsim.commands.collect import collect
 from worldsim.commands.dream import dream
@@ -34,6 +35,7 @@ app.command()(dream)
 app.command()(plan)
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
+app.add_typer(agent_app, name="agent")
 
 
 def main() -> None:

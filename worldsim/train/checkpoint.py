@@ -154,7 +154,7 @@ def _rng_from_storage(tensors: dict[str, torch.Tensor], meta: list[dict]) -> lis
 
 
 # --------------------------------------------------------------------------- optimizer state
-def _optimizer_to_storage(
+def optimizer_to_storage(
     optimizer: torch.optim.Optimizer, names: dict[int, str]
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Moments as tensors `optim.<index>.<name>`; hyper-parameters and parameter names to JSON.
@@ -174,7 +174,7 @@ def _optimizer_to_storage(
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "param_names": group_names}
 
 
-def _optimizer_from_storage(
+def optimizer_from_storage(
     optimizer: torch.optim.Optimizer,
     names: dict[int, str],
     tensors: dict[str, torch.Tensor],
@@ -278,7 +278,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
 
     names = {id(p): n for n, p in model.named_parameters()}
-    optim_tensors, optim_meta = _optimizer_to_storage(optimizer, names)
+    optim_tensors, optim_meta = optimizer_to_storage(optimizer, names)
     rng_tensors, rng_meta = _rng_to_storage(rng_states or [capture_rng_state()])
     sidecar = {
         "format": FORMAT,
@@ -428,7 +428,7 @@ def load_checkpoint(
         if saved_class != type(optimizer).__name__:
             raise CheckpointError(f"{folder}: optimizer is {saved_class} in the checkpoint, {type(optimizer).__name__} in the code")
         names = {id(p): n for n, p in model.named_parameters()}
-        _optimizer_from_storage(optimizer, names, trainer_tensors, sidecar["optimizer"], folder)
+        optimizer_from_storage(optimizer, names, trainer_tensors, sidecar["optimizer"], folder)
     if scheduler is not None:
         if sidecar.get("scheduler") is None:
             raise CheckpointError(f"{folder}: holds no scheduler state")
