@@ -7,7 +7,8 @@ Every planner works on a live batch-1 `RolloutSession` (the model having seen th
 One planning iteration forks the live session into N candidate streams (`RolloutSession.fork`,
 which copies the cache and each stream's noise generator, so the live session is never touched),
 dreams H steps with N sampled action sequences in one batched model call per step, and scores
-each sequence:
+each sequence. Scores need no pixels (the goal image is compared in latent space), so the dreamed
+latents are never decoded (`RolloutSession.step(..., decode=False)`):
 
     score = sum_t discount^t r_t                      predicted rewards, zero after a predicted termination
             - goal_weight * mean((z_H - z_goal)^2)    optional: latent distance of the last dreamed
@@ -23,9 +24,10 @@ same sampler noise (common random numbers): score differences come from the acti
   are refit to the softmax(score / temperature)-weighted action frequencies of all N sequences;
   the plan is the most likely action of each step.
 
-Memory: N forked streams hold N copies of the streaming state, and each denoiser call works on one
-more temporary copy (`WorldModel.step(commit=False)` clones the cache), so a plan needs about
-2 N x (state bytes per stream). Above `max_memory_mb` the planner refuses before forking.
+Memory: N forked streams hold N copies of the streaming state; a denoiser call reads it without
+copying it (`WorldModel.step(commit=False)`), and its temporaries (one layer's new SSM state and
+keys at a time) are a fraction of it, so a plan needs about N x (state bytes per stream), counted
+twice for a safety margin. Above `max_memory_mb` the planner refuses before forking.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class Plan:
 
 
 def plan_memory_bytes(session: RolloutSession, candidates: int) -> int:
-    """Bytes the forked candidate states need: N streams plus the denoiser's temporary copy."""
+    """Bytes the forked candidate states need: N streams, doubled as a margin for the temporaries."""
     per_stream = session.state_nbytes() / session.batch
     latent = session.latents[0].numel() * session.latents.element_size()
     return int(2 * candidates * (per_stream + latent))
@@ -159,7 +161,7 @@ class Planner:
         total = torch.zeros(n, dtype=torch.float64)
         alive = torch.ones(n, dtype=torch.bool)
         for t in range(horizon):
-            out = dream.step(sequences[:, t])
+            out = dream.step(sequences[:, t], decode=False)  # scores need no pixels
             total += (cfg.discount ** t) * out.rewards.double() * alive
             alive &= ~out.terminated  # nothing is earned after a predicted episode end
         if self.goal_latent is not None:

@@ -35,17 +35,21 @@ def test_state_bytes_flat_for_lssvwm_and_growing_for_causal(results):
 
 def test_dream_real_and_long_rollout_figures(results):
     assert [d["batch"] for d in results["dream"]] == [1, 2]
-    real = results["real"]["steps_per_s"]
+    real, real_cpu = results["real"]["steps_per_s"], results["real"]["steps_per_cpu_s"]
     for d in results["dream"]:
         assert d["frames_per_s"] == pytest.approx(d["batch"] * d["steps"] / d["seconds"])
+        assert d["frames_per_cpu_s"] == pytest.approx(d["batch"] * d["steps"] / d["cpu_seconds"])
         assert results["dream_vs_real"][str(d["batch"])] == pytest.approx(d["frames_per_s"] / real)
+        assert results["dream_vs_real_cpu"][str(d["batch"])] == pytest.approx(d["frames_per_cpu_s"] / real_cpu)
     long = results["long"]
     assert [s["step"] for s in long["samples"]] == [4, 8, 12]
     assert long["nan_steps"] == 0 and long["first_nan_step"] is None
-    assert long["state_bytes_first"] == long["state_bytes_last"]
+    assert long["state_bytes_start"] == long["state_bytes_first"] == long["state_bytes_last"]
     assert long["rss_max_growth"] == max(s["rss_bytes"] for s in long["samples"]) - long["rss_first"]
+    assert long["decode"] and long["frames_per_s"] == pytest.approx(12 / long["seconds"])
     table = format_table(results)
     assert "lssvwm: latency 32/8" in table and "dream/real" in table and "NaN steps: 0" in table
+    assert "state 0.34 MiB after reset -> 0.34 MiB at the end (identical)" in table
 
 
 def test_filled_kv_cache_matches_a_streamed_one():
@@ -68,8 +72,10 @@ def test_filled_kv_cache_matches_a_streamed_one():
 def test_cli_json_without_real_env():
     out = CliRunner().invoke(bench_app, ["rollout", "--horizons", "4,8", "--timed-frames", "1", "--sampler-steps", "1",
                                          "--batches", "1", "--dream-steps", "1", "--no-real-env", "--long-steps", "2",
-                                         "--rss-every", "1", "--variants", "lssvwm", "--threads", "1", "--json"])
+                                         "--rss-every", "1", "--no-long-decode", "--variants", "lssvwm",
+                                         "--threads", "1", "--json"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
-    assert data["real"] is None and data["dream_vs_real"] == {"1": None}
+    assert data["real"] is None and data["dream_vs_real"] == {"1": None} and data["dream_vs_real_cpu"] == {"1": None}
     assert [r["horizon"] for r in data["horizons"]] == [4, 8] and data["long"]["steps"] == 2
+    assert data["long"]["decode"] is False and data["long"]["nan_steps"] == 0

@@ -11,7 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from worldsim.codec.autoencoder import PRESETS, FrameCodec, preset
+import torch.nn.functional as F
+
+from worldsim.codec.autoencoder import DECODE_CHUNK, PRESETS, FrameCodec, Upsample, preset
 from worldsim.codec.checkpoint import CheckpointError, load_codec, load_codec_into, save_codec
 from worldsim.codec.train import CodecTrainConfig, TrainingDiverged, evaluate_psnr, train_codec
 from worldsim.data.minari_writer import DatasetWriter, Episode
@@ -85,6 +87,41 @@ def test_presets_encode_decode_shapes(name):
     assert x.shape == (2, 1, 64, 64, 3) and 0.0 <= x.min() and x.max() <= 1.0
     assert x8.dtype == torch.uint8 and torch.equal(x8, (x * 255).round().to(torch.uint8))
     assert PRESETS["small"].latent_shape == (16, 8, 8)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_upsampling_equals_nearest_then_conv(channels_last):
+    torch.manual_seed(0)
+    up = Upsample(6, 5)
+    x = torch.randn(2, 6, 5, 7)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    plain = up(x).detach()  # gradients on: nearest 2x, then the 3x3 conv (the training path)
+    with torch.no_grad():
+        fast = up(x)  # the sub-pixel form
+        assert fast.shape == (2, 5, 10, 14) and fast.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+        up.conv.weight.mul_(-2.0)  # an updated weight is folded again
+        changed = F.conv2d(F.interpolate(x, scale_factor=2.0), up.conv.weight, up.conv.bias, padding=1)
+        torch.testing.assert_close(up(x), changed, atol=1e-5, rtol=0)
+
+
+def test_decode_matches_the_plain_decoder():
+    """`decode` (channels-last, chunks of DECODE_CHUNK frames, sub-pixel upsampling) against the
+    decoder run as it trains: contiguous NCHW, the whole batch, nearest upsampling + conv."""
+    torch.manual_seed(0)
+    codec = FrameCodec(PRESETS["small"]).eval()
+    with torch.no_grad():
+        for p in codec.parameters():
+            if (p == 0).all():  # zero-initialised convs: make every block do something
+                p.normal_(0, 0.05)
+        codec.set_latent_stats(torch.randn(16) * 0.1, torch.rand(16) + 0.5)
+        z = torch.randn(DECODE_CHUNK + 3, 16, 8, 8)  # the last chunk is short
+        fast = codec.decode(z)
+    raw = codec.decode_raw(z * codec.latent_std[:, None, None] + codec.latent_mean[:, None, None]).detach()
+    plain = ((raw + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)  # (B, H, W, 3)
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
 def test_bad_inputs_are_named():

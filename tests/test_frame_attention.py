@@ -309,6 +309,26 @@ def test_rope_scores_depend_on_offsets_only():
         VideoRoPE(head_dim=12, grid=(2, 3), pairs=(3, 2, 2))
 
 
+def test_rope_tables_are_cached_per_frame_and_equal_fresh_ones():
+    """A streamed frame reuses its table across denoiser calls; the cache stays small and every
+    table equals one built from scratch."""
+    rope = VideoRoPE(head_dim=12, grid=(2, 3))
+    first = rope.cos_sin(41, 1, "cpu")
+    assert rope.cos_sin(41, 1, "cpu")[0].data_ptr() == first[0].data_ptr()  # same frame again: no rebuild
+    for t in range(50):
+        cos, sin = rope.cos_sin(t, 3, "cpu")
+        fresh_cos, fresh_sin = VideoRoPE(head_dim=12, grid=(2, 3)).cos_sin(t, 3, "cpu")
+        assert torch.equal(cos, fresh_cos) and torch.equal(sin, fresh_sin)
+    assert len(rope._table_cache) <= 8
+    assert torch.equal(rope.cos_sin(41, 1, "cpu")[0], first[0])  # rebuilt after eviction, same values
+    assert rope.cos_sin(41, 1, "cpu", torch.float64)[0].dtype == torch.float64
+    # Streams at different frames get one table each, built together, equal to their own tables.
+    cos, sin = rope.cos_sin_rows([3, 250_000, 3], 2, "cpu")  # (3, 2 N, 6)
+    for row, start in enumerate([3, 250_000, 3]):
+        one_cos, one_sin = VideoRoPE(head_dim=12, grid=(2, 3)).cos_sin(start, 2, "cpu")
+        assert torch.equal(cos[row], one_cos) and torch.equal(sin[row], one_sin)
+
+
 def test_bad_inputs_raise_clear_errors():
     layer = make_layer(2)
     with pytest.raises(ValueError, match="N=6"):

@@ -177,3 +177,22 @@ def test_cli_bad_settings_exit_with_a_message():
     assert result.exit_code == 2 and "elites (5) cannot exceed candidates (4)" in result.output
     result = CliRunner().invoke(app, [])  # no checkpoint and no bundled model
     assert result.exit_code == 2 and "checkpoint" in result.output
+
+
+def test_planning_never_decodes_frames(rewarding):
+    """Scores are computed from latents, rewards and terminations: planning (also towards a goal
+    image, compared in latent space) must not spend time in the codec's decoder."""
+    model, codec = rewarding
+    session = _session(model, codec)
+    planner = CEM(PlannerConfig(horizon=2, candidates=8, iterations=2, elites=2))
+    planner.set_goal(codec, np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the planner decoded frames")
+
+    codec.decode = no_decoding  # instance attribute: shadows the method for this test only
+    try:
+        plan = planner.plan(session, np.random.default_rng(0))
+    finally:
+        del codec.decode
+    assert plan.actions.shape == (2,) and np.isfinite(plan.score)

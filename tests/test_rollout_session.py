@@ -172,3 +172,47 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="shape"):
         session.step([0, 1, 2])
     assert session.step([0, 1]).frames.shape == (2, 64, 64, 3)  # still usable
+
+
+def reference_step(session: RolloutSession, actions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`RolloutSession.step` written the plain way: every denoiser call commits to its own copy of
+    the cache (the optimised step reads the cache without copying it). -> latents, rewards, logits."""
+    from worldsim.diffusion.sampler import sample_next_frames
+
+    model, a = session.model, torch.as_tensor(np.asarray(actions))
+    with torch.no_grad():
+        latent = sample_next_frames(lambda x, s: model.step(x, s, a, session.cache.clone()).denoised,
+                                    tuple(session.latents.shape), session.generators, session.sampler_steps)
+        out = model.step(latent, torch.zeros(session.batch), a, session.cache)
+    session.latents = latent
+    return latent, out.reward, out.termination_logit
+
+
+@pytest.mark.parametrize("variant", ["lssvwm", "causal_full", "mamba_only"])
+def test_step_matches_the_plain_reference_step(variant):
+    model, codec = tiny_pair(variant)
+    frames, actions = context(3, 4)
+    fast, plain = RolloutSession(model, codec, batch=3), RolloutSession(model, codec, batch=3)
+    fast.reset(frames, actions, seeds=[1, 2, 3])
+    plain.reset(frames, actions, seeds=[1, 2, 3])
+    for a in np.random.default_rng(4).integers(0, 6, size=(6, 3)):
+        out = fast.step(a)
+        latents, rewards, logits = reference_step(plain, a)
+        torch.testing.assert_close(out.latents, latents, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out.rewards, rewards, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out.termination_logits, logits, atol=1e-6, rtol=1e-6)
+    assert fast.frames_seen == plain.frames_seen == 4 + 6
+
+
+def test_step_without_decoding_dreams_the_same_latents():
+    model, codec = tiny_pair()
+    frames, actions = context(2, 3)
+    pixels, latent_only = RolloutSession(model, codec, batch=2), RolloutSession(model, codec, batch=2)
+    pixels.reset(frames, actions, seeds=[5, 6])
+    latent_only.reset(frames, actions, seeds=[5, 6])
+    for a in ([1, 2], [3, 0], [5, 5]):
+        with_frames, without = pixels.step(a), latent_only.step(a, decode=False)
+        assert without.frames is None and with_frames.frames.shape == (2, 64, 64, 3)
+        assert torch.equal(with_frames.latents, without.latents)
+        assert torch.equal(with_frames.rewards, without.rewards)
+        assert torch.equal(with_frames.terminated, without.terminated)

@@ -9,7 +9,11 @@ Four measurements, in one run, on one machine:
   * Dream env frames/s vs batch size (`DreamVectorEnv`, one model call for all sub-envs) next to
     the real Memory Maze env's steps/s on the same CPU. Goal: batched dream >= real.
   * A long rollout (default 2000 steps; `--long-steps 100000` for the full check): resident memory
-    sampled every `rss_every` steps stays flat and no latent / reward turns NaN.
+    sampled every `rss_every` steps stays flat, the state's bytes are the same at the end as at
+    the start, and no latent / reward turns NaN. With one sampler call per frame and
+    `--no-long-decode` (the decoder holds no state) a 100k-frame run takes 12-13 minutes on one
+    thread of this project's (shared) CPU: 7-8 ms per frame for the tiny preset; decoding every
+    frame adds ~6 ms per frame.
   * On a GPU (device auto picks it) the same tables give batched and single-stream frames/s.
 
 Method:
@@ -19,7 +23,7 @@ Method:
     for the NaN check, and the termination head is biased negative so random heads do not end
     dream episodes (a restart would be timed instead of a step).
   * Latency at horizon h: the session is brought to h frames, then `timed_frames` real steps
-    are timed one by one (sampler_steps denoiser calls on a copy of the cache + the commit + the
+    are timed one by one (sampler_steps denoiser calls that read the cache + the commit + the
     codec decode, `RolloutSession.step`); the median is reported. Getting to h: fixed-size
     variants stream commit-only steps (the real state at h). The causal-full baseline's KV cache
     is instead filled to h frames in one `FrameKVCache.append` per layer: streaming it there
@@ -28,7 +32,10 @@ Method:
     every variant for real.
   * Dream frames/s: after reset and one warm-up step, `dream_steps` vector steps are timed;
     frames/s = batch * steps / seconds. Context clips are random frames (not timed).
-  * Real env: `worldsim.bench.data.measure_adapter` (our Gymnasium adapter, random actions).
+  * Real env: our Gymnasium adapter (as `worldsim.bench.data.measure_adapter`), random actions.
+  * Both also report frames per CPU-second of the process (`time.process_time`, which counts
+    every thread, MuJoCo's renderer included): on a shared machine wall time also counts the
+    other processes, CPU time much less so.
   * Memory: the process's resident set (/proc/self/statm) after freed heap is returned to the OS.
 """
 
@@ -66,7 +73,7 @@ class RolloutBenchConfig:
     """How a session gets to a horizon: "auto" (stream fixed-size variants, fill causal_full's
     KV cache) or "stream" (commit-only steps for every variant; O(h^2) for causal_full)."""
     batches: tuple[int, ...] = (1, 8, 64)
-    """Dream vector env batch sizes."""
+    """Dream vector env batch sizes (add 256 to see where the per-frame cost levels off)."""
     dream_steps: int = 8
     """Timed vector steps per batch size (after one warm-up step)."""
     context_frames: int = 9
@@ -82,6 +89,9 @@ class RolloutBenchConfig:
     long_sampler_steps: int = 1
     """Denoiser calls per frame in the long rollout: the state only advances at the commit, so
     one call keeps a 100k-step run affordable without changing what is measured."""
+    long_decode: bool = True
+    """Decode every frame of the long rollout to pixels (the dream env's full step). The decoder
+    holds no state, so False measures the same memory and NaN behaviour in about half the time."""
     rss_every: int = 500
     """Resident-set sample interval in the long rollout (steps)."""
     device: str = "auto"
@@ -215,13 +225,34 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, device: torch.device)
                          context_frames=cfg.context_frames, horizon=10**9, sampler_steps=cfg.sampler_steps)
     env.reset(seed=cfg.seed)
     env.step(env.action_space.sample())  # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(cfg.dream_steps):
         env.step(env.action_space.sample())
     elapsed = time.perf_counter() - start  # frames come back as numpy: the device is synchronised
+    cpu = time.process_time() - cpu_start
     env.close()
-    return {"batch": batch, "steps": cfg.dream_steps, "seconds": elapsed,
-            "frames_per_s": batch * cfg.dream_steps / elapsed, "ms_per_step": 1e3 * elapsed / cfg.dream_steps}
+    return {"batch": batch, "steps": cfg.dream_steps, "seconds": elapsed, "cpu_seconds": cpu,
+            "frames_per_s": batch * cfg.dream_steps / elapsed, "frames_per_cpu_s": batch * cfg.dream_steps / cpu,
+            "ms_per_step": 1e3 * elapsed / cfg.dream_steps}
+
+
+def measure_real_env(maze_size: int, steps: int, seed: int) -> dict[str, Any]:
+    """Real Memory Maze steps/s through our Gymnasium adapter, in wall and CPU time (creation and
+    reset not timed; same loop as `worldsim.bench.data.measure_adapter`)."""
+    from worldsim.envs.memory_maze import MemoryMazeEnv
+
+    env = MemoryMazeEnv(size=maze_size)
+    env.reset(seed=seed)
+    actions = np.random.default_rng(seed).integers(0, env.action_space.n, size=steps)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for a in actions:
+        _, _, terminated, truncated, _ = env.step(int(a))
+        if terminated or truncated:
+            env.reset()
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    env.close()
+    return {"steps": steps, "seconds": elapsed, "cpu_seconds": cpu, "steps_per_s": steps / elapsed,
+            "steps_per_cpu_s": steps / cpu}
 
 
 # ------------------------------------------------------------------------------ long rollout
@@ -234,12 +265,13 @@ def measure_long_rollout(cfg: RolloutBenchConfig, device: torch.device, progress
     rng = np.random.default_rng(cfg.seed)
     session = RolloutSession(model, codec, batch=1, sampler_steps=cfg.long_sampler_steps, seed=cfg.seed)
     session.reset(*_random_context(rng, 1, cfg.context_frames, model.cfg.n_actions))
+    state_start, rss_start = session.state_nbytes(), in_use_rss_bytes()
     actions = rng.integers(0, model.cfg.n_actions, (cfg.long_steps, 1))
     every = max(1, min(cfg.rss_every, cfg.long_steps))
     samples, nan_steps, first_nan = [], 0, None
     start = segment_start = time.perf_counter()
     for t in range(cfg.long_steps):
-        out = session.step(actions[t])
+        out = session.step(actions[t], decode=cfg.long_decode)
         finite = bool(torch.isfinite(out.latents).all()) and bool(torch.isfinite(out.rewards).all()) \
             and bool(torch.isfinite(out.termination_logits).all())
         if not finite:
@@ -252,14 +284,18 @@ def measure_long_rollout(cfg: RolloutBenchConfig, device: torch.device, progress
                             "ms_per_frame": 1e3 * (now - segment_start) / done_in_segment})
             segment_start = time.perf_counter()  # RSS sampling is not part of the frame time
             if progress:
-                print(f"  long rollout: {t + 1}/{cfg.long_steps} steps, RSS {samples[-1]['rss_bytes'] / 2**20:.1f} MiB",
+                left = (now - start) / (t + 1) * (cfg.long_steps - t - 1)
+                print(f"  long rollout: {t + 1}/{cfg.long_steps} steps, RSS {_mib(samples[-1]['rss_bytes'])}, "
+                      f"{samples[-1]['ms_per_frame']:.2f} ms/frame, NaN steps {nan_steps}, ~{left / 60:.1f} min left",
                       flush=True)
     elapsed = time.perf_counter() - start
     rss = [s["rss_bytes"] for s in samples]
     return {
-        "steps": cfg.long_steps, "seconds": elapsed, "sampler_steps": cfg.long_sampler_steps,
-        "samples": samples, "rss_first": rss[0], "rss_last": rss[-1],
+        "steps": cfg.long_steps, "seconds": elapsed, "frames_per_s": cfg.long_steps / elapsed,
+        "sampler_steps": cfg.long_sampler_steps, "decode": cfg.long_decode,
+        "samples": samples, "rss_start": rss_start, "rss_first": rss[0], "rss_last": rss[-1],
         "rss_max_growth": max(rss) - rss[0],  # against the first sample, taken after `every` steps
+        "state_bytes_start": state_start,
         "state_bytes_first": samples[0]["state_bytes"], "state_bytes_last": samples[-1]["state_bytes"],
         "ms_per_frame_first": samples[0]["ms_per_frame"], "ms_per_frame_last": samples[-1]["ms_per_frame"],
         "nan_steps": nan_steps, "first_nan_step": first_nan,
@@ -300,12 +336,12 @@ def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) 
         results["dream"].append(measure_dream_fps(cfg, b, device))
     results["real"] = None
     if cfg.real_env:
-        from worldsim.bench.data import measure_adapter
-
         say("real Memory Maze steps/s", flush=True)
-        results["real"] = measure_adapter(cfg.maze_size, cfg.real_steps, cfg.seed)
+        results["real"] = measure_real_env(cfg.maze_size, cfg.real_steps, cfg.seed)
     real = results["real"]["steps_per_s"] if results["real"] else None
+    real_cpu = results["real"]["steps_per_cpu_s"] if results["real"] else None
     results["dream_vs_real"] = {str(d["batch"]): _ratio(d["frames_per_s"], real) for d in results["dream"]}
+    results["dream_vs_real_cpu"] = {str(d["batch"]): _ratio(d["frames_per_cpu_s"], real_cpu) for d in results["dream"]}
     say(f"long rollout: {cfg.long_steps} steps", flush=True)
     results["long"] = measure_long_rollout(cfg, device, progress)
     return results
@@ -334,22 +370,30 @@ def format_table(results: dict[str, Any]) -> str:
         same = "identical" if results["state_constant"][variant] else "growing"
         goal = "  (goal <= 1.05)" if variant == "lssvwm" else ""
         lines.append(f"  {variant}: latency {hi}/{lo} = {_fmt(ratio, '.3f')}{goal}; state bytes {same}")
-    lines.append(f"Dream env (DreamVectorEnv, lssvwm) frames/s vs batch, {cfg['sampler_steps']} sampler steps")
+    lines.append(f"Dream env (DreamVectorEnv, lssvwm) frames/s vs batch, {cfg['sampler_steps']} sampler steps "
+                 f"(wall clock; per CPU-second in brackets)")
     real = results["real"]
     for d in results["dream"]:
         ratio = results["dream_vs_real"][str(d["batch"])]
-        lines.append(f"  batch {d['batch']:>4}: {d['frames_per_s']:>9.1f} frames/s ({d['ms_per_step']:.1f} ms/step)"
-                     f"   dream/real {_fmt(ratio, '.2f', 'x')}")
+        ratio_cpu = results["dream_vs_real_cpu"][str(d["batch"])]
+        lines.append(f"  batch {d['batch']:>4}: {d['frames_per_s']:>9.1f} frames/s ({d['frames_per_cpu_s']:.1f}; "
+                     f"{d['ms_per_step']:.1f} ms/step)   dream/real {_fmt(ratio, '.2f', 'x')} "
+                     f"({_fmt(ratio_cpu, '.2f', 'x')})")
     if real:
         lines.append(f"  real Memory Maze {cfg['maze_size']}x{cfg['maze_size']} (Gymnasium adapter): "
-                     f"{real['steps_per_s']:.1f} steps/s  (goal: batched dream >= real)")
+                     f"{real['steps_per_s']:.1f} steps/s ({real['steps_per_cpu_s']:.1f})  "
+                     "(goal: batched dream >= real)")
     else:
         lines.append("  real Memory Maze: not measured")
     long = results["long"]
+    decoded = "decoded" if long["decode"] else "not decoded"
     lines += [
-        f"Long rollout: {long['steps']} frames ({long['sampler_steps']} sampler steps per frame), {long['seconds']:.1f} s",
-        f"  RSS first {_mib(long['rss_first'])}, last {_mib(long['rss_last'])}, max growth "
-        f"{_mib(long['rss_max_growth'])}; state {_mib(long['state_bytes_first'])} -> {_mib(long['state_bytes_last'])}",
+        f"Long rollout: {long['steps']} frames ({long['sampler_steps']} sampler steps per frame, {decoded}), "
+        f"{long['seconds']:.1f} s, {long['frames_per_s']:.1f} frames/s",
+        f"  RSS after reset {_mib(long['rss_start'])}, first sample {_mib(long['rss_first'])}, last "
+        f"{_mib(long['rss_last'])}, max growth {_mib(long['rss_max_growth'])}",
+        f"  state {_mib(long['state_bytes_start'])} after reset -> {_mib(long['state_bytes_last'])} at the end "
+        f"({'identical' if long['state_bytes_start'] == long['state_bytes_last'] else 'CHANGED'})",
         f"  ms/frame first segment {long['ms_per_frame_first']:.2f}, last {long['ms_per_frame_last']:.2f}; "
         f"NaN steps: {long['nan_steps']}",
     ]

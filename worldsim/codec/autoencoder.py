@@ -141,13 +141,56 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+# Sub-pixel form of "nearest 2x upsampling, then conv 3x3": output row 2i + a sees upsampled rows
+# 2i + a - 1 .. 2i + a + 1, i.e. input rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1.
+# _FOLD[a] (2 taps x 3 kernel rows) sums the kernel rows that land on the same input row; the
+# same holds for columns.
+_FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],   # a = 0: taps at input rows i - 1, i
+                      [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # a = 1: taps at input rows i, i + 1
+
+
 class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then conv 3x3.
+
+    Without gradients (decoding frames) the same map runs in its sub-pixel form: each of the four
+    output phases (a, b) = (row % 2, column % 2) is a 2x2 convolution of the low-resolution input
+    with kernels folded from the 3x3 one. That is 4/9 of the multiply-adds and no upsampled copy
+    of the input (the decoder ran 10-15% faster on a CPU); equal up to float rounding
+    (tests/test_codec.py). Training keeps the plain form.
+    """
+
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self._folded: tuple[tuple, torch.Tensor] | None = None  # (weight version, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, c_in, H, W) -> (B, c_out, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if torch.is_grad_enabled():
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.forward_subpixel(x)
+
+    def _subpixel_kernels(self) -> torch.Tensor:
+        """(2, 2, c_out, c_in, 2, 2): the 2x2 kernel of each output phase (a, b), refolded only
+        when the weight has changed (an optimizer step or a load bumps its version)."""
+        w = self.conv.weight  # (c_out, c_in, 3, 3)
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._folded is None or self._folded[0] != key:
+            fold = _FOLD.to(w.device, w.dtype)
+            self._folded = (key, torch.einsum("ark,oikl,bsl->aboirs", fold, w.detach(), fold))
+        return self._folded[1]
+
+    def forward_subpixel(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        kernels = self._subpixel_kernels()
+        padded = F.pad(x, (1, 1, 1, 1))  # (B, c_in, H + 2, W + 2)
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty(B, kernels.shape[2], 2 * H, 2 * W, dtype=x.dtype, device=x.device, memory_format=layout)
+        for a in range(2):
+            for b in range(2):
+                # Phase (a, b) reads input rows i - 1 + a .. i + a, i.e. padded rows a .. a + H.
+                out[:, :, a::2, b::2] = F.conv2d(padded[:, :, a : a + H + 1, b : b + W + 1], kernels[a, b],
+                                                 self.conv.bias)  # (B, c_out, H, W)
+        return out
 
 
 # ---------------------------------------------------------------------------- encoder/decoder
@@ -189,6 +232,10 @@ class Decoder(nn.Module):
 
 
 # -------------------------------------------------------------------------------- the codec
+DECODE_CHUNK = 16
+"""Frames per decoder call in `FrameCodec.decode` on the CPU (see there)."""
+
+
 class FrameCodec(nn.Module):
     """Frames <-> normalised latents. Pixels are mapped to [-1, 1] inside the network."""
 
@@ -244,7 +291,14 @@ class FrameCodec(nn.Module):
         lead = latents.shape[:-3]
         z = latents.reshape(-1, *shape).to(self.latent_mean.device, torch.float32)  # (B, C, h, w)
         z = z * self.latent_std[:, None, None] + self.latent_mean[:, None, None]
-        x = ((self.decode_raw(z) + 1.0) / 2.0).clamp(0.0, 1.0)  # (B, 3, H, W) in [0, 1]
+        # Channels-last activations run the convolutions ~1.8x faster on the CPU (oneDNN's native
+        # layout) and make the (B, H, W, 3) output contiguous. On the CPU, frames go through in
+        # chunks whose activations stay in cache: per frame, 16 at a time took 2.6 ms, 64 at a
+        # time 3.3 ms and 256 at a time 4.4 ms (`small` codec, 1 thread).
+        z = z.contiguous(memory_format=torch.channels_last)
+        chunk = DECODE_CHUNK if z.device.type == "cpu" else max(len(z), 1)
+        x = torch.cat([self.decode_raw(part) for part in z.split(chunk)]) if len(z) > chunk else self.decode_raw(z)
+        x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)  # (B, 3, H, W) in [0, 1]
         x = x.permute(0, 2, 3, 1)  # (B, H, W, 3)
         if as_uint8:
             x = (x * 255.0).round().to(torch.uint8)

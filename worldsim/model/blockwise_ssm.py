@@ -321,8 +321,9 @@ class BlockwiseMamba2(nn.Module):
         y = self._mix(u, cache)  # (b * nb, T * bh*bw, D)
         return blocks_to_tokens(y, x.shape[0], self.grid, self.block)  # (b, T, H*W, D)
 
-    def step(self, x_frame: torch.Tensor, cache: BlockwiseSSMCache) -> torch.Tensor:
-        """One new frame (batch, H*W, d_model) -> (batch, H*W, d_model); advances `cache`.
+    def step(self, x_frame: torch.Tensor, cache: BlockwiseSSMCache, commit: bool = True) -> torch.Tensor:
+        """One new frame (batch, H*W, d_model) -> (batch, H*W, d_model); advances `cache`
+        (commit=False: reads it and leaves it as it was, e.g. for a denoising step).
 
         It is the parallel path run on a one-frame sequence from the cached state (each block's
         b_h*b_w tokens through the conv and a chunked scan), so streaming T frames computes the
@@ -332,6 +333,10 @@ class BlockwiseMamba2(nn.Module):
             raise ValueError(f"step takes one frame (batch, H*W, d_model), got shape {tuple(x_frame.shape)}")
         if cache is None:
             raise ValueError("step needs a cache; create one with allocate_cache(batch)")
+        if not commit:
+            # The layer replaces the cache's tensors rather than writing into them, so a shallow
+            # copy takes the new state and the caller's cache keeps the old one, without a copy.
+            cache = BlockwiseSSMCache(cache.ssm_state, cache.conv_state, cache.n_blocks)
         return self.forward(x_frame[:, None], cache)[:, 0]
 
     # -- the Mamba2 mixer over block sequences -------------------------------------------------

@@ -633,10 +633,9 @@ class FrameLocalAttention(nn.Module):
         starts = [start_frame] if isinstance(start_frame, int) else start_frame.tolist()
         if len(set(starts)) <= 1:  # the usual case: one table for the batch
             cos, sin = self.rope.cos_sin(starts[0] if starts else 0, T, x.device, table_dtype)  # (T N, D / 2)
-        else:  # rows at different frames: one table per distinct start, gathered per row
-            tables = {s: self.rope.cos_sin(s, T, x.device, table_dtype) for s in set(starts)}
-            cos = torch.stack([tables[s][0] for s in starts])[:, None]  # (B, 1, T N, D / 2)
-            sin = torch.stack([tables[s][1] for s in starts])[:, None]
+        else:  # rows at different frames: one table per row
+            cos, sin = self.rope.cos_sin_rows(starts, T, x.device, table_dtype)  # (B, T N, D / 2)
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T N, D / 2): broadcast over the heads
         q = apply_rotary(self.q_norm(q), cos, sin)
         k = apply_rotary(self.k_norm(k), cos, sin)
         return q, k, v
@@ -706,12 +705,12 @@ class FrameLocalAttention(nn.Module):
         )
         return self._merge_heads(y, T)
 
-    def step(self, x: torch.Tensor, cache: FrameKVCache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: FrameKVCache, commit: bool = True) -> torch.Tensor:
         """One new frame x (B, N, d_model) -> (B, N, d_model); attends to the cache and itself.
 
         Every held frame is inside the window, so this is one SDPA over (cached + 1) frames, with
         no mask unless some row holds fewer frames than others (a restarted row); the cache is then
-        updated in place.
+        updated in place, unless commit=False (a denoising step: the frame is not recorded).
         """
         self._check_input(x, 3)
         self._check_cache(cache, x)
@@ -725,10 +724,11 @@ class FrameLocalAttention(nn.Module):
             seen = torch.cat([held, held.new_ones(B, 1)], dim=1)  # (B, P + 1): the new frame is always seen
             mask = seen.repeat_interleave(N, dim=1)[:, None, None]  # (B, 1, 1, (P + 1) N)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, N, D)
-        cache.append(
-            k.view(B, self.n_heads, 1, N, self.head_dim),  # (B, H, 1, N, D)
-            v.view(B, self.n_heads, 1, N, self.head_dim),
-        )
+        if commit:
+            cache.append(
+                k.view(B, self.n_heads, 1, N, self.head_dim),  # (B, H, 1, N, D)
+                v.view(B, self.n_heads, 1, N, self.head_dim),
+            )
         return self._merge_heads(y, 1)[:, 0]
 
     def allocate_cache(

@@ -19,6 +19,8 @@ spatial angles are bounded by the grid size and need no such care.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -50,7 +52,8 @@ class VideoRoPE(nn.Module):
     """Cos/sin tables for 3-axis RoPE on frames of `grid = (H, W)` tokens in row-major order.
 
     Holds no parameters and no buffers (a float64 buffer would be cast by `model.half()`); the
-    spatial table is cached per device, the time table is rebuilt per call (it is tiny).
+    spatial table is cached per device, and the last few full tables per (frames, device, dtype):
+    a streamed frame asks for the same table once per denoiser call and once more to commit.
 
     Args:
         head_dim: per-head channel count (even).
@@ -81,6 +84,7 @@ class VideoRoPE(nn.Module):
         self.theta_hw = float(theta_hw)
         self.pairs = pairs
         self._spatial_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._table_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # oldest first
 
     @property
     def tokens_per_frame(self) -> int:
@@ -109,26 +113,51 @@ class VideoRoPE(nn.Module):
 
         Rows follow the token order of `x.reshape(B, T * N, ...)`: frame-major, then row-major grid.
         dtype: float32 (default, also right for bf16 models: `apply_rotary` rotates in float32) or
-        float64 for float64 reference runs.
+        float64 for float64 reference runs. The returned tensors are shared with later calls for
+        the same frames: do not modify them in place.
         """
+        cos, sin = self.cos_sin_rows([start_frame], n_frames, device, dtype)
+        return cos[0], sin[0]
+
+    def cos_sin_rows(
+        self, start_frames: Sequence[int], n_frames: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cos_sin` for B streams that continue at different frames (a batch whose streams were
+        restarted at different times), built in one go: each (B, n_frames * N, head_dim / 2)."""
         device = torch.device(device)
-        N = self.tokens_per_frame
+        key = (tuple(int(s) for s in start_frames), int(n_frames), device, dtype)
+        if key not in self._table_cache:
+            if len(self._table_cache) >= _TABLE_CACHE_SIZE:
+                del self._table_cache[next(iter(self._table_cache))]
+            self._table_cache[key] = self._tables(*key)
+        return self._table_cache[key]
+
+    def _tables(
+        self, start_frames: tuple[int, ...], n_frames: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N = len(start_frames), self.tokens_per_frame
         pt, ph, pw = self.pairs
         dev = _float64_device(device)
-        t = torch.arange(start_frame, start_frame + n_frames, dtype=torch.float64, device=dev)  # (T,)
-        angles_t = t[:, None] * _inv_freq(pt, self.theta_t, dev)  # (T, pt), float64: see module doc
+        starts = torch.tensor(start_frames, dtype=torch.float64, device=dev)  # (B,)
+        t = starts[:, None] + torch.arange(n_frames, dtype=torch.float64, device=dev)  # (B, T), exact integers
+        angles_t = t[..., None] * _inv_freq(pt, self.theta_t, dev)  # (B, T, pt), float64: see module doc
         cos_t = angles_t.cos().to(device, dtype)
         sin_t = angles_t.sin().to(device, dtype)
         cos_s, sin_s = self._spatial(device, dtype)
 
         def table(time_part: torch.Tensor, space_part: torch.Tensor) -> torch.Tensor:
-            # Time pairs first, then height and width pairs, for every (frame, token).
+            # Time pairs first, then height and width pairs, for every (stream, frame, token).
             return torch.cat(
-                [time_part[:, None, :].expand(n_frames, N, pt), space_part[None].expand(n_frames, N, ph + pw)],
+                [time_part[:, :, None, :].expand(B, n_frames, N, pt), space_part.expand(B, n_frames, N, ph + pw)],
                 dim=-1,
-            ).reshape(n_frames * N, pt + ph + pw)  # (T * N, head_dim / 2)
+            ).reshape(B, n_frames * N, pt + ph + pw)  # (B, T * N, head_dim / 2)
 
         return table(cos_t, cos_s), table(sin_t, sin_s)
+
+
+_TABLE_CACHE_SIZE = 8
+"""Tables a `VideoRoPE` keeps (the latest first-frame(s) asked for: a streamed frame asks for its
+table once per denoiser call and once more to commit)."""
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

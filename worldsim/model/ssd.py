@@ -135,11 +135,17 @@ def ssd_chunked_torch(
         h0 = chunk_states.new_zeros(batch, 1, n_groups, hpg, head_dim, d_state)
     else:
         h0 = initial_state.to(cdt).reshape(batch, 1, n_groups, hpg, head_dim, d_state)  # (b, 1, g, j, p, n)
-    states = torch.cat([h0, chunk_states], dim=1)  # (b, c+1, g, j, p, n)
-    chunk_log_a = F.pad(cum[..., -1].permute(0, 2, 3, 1), (1, 0))  # (b, g, j, c+1): 0 for h0
-    across = torch.exp(segment_sum(chunk_log_a))  # (b, g, j, c+1, c+1)
-    states = torch.einsum("bgjzc,bcgjpn->bzgjpn", across, states)  # (b, c+1, g, j, p, n)
-    carried, final = states[:, :-1], states[:, -1]  # (b, c, g, j, p, n), (b, g, j, p, n)
+    if n_chunks == 1:
+        # One chunk (a streamed frame's block tokens): the matmul over chunks reduces to the
+        # initial state decayed over the chunk plus what the chunk adds; ~2x faster at such sizes.
+        carried = h0  # (b, 1, g, j, p, n)
+        final = h0[:, 0] * torch.exp(cum[:, 0, ..., -1])[..., None, None] + chunk_states[:, 0]  # (b, g, j, p, n)
+    else:
+        states = torch.cat([h0, chunk_states], dim=1)  # (b, c+1, g, j, p, n)
+        chunk_log_a = F.pad(cum[..., -1].permute(0, 2, 3, 1), (1, 0))  # (b, g, j, c+1): 0 for h0
+        across = torch.exp(segment_sum(chunk_log_a))  # (b, g, j, c+1, c+1)
+        states = torch.einsum("bgjzc,bcgjpn->bzgjpn", across, states)  # (b, c+1, g, j, p, n)
+        carried, final = states[:, :-1], states[:, -1]  # (b, c, g, j, p, n), (b, g, j, p, n)
 
     # 4. What the carried-in state adds to each token: C_l . (exp(cum_l) h_in).
     y = y + (C @ carried.transpose(-1, -2)) * torch.exp(cum)[..., None]  # (b, c, g, j, l, p)

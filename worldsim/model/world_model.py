@@ -18,7 +18,8 @@ the whole model streams: `step` on frame t from a cache == `forward` over frames
 Streaming protocol (the dream env's loop): per new frame, the sampler calls
 `step(x, sigma, action, cache, commit=False)` at each noise level (the cache is left as it was),
 then `step(clean_frame, 0, action, cache)` commits the clean frame to the cache and returns the
-reward and termination of the transition that led to it. Equivalently, fork with `cache.clone()`.
+reward and termination of the transition that led to it. commit=False returns what committing
+to `cache.clone()` would, without copying the cache (the layers read it and write nothing).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class HybridBlock(nn.Module):
     """[SSM] + [frame-local attention] + MLP, each an adaLN-Zero residual branch (module doc).
 
     forward(x (B, T, N, d), c (B, T, d), cache) runs T frames in parallel; with `one_frame` it takes
-    x (B, N, d), c (B, d) and uses the layers' `step` (cache required). Caches advance in both.
+    x (B, N, d), c (B, d) and uses the layers' `step` (cache required). Caches advance in both,
+    except a one-frame call with commit=False, which reads the cache and leaves it as it was.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -110,7 +112,7 @@ class HybridBlock(nn.Module):
         self.modulation = AdaLNZero(d, d, 3 * self.n_branches)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cache: LayerCache | None = None,
-                one_frame: bool = False) -> torch.Tensor:
+                one_frame: bool = False, commit: bool = True) -> torch.Tensor:
         if one_frame and cache is None:
             raise ValueError("one_frame needs a cache")
         mods = self.modulation(c)  # 3 per branch, each (B, T, d) or (B, d)
@@ -126,7 +128,7 @@ class HybridBlock(nn.Module):
             if layer is self.mlp:
                 h = layer(h)
             elif one_frame:
-                h = layer.step(h, layer_cache)
+                h = layer.step(h, layer_cache, commit=commit)
             else:
                 h = layer(h, layer_cache)
             x = x + gate.unsqueeze(-2) * h  # gate broadcast over the N tokens
@@ -148,7 +150,7 @@ class WorldModelCache:
     """Per-layer SSM states + KV caches of `batch` streams, and the frames they have seen.
 
     Advanced in place by `WorldModel.forward(..., cache=)` (prefill) and `WorldModel.step`.
-    `clone()` forks (planning, denoising without committing), `select(idx)` picks / repeats streams.
+    `clone()` forks (planning), `select(idx)` picks / repeats streams.
     Size is fixed from allocation on, except for causal_full whose KV cache grows per frame.
     """
 
@@ -300,10 +302,12 @@ class WorldModelNet(nn.Module):
         cache: WorldModelCache | None = None,
         one_frame: bool = False,
         heads_out: dict[str, torch.Tensor] | None = None,
+        commit: bool = True,
     ) -> torch.Tensor:
         """x_in (B, T, C, h, w), c_noise (B, T), actions (B, T[, D]) -> F (B, T, C, h, w).
 
-        one_frame: T must be 1 and the blocks use their streaming `step` (cache required).
+        one_frame: T must be 1 and the blocks use their streaming `step` (cache required);
+        with commit=False they read the cache without advancing it.
         """
         cfg = self.cfg
         dtype = self.patch_in.weight.dtype
@@ -313,7 +317,7 @@ class WorldModelNet(nn.Module):
         if one_frame:
             x, c = x[:, 0], c[:, 0]  # (B, N, d), (B, d)
         for i, block in enumerate(self.blocks):
-            x = block(x, c, None if cache is None else cache.layers[i], one_frame)
+            x = block(x, c, None if cache is None else cache.layers[i], one_frame, commit)
         if one_frame:
             x, c = x[:, None], c[:, None]  # (B, 1, N, d), (B, 1, d)
         if heads_out is not None:
@@ -408,22 +412,22 @@ class WorldModel(nn.Module):
         """One new frame per stream: x_noisy (B, C, h, w), sigma (B,), action (B,) | (B, D).
 
         commit=True advances `cache` by this frame (do it with the clean frame, sigma = 0, once
-        the sampler has produced it); commit=False leaves `cache` untouched (denoising steps).
+        the sampler has produced it); commit=False leaves `cache` untouched (denoising steps):
+        the layers read their state and write nothing back, so no copy of the cache is made.
         Costs the same whatever the number of frames already streamed (except causal_full).
         """
         if cache is None:
             raise ValueError("step needs a cache; create one with allocate_cache(batch)")
         B = x_noisy.shape[0]
         self._check_inputs(x_noisy, sigma, action, no_action, cache, (B,))
-        # The layers advance the cache they are given: a non-committing call runs on a copy.
-        run_cache = cache if commit else cache.clone()
         heads: dict[str, torch.Tensor] = {}
         denoised = self.precond(
             x_noisy[:, None], sigma[:, None], action[:, None],  # (B, 1, ...): one-frame clips
             no_action=None if no_action is None else no_action[:, None],
-            cache=run_cache, one_frame=True, heads_out=heads,
+            cache=cache, one_frame=True, heads_out=heads, commit=commit,
         )
-        run_cache.frames_seen += 1
+        if commit:
+            cache.frames_seen += 1
         return WorldModelOutput(denoised[:, 0], heads["reward"][:, 0], heads["termination_logit"][:, 0])
 
     def allocate_cache(self, batch: int, device: torch.device | str | None = None,

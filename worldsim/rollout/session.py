@@ -5,10 +5,11 @@ attention KV ring) for B streams and runs the dream loop of `worldsim.model.worl
 
     reset(context frames, context actions)   encode with the codec, prefill the cache in one
                                               parallel forward at sigma = 0
-    step(actions)                             sample the next latent in `sampler_steps` denoiser
-                                              calls on a non-committing copy of the cache, decode
-                                              it, commit the clean latent (which also yields the
-                                              reward and termination of that transition)
+    step(actions, decode=True)                sample the next latent in `sampler_steps` denoiser
+                                              calls that read the cache without advancing it,
+                                              commit the clean latent (which also yields the
+                                              reward and termination of that transition), decode
+                                              it to pixels (decode=False skips that: planners)
     fork(n) / select(indices)                 new sessions over copied streams (planners)
     reset_streams(indices, ...)               re-seed some streams only (vector-env auto-reset)
 
@@ -36,8 +37,8 @@ from worldsim.model.world_model import WorldModel, WorldModelCache
 
 @dataclass
 class StepResult:
-    frames: torch.Tensor
-    """(B, H, W, 3) uint8, the decoded new frames (CPU)."""
+    frames: torch.Tensor | None
+    """(B, H, W, 3) uint8, the decoded new frames (CPU); None from `step(..., decode=False)`."""
     rewards: torch.Tensor
     """(B,) float32, predicted reward of the transition into each new frame (CPU)."""
     terminated: torch.Tensor
@@ -171,8 +172,13 @@ class RolloutSession:
         return self.codec.decode(last, as_uint8=True).cpu()
 
     @torch.no_grad()
-    def step(self, actions) -> StepResult:
-        """One new frame per stream for actions (B,) int or (B, D) float."""
+    def step(self, actions, decode: bool = True) -> StepResult:
+        """One new frame per stream for actions (B,) int or (B, D) float.
+
+        decode=False leaves the frames undecoded (`StepResult.frames` is None), for planners that
+        score latents, rewards and terminations: on a CPU the codec's decoder is a large share of
+        a dreamed step (more than the world model itself with one sampler call per frame).
+        """
         self._require_reset()
         a = self._actions(actions, (self.batch,))
         cache = self.cache
@@ -188,7 +194,7 @@ class RolloutSession:
         self.latents = latent
         logits = out.termination_logit.float().cpu()
         return StepResult(
-            frames=self.codec.decode(latent, as_uint8=True).cpu(),
+            frames=self.codec.decode(latent, as_uint8=True).cpu() if decode else None,
             rewards=out.reward.float().cpu(),
             terminated=logits > 0,
             termination_logits=logits,
