@@ -33,7 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from worldsim.train.checkpoint import (
     CHECKPOINTS_DIR, LATEST_FILE, CheckpointError, optimizer_from_storage, optimizer_to_storage,
-    checkpoint_name, tensor_diff,
+    checkpoint_name, latest_checkpoint, tensor_diff,
 )
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 
@@ -125,15 +125,8 @@ def save_agent(run_dir: str | os.PathLike, *, policy: torch.nn.Module, optimizer
 
 
 # ------------------------------------------------------------------------------ load
-def latest_agent(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint latest.json points at, or None for a run without one."""
-    pointer = Path(run_dir) / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    try:
-        return Path(run_dir) / json.loads(pointer.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{pointer}: corrupt pointer ({e})") from None
+# A run's newest agent checkpoint: the same latest.json pointer as world-model runs.
+latest_agent = latest_checkpoint
 
 
 def resolve_agent(path: str | os.PathLike) -> Path:

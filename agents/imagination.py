@@ -26,7 +26,6 @@ buffer restarts empty and RNG streams are not restored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -49,6 +48,7 @@ from worldsim.agents.agent_eval import (
     ALGORITHMS, Agent, RealMazeEvaluator, algorithm_class, compare_with_random, evaluate_agent, evaluate_random,
     format_comparison, load_agent, maze_env_id, maze_size, real_spaces,
 )
+from worldsim.utils.atomic import sha256_file
 
 __all__ = [
     "AgentTrainConfig", "train_agent", "default_hyperparameters", "collect_context_pool", "world_model_identity",
@@ -166,14 +166,6 @@ class AgentTrainConfig:
 
 
 # ------------------------------------------------------------------------------ training envs
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def world_model_identity(checkpoint) -> dict[str, Any]:
     """Path and sha256 of the weights a dream loads, so an agent names the exact model it learned in."""
     from worldsim.bundled import MANIFEST_FILE, WEIGHTS_FILE, is_bundle
@@ -183,7 +175,7 @@ def world_model_identity(checkpoint) -> dict[str, Any]:
         manifest = json.loads((Path(checkpoint) / MANIFEST_FILE).read_text())
         return {"checkpoint": str(Path(checkpoint).resolve()), "sha256": manifest["files"][WEIGHTS_FILE]}
     folder = resolve_checkpoint(checkpoint)
-    return {"checkpoint": str(folder.resolve()), "sha256": _sha256(folder / EMA_FILE)}
+    return {"checkpoint": str(folder.resolve()), "sha256": sha256_file(folder / EMA_FILE)}
 
 
 def collect_context_pool(env: str | int, mazes: int, walk: int, seed: int = 0):

@@ -23,7 +23,6 @@ truncated or swapped file is named in the error instead of dreaming garbage.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec import checkpoint as codec_ckpt
-from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
 
 FORMAT = "worldsim-bundle"
 VERSION = 1
@@ -114,14 +113,6 @@ class Bundle(NamedTuple):
     clips: Clips
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """model.json of a bundle, after format and version checks."""
     file = Path(path) / MANIFEST_FILE
@@ -146,7 +137,7 @@ def verify_files(path: str | os.PathLike, manifest: dict[str, Any]) -> None:
         file = folder / name
         if not file.is_file():
             raise BundleError(f"{file}: missing from the bundle (reinstall worldsim or rebuild the bundle)")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise BundleError(f"{file}: corrupt (sha256 differs from {folder / MANIFEST_FILE}); "
                               "reinstall worldsim or rebuild the bundle")
 
@@ -295,7 +286,7 @@ def write_bundle(
                            **(provenance or {})},
             "metrics": metrics or {},
             "clips": {"count": len(clips), "frames": clips.clip_frames, "sources": list(clip_sources or [])},
-            "files": {name: _sha256(tmp / name) for name in files},
+            "files": {name: sha256_file(tmp / name) for name in files},
         }
         atomic_write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a whole bundle
         if out_dir.exists():
