@@ -36,6 +36,7 @@ from worldsim.train.checkpoint import (
     checkpoint_name, latest_checkpoint, tensor_diff,
 )
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from worldsim.utils.format_json import read_format_json
 
 FORMAT = "worldsim-agent"
 VERSION = 1
@@ -143,16 +144,8 @@ def resolve_agent(path: str | os.PathLike) -> Path:
 
 def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
     """agent.json of a checkpoint (or of a run's latest), after format and version checks."""
-    file = resolve_agent(path) / AGENT_FILE
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: corrupt JSON ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not an agent checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{file}: agent format version {meta.get('version')!r}; this code reads version {VERSION}")
-    return meta
+    return read_format_json(resolve_agent(path) / AGENT_FILE, FORMAT, VERSION, what="an agent checkpoint",
+                            version_label="agent", error=CheckpointError)
 
 
 def _read_tensors(file: Path, num_timesteps: int) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json
+from worldsim.utils.format_json import read_format_json
 
 FORMAT = "worldsim-codec"
 VERSION = 1
@@ -69,20 +70,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def read_config(path: str | os.PathLike) -> CodecConfig:
     """The codec config of a checkpoint, after checking its format and version."""
     folder = resolve_checkpoint(path)
-    try:
-        header = json.loads((folder / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: corrupt JSON ({e})") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{folder / CONFIG_FILE}: not a codec checkpoint "
-            f"(format {header.get('format')!r}, expected {FORMAT!r})"
-        )
-    if header.get("version") != VERSION:
-        raise CheckpointError(
-            f"{folder / CONFIG_FILE}: checkpoint format version {header.get('version')!r}; "
-            f"this code reads version {VERSION}"
-        )
+    header = read_format_json(folder / CONFIG_FILE, FORMAT, VERSION, what="a codec checkpoint",
+                              version_label="checkpoint", error=CheckpointError)
     try:
         return CodecConfig.from_dict(header["config"])
     except (TypeError, ValueError, KeyError) as e:

@@ -39,6 +39,7 @@ from torch import nn
 
 from worldsim.train.ema import EMA
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from worldsim.utils.format_json import read_format_json
 
 FORMAT = "worldsim-world-model"
 VERSION = 1
@@ -364,16 +365,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON sidecar of a checkpoint (or of a run's latest), after format and version checks."""
     folder = resolve_checkpoint(path)
-    file = folder / SIDECAR_FILE
-    try:
-        sidecar = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: corrupt JSON ({e})") from None
-    if sidecar.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not a world-model checkpoint (format {sidecar.get('format')!r}, expected {FORMAT!r})")
-    if sidecar.get("version") != VERSION:
-        raise CheckpointError(f"{file}: checkpoint format version {sidecar.get('version')!r}; this code reads version {VERSION}")
-    return sidecar
+    return read_format_json(folder / SIDECAR_FILE, FORMAT, VERSION, what="a world-model checkpoint",
+                            version_label="checkpoint", error=CheckpointError)
 
 
 @dataclass
