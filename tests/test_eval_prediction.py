@@ -67,7 +67,7 @@ def test_shapes_and_counts(results):
     psnr_ = results["psnr"]
     assert results["windows"] == 2 * STARTS and results["episodes"] == 2
     assert results["episodes_too_short"] == [2]  # 6 steps < 3 + 5
-    assert set(psnr_) == {"teacher_forced", "open_loop", "codec", "copy_last"}
+    assert set(psnr_) == {"teacher_forced", "open_loop", "codec", "copy_last", "copy_previous"}
     for s in psnr_.values():
         assert len(s["curve"]) == HORIZON and list(s["at"]) == ["1", "4", "5"]  # 16 > horizon: the horizon instead
         assert s["at"]["1"] == s["curve"][0] and s["at"]["5"] == s["curve"][-1]
@@ -94,6 +94,14 @@ def test_copy_last_baseline_equals_a_direct_computation(setup, results):
     assert np.allclose(got["curve"], expect.mean(axis=0), atol=1e-4)
     assert np.isclose(got["mean"], expect.mean(), atol=1e-4)
     assert got["at"]["1"] > got["at"]["5"]  # the gradient drifts: copying gets worse with distance
+
+
+def test_copy_previous_baseline_equals_a_direct_computation(setup, results):
+    frames = _direct_windows(setup, results)
+    expect = np.stack([psnr(frames[:, CONTEXT + t], frames[:, CONTEXT + t - 1]).numpy() for t in range(HORIZON)], axis=1)
+    got = results["psnr"]["copy_previous"]
+    assert np.allclose(got["curve"], expect.mean(axis=0), atol=1e-4)
+    assert np.isclose(got["at"]["1"], results["psnr"]["copy_last"]["at"]["1"])  # t = 1: the same frame
 
 
 def test_codec_ceiling_equals_psnr_of_its_reconstruction(setup, results):

@@ -356,3 +356,27 @@ def test_bad_train_config_is_named(maze):
         small_run(maze, Path("x"), stop_after=30).validate()
     with pytest.raises(ValueError, match=r"model_overrides \['latent_channels'\] contradict"):
         train(small_run(maze, Path("x"), model_overrides={"latent_channels": 16}))
+
+
+def test_warm_start_adds_the_direct_path_and_keeps_the_weights(maze, reference, tmp_path):
+    """A new run with prev_frames=2 warm-started from the reference run: every tensor the source
+    has is copied (EMA weights), the new path starts at zero; a different backbone is refused."""
+    from worldsim.train.trainer import warm_start
+
+    source_cfg, summary = reference
+    source, _ = ckpt.load_world_model(summary.checkpoint)
+    cfg = small_run(maze, tmp_path / "warm", steps=2, stop_after=1, sample_every=0,
+                    model_overrides={"prev_frames": 2}, init_from=source_cfg.run_dir)
+    train(cfg)
+    sidecar = ckpt.read_sidecar(ckpt.latest_checkpoint(cfg.run_dir))
+    assert sidecar["train_config"]["init_from"] == source_cfg.run_dir
+    assert sidecar["model_config"]["prev_frames"] == 2
+
+    target = WorldModel(source.cfg.__class__.from_dict({**source.cfg.to_dict(), "prev_frames": 2}))
+    warm_start(target, source_cfg.run_dir)
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    assert target.net.prev_in.weight.abs().sum() == 0
+    wider = WorldModel(make_config("tiny", latent_channels=4, latent_grid=(8, 8), d_model=48))
+    with pytest.raises(ckpt.CheckpointError, match="d_model"):
+        warm_start(wider, source_cfg.run_dir)

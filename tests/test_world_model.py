@@ -460,3 +460,80 @@ def test_bench_measure_point_and_table():
                "causal_full": {"time_slope": 1.5, "memory_slope": None}}, "goal": "g", "goal_met": True}
     table = format_table(results)
     assert "lssvwm" in table and "causal_full" in table and "T^1.50" in table and "met" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# The direct path to the previous clean frames (prev_frames)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["lssvwm", "causal_window", "mamba_only"])
+def test_direct_path_trains_what_streaming_runs(variant):
+    """Training passes the clean latents behind a noisy window; at inference the cache keeps the
+    committed clean frames. Frame t denoised in parallel with a clean past (and clean=) equals the
+    streamed step on a cache that committed the clean frames 0..t-1."""
+    cfg = tiny_config(variant, prev_frames=2)
+    model = perturbed_model(cfg, torch.float64)
+    B, T, P = 2, 7, 2
+    x, _, actions = random_inputs(cfg, B, T, torch.float64)
+    noisy = x + 0.7 * torch.randn_like(x)
+    zeros = torch.zeros(B, T, dtype=torch.float64)
+    with torch.no_grad():
+        cache = model.allocate_cache(B)
+        model(x[:, :P], zeros[:, :P], actions[:, :P], cache=cache)  # prefill
+        for t in range(P, T):
+            inputs = torch.cat([x[:, :t], noisy[:, t : t + 1]], 1)
+            sigma = torch.cat([zeros[:, :t], torch.full((B, 1), 0.7, dtype=torch.float64)], 1)
+            parallel = model(inputs, sigma, actions[:, : t + 1], clean=x[:, : t + 1]).denoised[:, t]
+            streamed = model.step(noisy[:, t], sigma[:, t], actions[:, t], cache, commit=False).denoised
+            torch.testing.assert_close(streamed, parallel, atol=1e-10, rtol=1e-10)
+            model.step(x[:, t], zeros[:, t], actions[:, t], cache)  # commit the clean frame
+        torch.testing.assert_close(cache.recent, x[:, -2:])
+        # The path is used: other previous frames give another prediction.
+        other = model(inputs, sigma, actions, clean=torch.cat([x[:, :-2] + 1, x[:, -2:]], 1)).denoised[:, -1]
+    assert not torch.allclose(other, parallel)
+
+
+def test_direct_path_cache_forks_and_restarts_per_stream():
+    cfg = tiny_config("lssvwm", prev_frames=2)
+    model = perturbed_model(cfg, torch.float64)
+    x, sigma, actions = random_inputs(cfg, 3, 6, torch.float64)
+    z, zsig, zact = random_inputs(cfg, 1, 3, torch.float64, seed=2)
+    with torch.no_grad():
+        cache = model.allocate_cache(3)
+        model(x[:, :5], sigma[:, :5], actions[:, :5], cache=cache)
+        forked = cache.select([2, 0])
+        torch.testing.assert_close(forked.recent, cache.recent[[2, 0]])
+        assert torch.equal(cache.clone().recent, cache.recent)
+        fresh = model.allocate_cache(1)
+        model(z, zsig, zact, cache=fresh)
+        cache.assign([1], fresh)
+        torch.testing.assert_close(cache.recent[1], z[0, -2:])
+        restarted = model.step(x[1:2, 5], sigma[1:2, 5], actions[1:2, 5], cache.select([1])).denoised
+        alone = model(torch.cat([z, x[1:2, 5:6]], 1), torch.cat([zsig, sigma[1:2, 5:6]], 1),
+                      torch.cat([zact, actions[1:2, 5:6]], 1)).denoised[:, -1]
+    torch.testing.assert_close(restarted, alone, atol=1e-10, rtol=1e-10)
+    assert cache.nbytes() == model.allocate_cache(3, dtype=torch.float64).nbytes()
+
+
+def test_direct_path_starts_as_the_model_without_it():
+    """prev_in is zero-initialised: a model warm-started from weights without the path computes
+    what they computed, and the path still gets a gradient (it can learn)."""
+    torch.manual_seed(0)
+    base = perturbed_model(tiny_config("lssvwm"))
+    with_path = WorldModel(tiny_config("lssvwm", prev_frames=2))
+    missing = with_path.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["precond.net.prev_in.bias", "precond.net.prev_in.weight"]
+    x, sigma, actions = random_inputs(base.cfg, 2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(with_path(x, sigma, actions, clean=x + 1).denoised, base(x, sigma, actions).denoised)
+    rewards, terms = torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool)
+    loss, _ = world_model_loss(with_path, x, actions.clamp_max(with_path.cfg.n_actions - 1), rewards, terms,
+                               generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert with_path.net.prev_in.weight.grad.abs().sum() > 0
+
+
+def test_prev_frames_must_not_be_negative():
+    with pytest.raises(ValueError, match="prev_frames"):
+        tiny_config("lssvwm", prev_frames=-1)

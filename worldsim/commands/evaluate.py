@@ -85,3 +85,39 @@ def eval_memory(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+@eval_app.command("realism")
+def eval_realism(
+    checkpoint: str = typer.Option(..., help="World-model run, checkpoint or bundle folder."),
+    dataset: str = typer.Option(..., help="Minari dataset id or path with held-out episodes (context and reference frames)."),
+    codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
+    steps: int = typer.Option(1000, min=1, help="Frames dreamed per stream."),
+    streams: int = typer.Option(8, min=1, help="Dreams run side by side."),
+    context: int = typer.Option(9, min=1, help="Real frames prefilled before dreaming."),
+    bucket: list[str] = typer.Option(["1-50", "100-200", "500-1000"], help="FIRST-LAST dreamed frames scored together (repeat)."),
+    reference_frames: int = typer.Option(2000, min=2, help="Real frames in the reference pool."),
+    sampler_steps: int = typer.Option(4, min=1, help="Denoiser calls per dreamed frame."),
+    seed: int = typer.Option(0, min=0, help="Fixes start points, actions and sampler noise."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Sharpness (image-gradient energy vs real frames and the codec's reconstructions) and a
+    Fréchet feature distance to real frames, for long random-walk dreams, by frame range."""
+    from worldsim.evaluation.realism import RealismEvalConfig, evaluate_realism, format_table
+
+    buckets = []
+    for spec in bucket:
+        lo, sep, hi = spec.partition("-")
+        if not sep or not lo.isdigit() or not hi.isdigit():
+            raise typer.BadParameter(f"{spec!r} is not FIRST-LAST, e.g. 100-200", param_hint="--bucket")
+        buckets.append((int(lo), int(hi)))
+    cfg = RealismEvalConfig(checkpoint=checkpoint, dataset=dataset, codec=codec, steps=steps, streams=streams,
+                            context=context, buckets=tuple(buckets), reference_frames=reference_frames,
+                            sampler_steps=sampler_steps, seed=seed, device=device)
+    try:
+        results = evaluate_realism(cfg, progress=not as_json)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))

@@ -30,6 +30,18 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _init_source(value: str | None) -> str | None:
+    """'bundled' -> the shipped bundle's folder; anything else as given."""
+    if value != "bundled":
+        return value
+    from worldsim.bundled import bundled_model_dir
+
+    folder = bundled_model_dir()
+    if folder is None:
+        raise typer.BadParameter("no bundled model is installed", param_hint="--init-from")
+    return str(folder)
+
+
 def train(
     dataset: list[str] = typer.Option(
         ..., "--dataset", "-d", help="Minari dataset id or folder; repeat for several datasets."
@@ -63,6 +75,10 @@ def train(
     sample_every: int = typer.Option(1000, min=0, help="Steps between rollout samples (0: none)."),
     keep_checkpoints: int = typer.Option(3, min=1, help="Newest checkpoints kept."),
     resume: bool = typer.Option(False, help="Continue the run in --run-dir from its latest checkpoint."),
+    init_from: Optional[str] = typer.Option(  # noqa: UP007
+        None, help="Warm start a new run from a bundle, checkpoint or run folder (EMA weights); "
+        "'bundled' is the shipped model. Layers it lacks (--set prev_frames=K) start fresh.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda (torchrun: each rank its LOCAL_RANK GPU)."),
     bf16: bool = typer.Option(False, help="bf16 autocast (CUDA only)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA only)."),
@@ -97,7 +113,7 @@ def train(
         stop_after=stop_after, lr=lr, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
         warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed,
         log_every=log_every, checkpoint_every=checkpoint_every, sample_every=sample_every,
-        keep_checkpoints=keep_checkpoints, resume=resume, device=device, bf16=bf16, compile=compile,
+        keep_checkpoints=keep_checkpoints, resume=resume, init_from=_init_source(init_from), device=device, bf16=bf16, compile=compile,
         num_workers=num_workers, latent_cache=latent_cache, progress=progress and rank == 0,
     )  # fmt: skip
     try:

@@ -10,7 +10,7 @@ o_{s+C} .. o_{s+C+H-1}, each reached by its true action. Target step t = 1..H is
 o_{s+C-1+t}. Windows run as B parallel streams of one `RolloutSession` (`batch_size` at a time);
 every stream has its own noise generator, so a window's numbers do not depend on its batch mates.
 
-Four PSNRs per (window, t), all on uint8 frames against the real target frame:
+Five PSNRs per (window, t), all on uint8 frames against the real target frame:
 
   * teacher-forced 1-step: the model sees the real past (the context, then every real target frame
     before t, each encoded and committed to the cache at sigma = 0) and samples frame t.
@@ -18,7 +18,9 @@ Four PSNRs per (window, t), all on uint8 frames against the real target frame:
     each committed as it dreams it (`RolloutSession.step`).
   * codec ceiling: decode(encode(target)), the best any latent world model can score with this codec.
   * copy last frame: the last context frame as the prediction of every target (a model below it
-    has learned less than "nothing moves").
+    has learned less than "nothing moves"); the open-loop baseline.
+  * copy previous frame: the real frame before each target, the teacher-forced baseline (at
+    t = 1 it is the copy-last frame).
 
 Both model predictions start from the same prefilled cache with the same generator states, so at
 t = 1 teacher forcing and open loop predict the very same frame. PSNR values are averaged per
@@ -200,11 +202,13 @@ def score_windows(model, codec, frames: np.ndarray, actions: np.ndarray, context
     targets = torch.as_tensor(frames[:, context:])  # (B, H, H, W, 3)
     ceiling = codec.decode(codec.encode(targets.to(device)), as_uint8=True).cpu()
     last = torch.as_tensor(frames[:, context - 1 : context]).expand_as(targets)
+    previous = torch.as_tensor(frames[:, context - 1 : -1])  # the real frame before each target
     return {
         "teacher_forced": _frame_psnr(targets, teacher),
         "open_loop": _frame_psnr(targets, open_loop),
         "codec": _frame_psnr(targets, ceiling),
         "copy_last": _frame_psnr(targets, last),
+        "copy_previous": _frame_psnr(targets, previous),
     }
 
 
@@ -289,6 +293,7 @@ def format_table(results: dict[str, Any]) -> str:
         ("1-step (teacher-forced)", "teacher_forced"),
         ("open loop", "open_loop"),
         ("copy last context frame", "copy_last"),
+        ("copy previous real frame", "copy_previous"),
     ]
     for label, key in rows:
         s = psnr[key]

@@ -87,6 +87,9 @@ class ModelConfig:
     """SSM causal conv length along each block's sequence."""
     attn_window: int | None = 9
     """Frames before the current one each frame attends to (None = full causal); None without attention."""
+    prev_frames: int = 0
+    """Clean latents of the previous frames fed straight into each frame's tokens (a direct path,
+    as DIAMOND stacks its context frames); 0 = none. See `world_model` on why it matters."""
     variant: str = "lssvwm"
     """"lssvwm" | "causal_full" | "causal_window" | "mamba_only" | "no_blockwise" (module doc)."""
 
@@ -153,6 +156,8 @@ class ModelConfig:
             raise ValueError(f"latent (C, h, w) must be positive, got C={self.latent_channels}, grid={self.latent_grid}")
         if self.patch < 1 or self.latent_grid[0] % self.patch or self.latent_grid[1] % self.patch:
             raise ValueError(f"patch {self.patch} must divide the latent grid {self.latent_grid}")
+        if self.prev_frames < 0:
+            raise ValueError(f"prev_frames must be >= 0, got {self.prev_frames}")
         if min(self.d_model, self.n_layers, self.n_heads) < 1:
             raise ValueError("d_model, n_layers and n_heads must be >= 1")
         if self.d_model % self.n_heads:

@@ -78,7 +78,9 @@ def world_model_loss(
     sigma, loss_mask = sample_training_noise(B, T, generator, forcing_cfg, device=latents.device)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     x_noisy = latents + sigma.to(latents.dtype)[:, :, None, None, None] * noise  # (B, T, C, h, w)
-    out = model(x_noisy, sigma, cond_actions, no_action=no_action)
+    # The direct path (cfg.prev_frames) shows each frame the clean frames before it, as at inference.
+    direct = {"clean": latents} if cfg.prev_frames else {}
+    out = model(x_noisy, sigma, cond_actions, no_action=no_action, **direct)
 
     denoise = masked_denoising_loss(out.denoised, latents, sigma, loss_mask, model.sigma_data)
 

@@ -98,6 +98,10 @@ class TrainConfig:
     """Newest checkpoints kept on disk."""
     resume: bool = False
     """Continue the run in run_dir from its latest checkpoint (an existing run without it is an error)."""
+    init_from: str | None = None
+    """Warm start a new run from these weights: a bundle folder, a checkpoint or a run folder (its
+    EMA weights). Its model config must equal this run's except for fields that only add layers
+    (prev_frames) or pick kernels; the added layers start at their initialisation."""
     device: str = "auto"
     """auto (a GPU if present), cpu, cuda; under torchrun each rank takes its LOCAL_RANK GPU."""
     bf16: bool = False
@@ -288,6 +292,39 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+# Config fields a warm start may change: they add zero-initialised layers or choose kernels, so
+# the loaded weights still compute what they computed.
+WARM_START_FREE_FIELDS = ("prev_frames", "attn_backend", "ssm_backend", "ssm_chunk_size")
+
+
+def warm_start(model, source: str) -> None:
+    """Copy the weights of `source` (bundle, checkpoint or run folder; EMA weights) into `model`.
+
+    Every tensor of the source must exist in `model` with the same shape; tensors only `model` has
+    (layers added by WARM_START_FREE_FIELDS) keep their initialisation. Anything else is a
+    CheckpointError naming the differences.
+    """
+    from worldsim import bundled
+
+    if bundled.is_bundle(source):
+        loaded, _ = bundled.load_bundle_model(source)
+    else:
+        loaded, _ = ckpt.load_world_model(source, weights="ema")
+    mine, theirs = model.cfg.to_dict(), loaded.cfg.to_dict()
+    differ = [f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in mine
+              if k not in WARM_START_FREE_FIELDS and mine[k] != theirs[k]]
+    if differ:
+        raise ckpt.CheckpointError(f"cannot warm start from {source}: its model config differs: " + "; ".join(differ))
+    own = model.state_dict()
+    found = loaded.state_dict()
+    bad = [k for k in found if k not in own or own[k].shape != found[k].shape]
+    if bad:
+        raise ckpt.CheckpointError(f"cannot warm start from {source}: tensors that do not fit this model: {bad[:5]}")
+    with torch.no_grad():
+        for k, v in found.items():
+            own[k].copy_(v.to(own[k]))
+
+
 # ---------------------------------------------------------------------------------- samples
 @torch.no_grad()
 def rollout_samples(model, codec, batch: dict[str, torch.Tensor], context: int, denoise_steps: int, seed: int) -> torch.Tensor:
@@ -408,6 +445,10 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
 
     torch.manual_seed(cfg.seed)  # the initial weights: the same on every rank
     model = WorldModel(model_cfg).to(device)
+    if cfg.init_from and not cfg.resume:
+        warm_start(model, cfg.init_from)
+        if info.is_main:
+            log.info("warm start from %s", cfg.init_from)
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(cfg, s))
