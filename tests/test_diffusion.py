@@ -14,6 +14,7 @@ from worldsim.diffusion.forcing import (
     sample_training_noise,
 )
 from worldsim.diffusion.sampler import (
+    SIGMA_MAX,
     karras_sigmas,
     num_denoiser_calls,
     sample_next_frame,
@@ -246,7 +247,7 @@ def test_sampler_returns_the_data_point_for_a_point_mass(solver, steps):
                             dtype=torch.float64)
     torch.testing.assert_close(out, x0)
     assert len(calls) == num_denoiser_calls(steps, solver)
-    assert calls[0] == pytest.approx(5.0)
+    assert calls[0] == pytest.approx(SIGMA_MAX)
 
 
 def _gaussian_oracle(mu: float, s: float):
@@ -269,8 +270,8 @@ def test_sampler_follows_the_exact_ode_for_gaussian_data_in_four_steps():
     shape = (n, 1, 1, 1)
     out = sample_next_frame(_gaussian_oracle(mu, s), shape, 4, torch.Generator().manual_seed(10),
                             dtype=torch.float64)
-    start = torch.randn(shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64) * 5.0
-    exact = _exact_ode_endpoint(start, mu, s, 5.0)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64) * SIGMA_MAX
+    exact = _exact_ode_endpoint(start, mu, s, SIGMA_MAX)
     assert (out - exact).abs().max().item() < 0.08
     assert out.std().item() == pytest.approx(exact.std().item(), rel=0.03)
     # The same 4 calls with Euler collapse the spread (the few-step blur dpm2m avoids).
@@ -285,8 +286,8 @@ def test_every_solver_converges_to_the_exact_ode(solver, steps):
     shape = (500, 1, 1, 1)
     out = sample_next_frame(_gaussian_oracle(mu, s), shape, steps, torch.Generator().manual_seed(11),
                             solver=solver, sigma_min=0.002, dtype=torch.float64)
-    start = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * 5.0
-    assert (out - _exact_ode_endpoint(start, mu, s, 5.0)).abs().max().item() < 0.015
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * SIGMA_MAX
+    assert (out - _exact_ode_endpoint(start, mu, s, SIGMA_MAX)).abs().max().item() < 0.015
 
 
 def test_churn_is_off_by_default_and_seeded_when_on():

@@ -40,15 +40,21 @@ from typing import Literal
 import torch
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SIGMA_MIN = 0.1
+"""Default last noise level before the final jump to sigma = 0 (module doc)."""
+SIGMA_MAX = 5.0
+"""Default starting noise level (module doc)."""
+RHO = 7.0
+"""Default Karras schedule curvature."""
 Solver = Literal["dpm2m", "euler", "heun"]
 SOLVERS = ("dpm2m", "euler", "heun")
 
 
 def karras_sigmas(
     steps: int,
-    sigma_min: float = 0.1,
-    sigma_max: float = 5.0,
-    rho: float = 7.0,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """(steps + 1,) float64 decreasing noise levels: sigma_max, ..., sigma_min, 0."""
@@ -128,9 +134,9 @@ def sample_next_frame(
     steps: int = 4,
     generator: torch.Generator | None = None,
     *,
-    sigma_min: float = 0.1,
-    sigma_max: float = 5.0,
-    rho: float = 7.0,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
     solver: Solver = "dpm2m",
     churn: float = 0.0,
     churn_range: tuple[float, float] = (0.0, float("inf")),
@@ -161,9 +167,9 @@ def sample_next_frames(
     generators: Sequence[torch.Generator],
     steps: int = 4,
     *,
-    sigma_min: float = 0.1,
-    sigma_max: float = 5.0,
-    rho: float = 7.0,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
     solver: Solver = "dpm2m",
     churn: float = 0.0,
     churn_range: tuple[float, float] = (0.0, float("inf")),

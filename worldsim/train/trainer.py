@@ -20,6 +20,7 @@ latent cache, keyed by the codec's weights hash).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from worldsim.data.windows import WindowDataset, WindowSampler
+from worldsim.diffusion.forcing import ForcingConfig
 from worldsim.train import checkpoint as ckpt
 from worldsim.train import distributed as ddp
 from worldsim.train import latent_cache
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 # Settings a resumed run must share with the run it continues, else its batches, noise or
 # schedule differ and the losses would not be those of an uninterrupted run.
 RESUME_KEYS = ("datasets", "window", "batch_size", "seed", "steps", "lr", "min_lr_ratio", "warmup_steps",
-               "weight_decay", "ema_decay")  # fmt: skip
+               "weight_decay", "ema_decay", "noise_mean", "noise_std", "p_long_context")  # fmt: skip
 
 
 @dataclass
@@ -80,6 +82,12 @@ class TrainConfig:
     """Max global gradient norm (clip_grad_norm_); inf disables clipping but still logs the norm."""
     ema_decay: float = 0.999
     """Decay of the EMA weights used for samples and saved for inference (ema.safetensors)."""
+    noise_mean: float = -0.4
+    """Mean of ln(sigma) of the training noise levels (`diffusion.forcing.ForcingConfig.p_mean`)."""
+    noise_std: float = 1.2
+    """Std of ln(sigma) of the training noise levels (`ForcingConfig.p_std`)."""
+    p_long_context: float = 0.5
+    """Probability per window of a clean prefix longer than half the window (`ForcingConfig`)."""
     seed: int = 0
     """Seeds the initial weights, the window order and every step's noise."""
     log_every: int = 10
@@ -138,6 +146,10 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (self.noise_std > 0 and math.isfinite(self.noise_mean)):
+            raise ValueError(f"noise_std must be > 0 and noise_mean finite, got {self.noise_std}, {self.noise_mean}")
+        if not 0 < self.p_long_context <= 1:
+            raise ValueError(f"p_long_context must be in (0, 1] (the reward heads train on the clean prefix), got {self.p_long_context}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.grad_clip > 0:
@@ -271,7 +283,10 @@ def codec_fingerprint(codec: torch.nn.Module) -> str:
 
 def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec_sha: str, info: ddp.DistInfo, folder: Path) -> None:
     saved, now = sidecar["train_config"], cfg.to_json()
-    diff = [f"{k}: run has {saved[k]!r}, asked for {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    # Runs written before a key existed trained with its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS}
+    diff = [f"{k}: run has {saved[k]!r}, asked for {now[k]!r}" for k in RESUME_KEYS if saved[k] != now[k]]
     if diff:
         raise ckpt.CheckpointError(f"cannot resume {folder}: " + "; ".join(diff) + " (start a new run folder to change them)")
     if sidecar["codec"]["sha256"] != codec_sha:
@@ -541,6 +556,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
             f"or a smaller grad_clip, or check the data."
         )
 
+    forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context)
     losses: list[tuple[int, float]] = []
     t_start = time.perf_counter()
     t_log, step_log = t_start, step
@@ -559,7 +575,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
                     latents = codec.encode(batch["frames"].to(device, non_blocking=True))
             generator = step_generator(cfg.seed, step, info.rank, device)
             with _autocast(cfg, device):
-                loss, metrics = world_model_loss(train_model, latents, actions, rewards, terminations, generator=generator)
+                loss, metrics = world_model_loss(train_model, latents, actions, rewards, terminations, generator=generator,
+                                                 forcing_cfg=forcing)
 
             # Every rank sees the same mean: a NaN on one rank stops them all at this step.
             mean_loss = ddp.mean_across_ranks(loss, info)

@@ -1,0 +1,90 @@
+"""Held-out prediction PSNR against training steps: every checkpoint of a run through
+`worldsim eval prediction`, written as JSON and plotted as a PNG.
+
+    python scripts/learning_curve.py --run runs/mm9-direct --dataset worldsim/mm9-heldout-v1 \
+        --every 1000 --start worldsim/assets/dream-memory-maze-9x9 --out docs/learning_curve.png
+
+--start adds the weights the run was warm-started from as the first point (at step 0). Results are
+cached in the JSON next to the PNG, so a re-run only evaluates checkpoints it has not seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, type=Path, help="`worldsim train` run folder")
+    p.add_argument("--dataset", required=True, help="held-out Minari dataset id or folder")
+    p.add_argument("--start", default=None, help="checkpoint or bundle the run was warm-started from (step 0)")
+    p.add_argument("--every", type=int, default=1000, help="evaluate checkpoints whose step is a multiple of this")
+    p.add_argument("--horizon", type=int, default=16, help="open-loop frames per window")
+    p.add_argument("--starts-per-episode", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("learning_curve.png"), help="PNG path (JSON beside it)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from worldsim.evaluation.prediction import PredictionEvalConfig, evaluate_prediction
+    from worldsim.train.checkpoint import list_checkpoints, read_sidecar
+
+    args = parse_args(argv)
+    points: list[tuple[int, str]] = [] if args.start is None else [(0, args.start)]
+    for folder in list_checkpoints(args.run):
+        step = int(read_sidecar(folder)["step"])
+        if step % args.every == 0:
+            points.append((step, str(folder)))
+    if not points:
+        print(f"error: no checkpoint of {args.run} at a multiple of {args.every} steps", file=sys.stderr)
+        return 1
+    cache_file = args.out.with_suffix(".json")
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    for step, path in points:
+        key = f"{step}:{path}"
+        if key in cache:
+            continue
+        cfg = PredictionEvalConfig(checkpoint=path, dataset=args.dataset, horizon=args.horizon,
+                                   starts_per_episode=args.starts_per_episode, seed=args.seed, device="cpu")
+        psnr = evaluate_prediction(cfg)["psnr"]
+        cache[key] = {
+            "step": step,
+            "one_step": psnr["teacher_forced"]["at"]["1"],
+            "open_loop_mean": psnr["open_loop"]["mean"],
+            "copy_last_t1": psnr["copy_last"]["at"]["1"],
+            "copy_last_mean": psnr["copy_last"]["mean"],
+            "codec_t1": psnr["codec"]["at"]["1"],
+        }
+        print(f"step {step:>6}: 1-step {cache[key]['one_step']:.2f} dB, open loop mean {cache[key]['open_loop_mean']:.2f} dB")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache, indent=1))
+    rows = sorted(cache.values(), key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    ax.plot(steps, [r["one_step"] for r in rows], "o-", label="1-step, teacher-forced (t=1)")
+    ax.plot(steps, [r["open_loop_mean"] for r in rows], "s-", label=f"open loop, mean of {args.horizon}")
+    ax.axhline(rows[-1]["codec_t1"], color="grey", ls=":", label="codec ceiling (t=1)")
+    ax.axhline(rows[-1]["copy_last_t1"], color="C0", ls="--", lw=0.8, label="copy last frame (t=1)")
+    ax.axhline(rows[-1]["copy_last_mean"], color="C1", ls="--", lw=0.8, label=f"copy last frame (mean of {args.horizon})")
+    ax.set_xlabel("training steps (this run)")
+    ax.set_ylabel("held-out PSNR (dB)")
+    ax.set_title(f"{args.run.name} on {args.dataset}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out} and {cache_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
