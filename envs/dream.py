@@ -81,7 +81,12 @@ class MinariContext:
 
 
 class MemoryMazeContext:
-    """Frames of the live Memory Maze env: a seeded reset, then uniformly random actions."""
+    """Frames of the live Memory Maze env: a seeded reset, then uniformly random actions.
+
+    `env`: the Memory Maze to use, default a new `MemoryMazeEnv(size)` in this process. A process
+    with a pygame window of its own (the viewer) passes one in a worker process instead,
+    `SubprocessEnv(MemoryMazeEnv, size=..., render_mode="rgb_array")`: MuJoCo's OpenGL and the
+    window break each other in one process (envs/subprocess_env.py)."""
 
     def __init__(self, size: int = 9, env: gym.Env | None = None) -> None:
         from worldsim.envs.memory_maze import MemoryMazeEnv

@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Mesa's software OpenGL (llvmpipe) renders MuJoCo (Memory Maze) through EGL with no GPU.
+# Xvfb, xwd (x11-apps) and xdotool: the tests open `worldsim play`'s window on a virtual X server,
+# press keys in it and read the screen back.
 need_debs=()
-for pkg in libegl1 libegl-mesa0 libgl1-mesa-dri libglu1-mesa; do
+for pkg in libegl1 libegl-mesa0 libgl1-mesa-dri libglu1-mesa xvfb x11-apps xdotool; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
 if ((${#need_debs[@]})); then

@@ -7,6 +7,8 @@ made once per module (`made_env`) and tests that need a fresh env are few.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 import warnings
 
@@ -20,6 +22,7 @@ import worldsim.envs
 from worldsim.envs import REAL_ENV_IDS
 from worldsim.envs.crafter import ACHIEVEMENT_NAMES, INVENTORY_NAMES, CrafterEnv
 from worldsim.envs.memory_maze import ACTION_NAMES, EPISODE_STEPS, MemoryMazeEnv, _upstream_tasks
+from worldsim.envs.subprocess_env import SubprocessEnv, WorkerError
 
 MAZE_9 = "worldsim/MemoryMaze-9x9-v0"
 CRAFTER = "worldsim/Crafter-v0"
@@ -353,3 +356,58 @@ def test_human_render_shows_frames_and_needs_pygame(monkeypatch):
     monkeypatch.setitem(sys.modules, "pygame", None)  # as if pygame were not installed
     with pytest.raises(ImportError, match="pygame"):
         CrafterEnv(render_mode="human")
+
+
+# ------------------------------------------------------------------ GL contexts in their own processes
+def test_subprocess_env_forwards_the_env_and_reports_errors_and_death(made_env):
+    local = made_env(MAZE_9)
+    env = SubprocessEnv(MemoryMazeEnv, size=9, render_mode="rgb_array")
+    try:
+        assert (env.observation_space, env.action_space) == (local.observation_space, local.action_space)
+        assert env.render_mode == "rgb_array" and env.metadata == local.metadata
+        frame, info = env.reset(seed=5)
+        local_frame, local_info = local.reset(seed=5)
+        np.testing.assert_array_equal(frame, local_frame)
+        assert env.np_random_seed == 5 and info.keys() == local_info.keys()
+        for action in (1, 1, 2, 4):  # frame for frame the env of this process
+            frame = env.step(action)[0]
+            np.testing.assert_array_equal(frame, local.step(action)[0])
+        np.testing.assert_array_equal(env.render(), frame)
+        np.testing.assert_array_equal(env.get_attr("maze_layout"), local.maze_layout)
+        with pytest.raises(ValueError, match="not in the action space") as raised:  # the env's own error
+            env.step(7)
+        assert "worker process" in raised.value.__notes__[0]
+        env.step(0)  # still usable
+        os.kill(env.worker.pid, signal.SIGKILL)
+        with pytest.raises(WorkerError, match="killed by SIGKILL during 'step'"):
+            env.step(0)
+    finally:
+        env.close()
+    env.close()  # closing again (also after a death) does nothing
+    with pytest.raises(WorkerError, match="closed"):
+        env.reset()
+    with pytest.raises(ValueError, match="size must be one of"):  # failures while making it
+        SubprocessEnv(MemoryMazeEnv, size=10)
+    made = SubprocessEnv(MAZE_9)  # an env id: gymnasium.make in the worker
+    assert made.spec.id == MAZE_9 and made.render_mode is None
+    made.close()
+
+
+def test_two_human_render_memory_mazes_in_one_process(made_env, monkeypatch):
+    # SDL's "offscreen" driver (pygame's pick with no display) draws through EGL like MuJoCo: the
+    # window shared this process's EGL display and the second close() failed with EGL_BAD_CONTEXT
+    # (under X it was `X_GLXMakeCurrent BadAccess` at once). Windows now live in worker processes.
+    monkeypatch.setenv("SDL_VIDEODRIVER", "offscreen")
+    local = made_env(MAZE_9)
+    for _ in range(2):
+        env = gym.make(MAZE_9, render_mode="human")
+        frames = [env.reset(seed=2)[0]] + [env.step(a)[0] for a in (1, 1, 3)]
+        assert env.render() is None
+        window = env.unwrapped._window._worker
+        assert window is not None and not window.closed
+        env.close()
+        assert window.closed
+        with pytest.raises(ProcessLookupError):
+            os.kill(window.pid, 0)  # the window's process has exited
+        expected = [local.reset(seed=2)[0]] + [local.step(a)[0] for a in (1, 1, 3)]
+        np.testing.assert_array_equal(np.stack(frames), np.stack(expected))

@@ -1,5 +1,14 @@
 """The keyboard viewer, headless (SDL's dummy video driver, see conftest.py), with scripted key
-events, a real tiny world model and codec (random init, fixed seeds) and the real Memory Maze."""
+events, a real tiny world model and codec (random init, fixed seeds) and the real Memory Maze
+(in a worker process, as `worldsim play` runs it). The last tests run `worldsim play` itself in
+a subprocess: headless with SDL's EGL-based "offscreen" driver, and in a window under Xvfb."""
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
 
 import imageio.v2 as imageio
 import numpy as np
@@ -10,12 +19,13 @@ from typer.testing import CliRunner
 
 from worldsim.envs.dream import ClipContext, MemoryMazeContext
 from worldsim.envs.memory_maze import ACTION_NAMES, MemoryMazeEnv
-from worldsim.viewer.app import Viewer, ViewerConfig
+from worldsim.envs.subprocess_env import SubprocessEnv
+from worldsim.viewer.app import NO_REAL, OVERLAY_ROWS, Viewer, ViewerConfig, _wrap
 from worldsim.viewer.keymap import (
     CONTROLS, DIGIT_KEYS, FORWARD_KEYS, LEFT_KEYS, MEMORY_MAZE_KEYMAP, RIGHT_KEYS, number_keymap,
 )
 from worldsim.viewer.policies import RandomWalk, load_sb3_policy
-from tiny_world import tiny_parts
+from tiny_world import save_tiny_run, tiny_parts
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core box: threads only add overhead
 T0 = 5  # context frames
@@ -48,7 +58,8 @@ def clips():
 
 @pytest.fixture(scope="module")
 def maze():
-    env = MemoryMazeEnv(size=9, render_mode="rgb_array")  # the only Memory Maze of this module
+    # The viewer's Memory Maze, in a worker process: its OpenGL never meets pygame's window.
+    env = SubprocessEnv(MemoryMazeEnv, size=9, render_mode="rgb_array")
     yield env
     env.close()
 
@@ -300,3 +311,178 @@ def test_play_command_records_from_a_saved_checkpoint(parts, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"saved {out}" in result.output and "real side" in result.output  # --real is on by default
     assert len(imageio.mimread(out)) == 4  # the context's last frame + 3 dream steps
+
+
+# ------------------------------------------------------------------ the live maze in its own process
+MAZE_9 = "worldsim/MemoryMaze-9x9-v0"
+PLAY = [sys.executable, "-m", "worldsim.cli", "play"]
+
+
+def reference_frames(seed: int, actions) -> np.ndarray:
+    """What the real side must show: a separate rgb_array Memory Maze (in a worker of its own)
+    given the context the viewer's seed picks, then `actions`: (1 + len(actions), 64, 64, 3)."""
+    env = SubprocessEnv(MAZE_9, render_mode="rgb_array")
+    try:
+        context, _ = MemoryMazeContext(env=env).sample(np.random.default_rng(seed), T0)
+        return np.stack([context[-1]] + [env.step(a)[0] for a in actions])
+    finally:
+        env.close()
+
+
+def test_real_side_equals_a_separate_env_frame_for_frame(parts, maze):
+    walk = iter([A[a] for a in ("forward", "forward", "forward_left", "turn_left", "forward", "forward_right",
+                                "noop", "turn_right", "forward", "forward")] * 2)
+    v = make_viewer(parts, MemoryMazeContext(env=maze), show_real=True, seed=3, policy=lambda frame: next(walk))
+    v.handle_events(tap(pygame.K_TAB))  # agent mode: the walk above moves through the maze
+    shown = [v.real.frame.copy()]
+    for _ in range(20):
+        v.run(max_frames=1)
+        shown.append(v.real.frame.copy())
+    assert v.real.steps == v.t == 20 and v.real.actions == v.actions and len(set(v.actions)) > 2
+    expected = reference_frames(3, v.actions)
+    np.testing.assert_array_equal(np.stack(shown), expected)
+    assert len({f.tobytes() for f in expected}) > 10  # it moved: this is not one frame repeated
+    # ... and the window shows it, upscaled, right of the dream (below the "real" label).
+    screen = pygame.surfarray.array3d(pygame.display.get_surface()).transpose(1, 0, 2)
+    big = np.repeat(np.repeat(expected[-1], 2, axis=0), 2, axis=1)
+    np.testing.assert_array_equal(screen[20:128, 128:256], big[20:])
+    v.close()
+
+
+def test_v_without_a_real_env_says_so_in_one_row_and_keeps_the_key_help(parts, clips):
+    v = make_viewer(parts, clips, scale=6)
+    v.run(max_frames=2, events=[[], tap(pygame.K_v) + tap(pygame.K_SPACE)])  # as with --dataset
+    assert v.status == NO_REAL and not v.show_real and v.paused
+    width = 64 * 6 - 8
+    rows = v._overlay_rows(width)
+    help_rows = _wrap(v.overlay_text()[-1], v._font, width)
+    assert len(rows) <= OVERLAY_ROWS
+    assert rows[-len(help_rows):] == help_rows  # the key help is all there, at the bottom
+    assert NO_REAL in rows  # the message in one row, uncut
+    v.status = "saved " + "/very/long/path" * 20 + ".mp4"  # too long for a row: cut, help kept
+    rows = v._overlay_rows(width)
+    assert rows[-len(help_rows):] == help_rows and any(r.endswith("...") for r in rows)
+    v.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return save_tiny_run(tmp_path_factory.mktemp("play"))
+
+
+def play_env(**extra) -> dict[str, str]:
+    """The environment of a `worldsim play` subprocess: no inherited display settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SDL_VIDEODRIVER", "DISPLAY")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    return env
+
+
+def play_args(tiny_run, *more) -> list[str]:
+    return [*PLAY, "--checkpoint", str(tiny_run), "--sampler-steps", "1", "--context-frames", str(T0), *map(str, more)]
+
+
+def test_play_headless_records_the_real_maze_not_noise(tiny_run, tmp_path):
+    # SDL's "offscreen" driver (what pygame picks with no display) renders through EGL, as
+    # MuJoCo does: in one process the maze frames turned to noise after two steps.
+    out, n, scale = tmp_path / "rec.mp4", 12, 2
+    done = subprocess.run(play_args(tiny_run, "--max-frames", n, "--fps", 0, "--scale", scale, "--record", out),
+                          env=play_env(SDL_VIDEODRIVER="offscreen"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    video = np.stack(imageio.mimread(out, memtest=False))[..., :3].astype(int)
+    assert video.shape == (n + 1, 64 * scale, 2 * 64 * scale, 3)  # the start frame + n steps
+    real = video[:, :, 64 * scale:].reshape(n + 1, 64, scale, 64, scale, 3).mean(axis=(2, 4))
+    expected = reference_frames(0, [A["noop"]] * n).astype(int)  # no keys pressed: noop
+    errors = np.abs(real - expected).mean(axis=(1, 2, 3))
+    assert errors.max() < 8, errors  # H.264 loses ~2 levels; noise is ~60 off
+
+
+# ------------------------------------------------------------------ a real window (Xvfb)
+XVFB, XWD, XDOTOOL = (shutil.which(tool) for tool in ("Xvfb", "xwd", "xdotool"))
+
+
+@pytest.fixture
+def xvfb():
+    """The display name of a fresh Xvfb server (on a free display number it picks itself)."""
+    if XVFB is None or XWD is None:
+        pytest.skip("needs an X server: install Xvfb and xwd (Debian packages xvfb and x11-apps)")
+    read_fd, write_fd = os.pipe()
+    server = subprocess.Popen([XVFB, "-displayfd", str(write_fd), "-screen", "0", "800x600x24", "-nolisten", "tcp"],
+                              pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], 30)
+        number = os.read(read_fd, 32).decode().strip() if ready else ""
+        assert number.isdigit(), "Xvfb did not start"
+        yield f":{number}"
+    finally:
+        os.close(read_fd)
+        server.terminate()
+        server.wait(10)
+
+
+def screenshot(display: str) -> np.ndarray:
+    """The X screen as (H, W, 3) uint8, read with xwd (a TrueColor ZPixmap, 24 or 32 bits per pixel)."""
+    data = subprocess.run([XWD, "-root", "-silent", "-display", display], capture_output=True, check=True,
+                          timeout=30).stdout
+    fields = np.frombuffer(data[:100], ">u4").astype(np.int64)
+    header_size, width, height, byte_order = fields[0], fields[4], fields[5], fields[7]
+    bits_per_pixel, bytes_per_line, masks, n_colours = fields[11], fields[12], fields[14:17], fields[19]
+    assert bits_per_pixel in (24, 32), f"unexpected xwd format: {bits_per_pixel} bits per pixel"
+    start = header_size + 12 * n_colours  # after the window name and the colour map
+    rows = np.frombuffer(data[start:start + height * bytes_per_line], np.uint8).reshape(height, bytes_per_line)
+    n_bytes = int(bits_per_pixel) // 8
+    pixel_bytes = rows[:, :n_bytes * width].reshape(height, width, n_bytes).astype(np.int64)
+    significance = range(n_bytes) if byte_order == 0 else range(n_bytes - 1, -1, -1)  # 0: LSB first
+    words = sum(pixel_bytes[..., i] << (8 * k) for i, k in enumerate(significance))
+    channels = [(words & mask) >> (int(mask).bit_length() - 8) for mask in masks]  # 8-bit red, green, blue
+    return np.stack(channels, axis=-1).astype(np.uint8)
+
+
+def xdotool(display: str, *args) -> None:
+    subprocess.run([XDOTOOL, *map(str, args)], env={**os.environ, "DISPLAY": display}, check=True,
+                   capture_output=True, timeout=30)
+
+
+def test_play_window_under_xvfb_shows_the_real_maze_and_takes_keys(xvfb, tiny_run):
+    # Before the real side moved to a worker process, this died at the first frame with
+    # "X Error ... BadAccess ... X_GLXMakeCurrent": GLX (the window) and EGL (MuJoCo) in one process.
+    scale, keys = 2, XDOTOOL is not None
+    size = (2 * 64 * scale, 64 * scale + OVERLAY_ROWS * 16 + 6)  # (width, height) of the window
+    max_frames = 400 if keys else 24  # with keys, Esc ends it
+    proc = subprocess.Popen(play_args(tiny_run, "--max-frames", max_frames, "--fps", 4, "--scale", scale),
+                            env=play_env(DISPLAY=xvfb), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # the window: whatever is not black on Xvfb's black screen
+            assert proc.poll() is None, f"worldsim play exited early:\n{proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "no window appeared"
+            shot = screenshot(xvfb)
+            ys, xs = np.nonzero(shot.any(axis=-1))
+            if len(xs) and (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == size:
+                break
+            time.sleep(0.5)
+        if keys:
+            # With no window manager the keyboard goes to the window under the pointer.
+            xdotool(xvfb, "mousemove", (xs.min() + xs.max()) // 2, (ys.min() + ys.max()) // 2)
+            xdotool(xvfb, "key", "space")  # pause: the frames must hold still (the fps text may not)
+            time.sleep(1.0)
+            shot = screenshot(xvfb)
+            time.sleep(1.0)
+            frames = slice(ys.min(), ys.min() + 64 * scale)
+            np.testing.assert_array_equal(screenshot(xvfb)[frames], shot[frames])
+        top, left = ys.min(), xs.min()
+        real = shot[top + 20:top + 64 * scale:scale, left + 64 * scale:left + 2 * 64 * scale:scale]
+        # No keys moved the agent (noop actions): the real side is the separate env's frame after
+        # some number of noop steps, pixel for pixel (rows under the "real" label).
+        expected = reference_frames(0, [A["noop"]] * 60)[:, 10:]
+        assert real.std() > 10  # a picture, not a blank panel
+        assert min(np.abs(real.astype(int) - e).mean() for e in expected) == 0
+        if keys:
+            xdotool(xvfb, "key", "Escape")
+        out, err = proc.communicate(timeout=60 if keys else 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "X Error" not in err

@@ -97,8 +97,10 @@ def play(
             real = False
     else:
         from worldsim.envs.memory_maze import MemoryMazeEnv
+        from worldsim.envs.subprocess_env import SubprocessEnv
 
-        context = MemoryMazeContext(env=MemoryMazeEnv(size=maze_size, render_mode="rgb_array"))
+        # In a worker process: MuJoCo's OpenGL and pygame's window break each other in one process.
+        context = MemoryMazeContext(env=SubprocessEnv(MemoryMazeEnv, size=maze_size, render_mode="rgb_array"))
 
     config = ViewerConfig(context_frames=context_frames, sampler_steps=sampler_steps, fps=fps, scale=scale,
                           seed=seed, show_real=real, record_path=record)

@@ -9,12 +9,17 @@ The dream is a `RolloutSession` of batch 1, started from a real context clip. It
 `DreamEnv` on purpose: a viewer shows the model's predicted termination instead of obeying it (a
 Memory Maze episode never terminates, so a predicted one is a model error worth watching), and
 the user starts a new context with R.
+
+The real side's Memory Maze must not render in this process: MuJoCo's OpenGL (EGL) and pygame's
+window break each other in one process. `worldsim play` runs it in a worker process
+(`SubprocessEnv`, see envs/subprocess_env.py); so should any other caller with a real window.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,11 +36,11 @@ from worldsim.viewer.recorder import VideoRecorder
 
 SEED_BOUND = 2**63 - 1
 LINE_HEIGHT = 16
-OVERLAY_ROWS = 6  # fixed, so the window keeps its size; overlay lines are wrapped into these
+OVERLAY_ROWS = 7  # fixed, so the window keeps its size; overlay lines are wrapped into these
 TEXT_COLOUR = (235, 235, 235)
 PANEL_COLOUR = (24, 24, 24)
 MISSING_COLOUR = 48  # grey panel in recordings where the real side is hidden
-NO_REAL = "no real env: it needs MemoryMazeContext(env=MemoryMazeEnv(render_mode='rgb_array'))"
+NO_REAL = "no real side: it needs the live Memory Maze context"  # one overlay row at the default scale
 
 
 @dataclass
@@ -118,6 +123,10 @@ class Viewer:
         self._font: pygame.font.Font | None = None
         pygame.display.init()  # also needed to post events; audio and joystick are not
         pygame.font.init()
+        if self.real is not None and _renders_here(context.env) and pygame.display.get_driver() != "dummy":
+            warnings.warn("the real side's Memory Maze renders with OpenGL in this process, which breaks "
+                          "pygame's window (and vice versa): create it in a worker process with "
+                          "SubprocessEnv(MemoryMazeEnv, render_mode='rgb_array')", RuntimeWarning, stacklevel=2)
         self.reset()
         if cfg.record_path is not None:
             self.start_recording()
@@ -222,11 +231,20 @@ class Viewer:
         panel = self.frame.shape[1] * self.cfg.scale
         for i, label in enumerate(["dream"] + (["real"] if self.show_real else [])):
             screen.blit(self._font.render(label, True, TEXT_COLOUR), (i * panel + 4, 4))
-        rows = [row for line in self.overlay_text() for row in _wrap(line, self._font, width - 8)]
-        for i, row in enumerate(rows[:OVERLAY_ROWS]):
+        rows = self._overlay_rows(width - 8)
+        for i, row in enumerate(rows):
             screen.blit(self._font.render(row, True, TEXT_COLOUR), (4, height + 3 + i * LINE_HEIGHT))
         pygame.display.flip()
         return screen
+
+    def _overlay_rows(self, width: int) -> list[str]:
+        """The overlay's lines wrapped to `width` px in OVERLAY_ROWS rows: the key help (last line)
+        always shows in full at the bottom; the status line gets one row, cut with "..." if long."""
+        lines = self.overlay_text()
+        help_rows = _wrap(lines.pop(), self._font, width)
+        status = [_fit(lines.pop(), self._font, width)] if self.status else []
+        rows = [row for line in lines for row in _wrap(line, self._font, width)] + status
+        return rows[: max(0, OVERLAY_ROWS - len(help_rows))] + help_rows[:OVERLAY_ROWS]
 
     def _window(self, size: tuple[int, int]) -> pygame.Surface:
         # pygame has one window per process: take whatever is open (another viewer may have
@@ -262,7 +280,8 @@ class Viewer:
         return [
             f"{self.fps:.1f} fps | step {self.step_ms:.0f} ms{real}",
             f"{self.mode} | t={self.t} | action {action} | reward {self.reward:+.2f} (sum {self.total_reward:+.2f})"
-            + "".join(f" | {f}" for f in flags) + (f" | {self.status}" if self.status else ""),
+            + "".join(f" | {f}" for f in flags),
+            *([self.status] if self.status else []),
             f"{self.keymap.help} | {CONTROLS_HELP}",
         ]
 
@@ -330,8 +349,8 @@ class Viewer:
         """Finish any recording and close the window; returns the videos saved this session."""
         self.stop_recording()
         if self._drew and pygame.display.get_init():
-            # SDL's "offscreen" driver renders through the EGL display MuJoCo uses too; quitting
-            # it would break the real env (see envs/human_render.py). That window is invisible.
+            # SDL's "offscreen" driver renders through EGL: quitting it would break a real env
+            # that renders in this process (not the way `worldsim play` runs it). It is invisible.
             if pygame.display.get_driver() != "offscreen":
                 pygame.display.quit()
         self._drew = False
@@ -342,6 +361,22 @@ class Viewer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _renders_here(env) -> bool:
+    """Whether `env` is a MuJoCo env living in this process (not behind a `SubprocessEnv`)."""
+    from worldsim.envs.subprocess_env import SubprocessEnv
+
+    return not isinstance(getattr(env, "unwrapped", env), SubprocessEnv)
+
+
+def _fit(line: str, font: pygame.font.Font, width: int) -> str:
+    """`line` cut to `width` pixels, ending in "..." when cut."""
+    if font.size(line)[0] <= width:
+        return line
+    while line and font.size(line + "...")[0] > width:
+        line = line[:-1]
+    return line.rstrip() + "..."
 
 
 def _wrap(line: str, font: pygame.font.Font, width: int) -> list[str]:
