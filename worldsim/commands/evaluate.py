@@ -9,6 +9,19 @@ import typer
 eval_app = typer.Typer(help="Measure a trained world model against real data.", no_args_is_help=True)
 
 
+def _sampler(sigma_max: float | None, sigma_min: float | None, solver: str | None) -> dict | None:
+    """The sampler settings given on the command line (None: the sampler's defaults), checked."""
+    from worldsim.diffusion.sampler import SOLVERS
+
+    out = {k: v for k, v in (("sigma_max", sigma_max), ("sigma_min", sigma_min), ("solver", solver)) if v is not None}
+    if solver is not None and solver not in SOLVERS:
+        raise typer.BadParameter(f"{solver!r} is not one of {', '.join(SOLVERS)}", param_hint="--solver")
+    for name in ("sigma_max", "sigma_min"):
+        if name in out and not out[name] > 0:
+            raise typer.BadParameter(f"must be > 0, got {out[name]}", param_hint=f"--{name.replace('_', '-')}")
+    return out or None
+
+
 @eval_app.command("prediction")
 def eval_prediction(
     checkpoint: str = typer.Option(..., help="World-model run or checkpoint folder."),
@@ -19,6 +32,9 @@ def eval_prediction(
     horizon: int = typer.Option(16, help="Frames predicted after the context."),
     starts_per_episode: int = typer.Option(4, help="Random start points per episode."),
     sampler_steps: int = typer.Option(4, help="Denoiser calls per predicted frame."),
+    sigma_max: float | None = typer.Option(None, help="Sampler's starting noise level (default: the sampler's)."),
+    sigma_min: float | None = typer.Option(None, help="Sampler's last noise level before 0 (default: the sampler's)."),
+    solver: str | None = typer.Option(None, help="dpm2m, euler or heun (default: the sampler's)."),
     seed: int = typer.Option(0, help="Fixes the start points and the sampler noise."),
     batch_size: int = typer.Option(64, help="Windows streamed together (memory only; results do not depend on it)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -30,7 +46,8 @@ def eval_prediction(
 
     cfg = PredictionEvalConfig(checkpoint=checkpoint, dataset=dataset, codec=codec, episodes=episodes,
                                context=context, horizon=horizon, starts_per_episode=starts_per_episode,
-                               sampler_steps=sampler_steps, seed=seed, batch_size=batch_size, device=device)
+                               sampler_steps=sampler_steps, sampler=_sampler(sigma_max, sigma_min, solver), seed=seed,
+                               batch_size=batch_size, device=device)
     try:
         results = evaluate_prediction(cfg, progress=not as_json)
     except ValueError as e:  # bad arguments or a dataset that does not fit the model: no traceback
@@ -98,6 +115,9 @@ def eval_realism(
     bucket: list[str] = typer.Option(["1-50", "100-200", "500-1000"], help="FIRST-LAST dreamed frames scored together (repeat)."),
     reference_frames: int = typer.Option(2000, min=2, help="Real frames in the reference pool."),
     sampler_steps: int = typer.Option(4, min=1, help="Denoiser calls per dreamed frame."),
+    sigma_max: float | None = typer.Option(None, help="Sampler's starting noise level (default: the sampler's)."),
+    sigma_min: float | None = typer.Option(None, help="Sampler's last noise level before 0 (default: the sampler's)."),
+    solver: str | None = typer.Option(None, help="dpm2m, euler or heun (default: the sampler's)."),
     seed: int = typer.Option(0, min=0, help="Fixes start points, actions and sampler noise."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -114,7 +134,8 @@ def eval_realism(
         buckets.append((int(lo), int(hi)))
     cfg = RealismEvalConfig(checkpoint=checkpoint, dataset=dataset, codec=codec, steps=steps, streams=streams,
                             context=context, buckets=tuple(buckets), reference_frames=reference_frames,
-                            sampler_steps=sampler_steps, seed=seed, device=device)
+                            sampler_steps=sampler_steps, sampler=_sampler(sigma_max, sigma_min, solver), seed=seed,
+                            device=device)
     try:
         results = evaluate_realism(cfg, progress=not as_json)
     except ValueError as e:

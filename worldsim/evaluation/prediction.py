@@ -59,6 +59,8 @@ class PredictionEvalConfig:
     """Random start points per episode (fewer when the episode has fewer windows)."""
     sampler_steps: int = 4
     """Denoiser calls per predicted frame."""
+    sampler: dict | None = None
+    """Other sampler settings (sigma_max, sigma_min, rho, solver; `diffusion.sampler`); None: its defaults."""
     seed: int = 0
     """Fixes the start points and the sampler noise."""
     batch_size: int = 64
@@ -159,7 +161,7 @@ def teacher_forced_step(session, actions: torch.Tensor, real_latents: torch.Tens
 
 @torch.no_grad()
 def predict_windows(model, codec, frames: np.ndarray, actions: np.ndarray, context: int,
-                    sampler_steps: int, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                    sampler_steps: int, seeds: list[int], sampler: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced and open-loop predictions of the H = T - context frames after the context.
 
     frames uint8 (B, T, H, W, 3), actions (B, T - 1[, D]). Returns two uint8 (B, H, H, W, 3) CPU
@@ -168,7 +170,7 @@ def predict_windows(model, codec, frames: np.ndarray, actions: np.ndarray, conte
 
     B, T = frames.shape[:2]
     horizon = T - context
-    session = RolloutSession(model, codec, batch=B, sampler_steps=sampler_steps)
+    session = RolloutSession(model, codec, batch=B, sampler_steps=sampler_steps, sampler_kwargs=sampler)
     session.reset(frames[:, :context], actions[:, : context - 1], seeds=seeds)
     forced = session.select(range(B))  # same cache and generator states: t = 1 is the same sample
     targets = torch.as_tensor(frames[:, context:])
@@ -195,9 +197,9 @@ def _frame_psnr(reference: torch.Tensor, prediction: torch.Tensor) -> np.ndarray
 
 @torch.no_grad()
 def score_windows(model, codec, frames: np.ndarray, actions: np.ndarray, context: int,
-                  sampler_steps: int, seeds: list[int]) -> dict[str, np.ndarray]:
-    """PSNR (B, H) per window and target step for each of the four predictions (module doc)."""
-    teacher, open_loop = predict_windows(model, codec, frames, actions, context, sampler_steps, seeds)
+                  sampler_steps: int, seeds: list[int], sampler: dict | None = None) -> dict[str, np.ndarray]:
+    """PSNR (B, H) per window and target step for each of the predictions (module doc)."""
+    teacher, open_loop = predict_windows(model, codec, frames, actions, context, sampler_steps, seeds, sampler)
     device = codec.latent_mean.device
     targets = torch.as_tensor(frames[:, context:])  # (B, H, H, W, 3)
     ceiling = codec.decode(codec.encode(targets.to(device)), as_uint8=True).cpu()
@@ -255,7 +257,7 @@ def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> di
             chunk = windows[i : i + cfg.batch_size]
             frames, actions = read_windows(store, chunk, length)
             for name, value in score_windows(model, codec, frames, actions, cfg.context, cfg.sampler_steps,
-                                             [w.seed for w in chunk]).items():
+                                             [w.seed for w in chunk], cfg.sampler).items():
                 scores.setdefault(name, []).append(value)
             bar.update(len(chunk))
     finally:
@@ -282,7 +284,8 @@ def format_table(results: dict[str, Any]) -> str:
     short = results["episodes_too_short"]
     lines = [
         f"Prediction PSNR (dB) on {cfg['dataset']}: {results['windows']} windows from {results['episodes']} episodes "
-        f"(context {cfg['context']}, horizon {cfg['horizon']}, {cfg['sampler_steps']} sampler steps, seed {cfg['seed']})",
+        f"(context {cfg['context']}, horizon {cfg['horizon']}, {cfg['sampler_steps']} sampler steps"
+        f"{' ' + str(cfg['sampler']) if cfg.get('sampler') else ''}, seed {cfg['seed']})",
     ]
     if short:
         lines.append(f"  skipped {len(short)} episodes shorter than context + horizon: {short[:10]}{' ...' if len(short) > 10 else ''}")

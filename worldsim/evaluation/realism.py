@@ -124,6 +124,8 @@ class RealismEvalConfig:
     """Pixels left out at each edge by the sharpness score (Memory Maze's target-colour frame)."""
     sampler_steps: int = 4
     """Denoiser calls per dreamed frame."""
+    sampler: dict | None = None
+    """Other sampler settings (sigma_max, sigma_min, rho, solver; `diffusion.sampler`); None: its defaults."""
     seed: int = 0
     """Fixes the start points, the actions and the sampler noise."""
     device: str = "auto"
@@ -207,7 +209,7 @@ def evaluate_realism(cfg: RealismEvalConfig, progress: bool = False) -> dict[str
         store.close()
     actions = random_walk_actions(model.cfg.n_actions, cfg.streams, cfg.steps, cfg.persistence, rng)
 
-    session = RolloutSession(model, codec, batch=cfg.streams, sampler_steps=cfg.sampler_steps)
+    session = RolloutSession(model, codec, batch=cfg.streams, sampler_steps=cfg.sampler_steps, sampler_kwargs=cfg.sampler)
     session.reset(np.stack(frames), np.stack(ctx_actions), seeds=rng.integers(0, 2**63 - 1, cfg.streams).tolist())
     wanted = {t for lo, hi in buckets for t in range(lo, hi + 1)}
     kept: dict[int, torch.Tensor] = {}
