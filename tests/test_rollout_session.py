@@ -182,7 +182,8 @@ def reference_step(session: RolloutSession, actions) -> tuple[torch.Tensor, torc
     model, a = session.model, torch.as_tensor(np.asarray(actions))
     with torch.no_grad():
         latent = sample_next_frames(lambda x, s: model.step(x, s, a, session.cache.clone()).denoised,
-                                    tuple(session.latents.shape), session.generators, session.sampler_steps)
+                                    tuple(session.latents.shape), session.generators, session.sampler_steps,
+                                    **session.sampler_kwargs)
         out = model.step(latent, torch.zeros(session.batch), a, session.cache)
     session.latents = latent
     return latent, out.reward, out.termination_logit

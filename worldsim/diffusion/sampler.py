@@ -21,9 +21,9 @@ World-model use: the streaming code owns the model and the cached past. It passe
 the new frame at noise level sigma with the past frames at sigma = 0. The sampler knows nothing
 about the model, the cache or the actions.
 
-Defaults: 4 dpm2m steps (4 calls per frame), sigma_max 5, sigma_min 0.1, rho 7. sigma_max: latents
-have ~unit std and the next frame is strongly determined by its context, so starting far higher
-spends steps on nothing. sigma_min: the last call, D(x; sigma_min), IS the output, so with 4 calls
+Defaults: 4 dpm2m steps (4 calls per frame), sigma_max 5, sigma_min 0.1, rho 7. These are generic;
+world-model dreams start higher (`rollout.session.DREAM_SAMPLER`, sigma_max 20: a start at 5 lacks
+the data's own variance and the network reads noise as signal). sigma_min: the last call, D(x; sigma_min), IS the output, so with 4 calls
 it must still do real work. At EDM's 0.002 (tuned for ~35 calls) a learned denoiser barely moves
 x there and cannot correct the previous steps: on the 2-point toy of the tests, 5% of 4-step
 dpm2m samples land within 0.1 of a point at 0.002, 90% at 0.1. The price: a mode narrower than

@@ -49,6 +49,20 @@ class StepResult:
     """(B, C, h, w) the committed clean latents (model device)."""
 
 
+DREAM_SAMPLER = {"sigma_max": 20.0}
+"""Sampler settings of every dream unless a caller passes its own (`sampler_kwargs` add to and
+override these; the rest are `diffusion.sampler`'s defaults: 4 dpm2m steps down to sigma_min 0.1).
+
+Why sigma_max 20 and not the sampler's generic 5: the sampler starts from pure noise,
+x = sigma_max * n, while a training input at that level is x0 + sigma_max * n, which also carries
+the data's own variance (latents have unit std). At 5 that part is 4% of the variance, enough for
+the network to read noise as signal. Measured on 40 held-out Memory Maze windows with the model
+bundled before this change: the one-call prediction from 5 had a latent MSE of 0.164 (copying the
+last frame: 0.247), from 20 0.118; four dpm2m calls from 5 gave 0.262, from 20 0.185 and frames
+with about twice the image-gradient energy. Much higher levels (80), rarely seen in training, do
+worse again."""
+
+
 def _copy_generator(g: torch.Generator) -> torch.Generator:
     out = torch.Generator(device=g.device)
     out.set_state(g.get_state())
@@ -82,7 +96,7 @@ class RolloutSession:
         self.codec = codec
         self.batch = batch
         self.sampler_steps = sampler_steps
-        self.sampler_kwargs = dict(sampler_kwargs or {})
+        self.sampler_kwargs = {**DREAM_SAMPLER, **(sampler_kwargs or {})}
         self.device = next(model.parameters()).device
         self._seeds = np.random.default_rng(seed)  # default per-stream seeds when reset gets none
         self.cache: WorldModelCache | None = None

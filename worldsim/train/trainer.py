@@ -349,6 +349,7 @@ def rollout_samples(model, codec, batch: dict[str, torch.Tensor], context: int, 
     A private generator keeps the global RNG streams (and hence training) untouched.
     """
     from worldsim.diffusion.sampler import sample_next_frame
+    from worldsim.rollout.session import DREAM_SAMPLER
     from worldsim.model.conditioning import shift_actions
 
     device = next(model.parameters()).device
@@ -371,7 +372,7 @@ def rollout_samples(model, codec, batch: dict[str, torch.Tensor], context: int, 
         def denoise(x, sigma, a=a, na=na):
             return model.step(x, sigma, a, cache, no_action=na, commit=False).denoised
 
-        frame = sample_next_frame(denoise, latents[:, t].shape, denoise_steps, generator, device=device)
+        frame = sample_next_frame(denoise, latents[:, t].shape, denoise_steps, generator, device=device, **DREAM_SAMPLER)
         model.step(frame, torch.zeros(N, device=device), a, cache, no_action=na)  # commit it
         generated.append(frame)
     rollout = codec.decode(torch.stack(generated, dim=1), as_uint8=True)  # (N, T, H, W, 3)
