@@ -66,20 +66,14 @@ def test_the_job_path_imports_nothing_the_gpu_machine_lacks(tmp_path):
     assert "import blocker active" in done.stderr and "loaded []" in done.stdout
 
 
-def test_pieces_shared_with_the_trainer_agree():
-    from worldsim.codec.autoencoder import CodecConfig, FrameCodec
+def test_warm_start_through_the_job_keeps_the_direct_path_new():
+    """The job and the trainer share `worldsim.train.weights`; the job wraps its errors as input errors."""
     from worldsim.model.config import make_config
     from worldsim.model.world_model import WorldModel
-    from worldsim.train import trainer
+    from worldsim.train import trainer, weights
 
-    assert gpu_job.WARM_START_FREE_FIELDS == trainer.WARM_START_FREE_FIELDS
-    torch.manual_seed(0)
-    codec = FrameCodec(CodecConfig(channels=(8, 16, 16, 16), latent_channels=4, norm_groups=4))
-    assert gpu_job.codec_fingerprint(codec) == trainer.codec_fingerprint(codec)
+    assert trainer.warm_start is weights.warm_start and gpu_job.codec_fingerprint is weights.codec_fingerprint
     model = WorldModel(make_config("tiny", latent_channels=4, prev_frames=2))
-    ours, theirs = gpu_job.parameter_groups(model, 0.1), trainer.parameter_groups(model, 0.1)
-    assert [[id(p) for p in g["params"]] for g in ours] == [[id(p) for p in g["params"]] for g in theirs]
-    # The warm start copies everything and leaves the direct path at its zero initialisation.
     source = WorldModel(make_config("tiny", latent_channels=4))
     report = gpu_job.warm_start(model, source)
     assert report["new"] == ["precond.net.prev_in.bias", "precond.net.prev_in.weight"]

@@ -6,9 +6,9 @@
 The machine has torch, numpy, OpenCV and safetensors but no gymnasium, minari, mujoco or pygame,
 so this path reads a pack (`worldsim.data.pack`, made by `worldsim pack`) and imports nothing that
 needs them (`FORBIDDEN_MODULES`; tests/test_gpu_job.py runs it with those imports blocked). In
-particular it does not import `worldsim.train.trainer` (its data loader needs gymnasium); the few
-small pieces it shares with the trainer (`warm_start`, the codec fingerprint, AdamW groups) are
-repeated here and tested against the trainer's.
+particular it does not import `worldsim.train.trainer` (its data loader needs gymnasium); the
+pieces it shares with the trainer (warm start, the codec fingerprint, AdamW groups) live in
+`worldsim.train.weights`, which both import.
 
 What one run does, in order, within `--minutes` of wall time (everything it measures goes to
 $OUT/results.json, rewritten after each phase, so a run cut short still reports what it did):
@@ -72,6 +72,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from worldsim.train import weights
+from worldsim.train.weights import codec_fingerprint, parameter_groups
+
 log = logging.getLogger("worldsim.gpu_job")
 
 FORMAT = "worldsim-gpu-job"
@@ -83,8 +86,6 @@ RESULTS_FILE = "results.json"
 LOG_FILE = "job.log"
 MAX_OUT_FILE_BYTES = 15 * 2**20
 """The lent machine returns files of at most 16 MiB: a larger EMA file is exported in float16."""
-WARM_START_FREE_FIELDS = ("prev_frames", "attn_backend", "ssm_backend", "ssm_chunk_size")
-"""= worldsim.train.trainer.WARM_START_FREE_FIELDS (a test keeps them equal)."""
 PEAK_BF16_FLOPS = (  # dense bf16 tensor-core peak by device name (first match), for MFU
     ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
     ("B200", 2250e12), ("A100", 312e12), ("A10", 125e12), ("L40", 181e12), ("L4", 121e12),
@@ -120,7 +121,8 @@ class JobConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    noise_mean: float = -0.4
+    noise_mean: float = 0.3
+    """ln(sigma) mean: DIAMOND's -0.4 at its sigma_data 0.5, moved to our unit-std latents (+ln 2); the bundle's recipe."""
     noise_std: float = 1.2
     p_long_context: float = 0.5
     val_episodes: int = 2
@@ -285,55 +287,21 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
 
 
 # ------------------------------------------------------------------------------ shared with the trainer
-def codec_fingerprint(codec: torch.nn.Module) -> str:
-    """= worldsim.train.trainer.codec_fingerprint (sha256 of the codec's tensors)."""
-    h = hashlib.sha256()
-    for name, t in sorted(codec.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """= worldsim.train.trainer.parameter_groups: decay matrices only."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def load_source_model(source: str):
     """(WorldModel, model config dict) of a bundle or a checkpoint / run folder (EMA weights)."""
-    from worldsim import bundled
-    from worldsim.train import checkpoint as ckpt
-
     try:
-        if bundled.is_bundle(source):
-            model, _ = bundled.load_bundle_model(source)
-        else:
-            model, _ = ckpt.load_world_model(source, weights="ema")
+        model = weights.load_source_model(source)
     except (ValueError, FileNotFoundError) as e:  # BundleError / CheckpointError are ValueErrors
         raise JobInputError(f"--init-from {source}: {e}") from None
     return model, model.cfg.to_dict()
 
 
 def warm_start(model, loaded) -> dict[str, Any]:
-    """= worldsim.train.trainer.warm_start, from an already loaded model: copy every tensor of
-    `loaded` into `model`; only WARM_START_FREE_FIELDS may differ between their configs."""
-    mine, theirs = model.cfg.to_dict(), loaded.cfg.to_dict()
-    differ = [f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in mine
-              if k not in WARM_START_FREE_FIELDS and mine[k] != theirs[k]]
-    if differ:
-        raise JobInputError("cannot warm start: the model configs differ: " + "; ".join(differ))
-    own, found = model.state_dict(), loaded.state_dict()
-    bad = [k for k in found if k not in own or own[k].shape != found[k].shape]
-    if bad:
-        raise JobInputError(f"cannot warm start: tensors that do not fit this model: {bad[:5]}")
-    with torch.no_grad():
-        for k, v in found.items():
-            own[k].copy_(v.to(own[k]))
-    return {"copied": len(found), "new": sorted(k for k in own if k not in found)}
+    """`weights.copy_weights` with the job's input error."""
+    try:
+        return weights.copy_weights(model, loaded)
+    except ValueError as e:
+        raise JobInputError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------ FlexAttention under autocast

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 import time
@@ -39,6 +38,7 @@ from worldsim.train import checkpoint as ckpt
 from worldsim.train import distributed as ddp
 from worldsim.train import latent_cache
 from worldsim.train.ema import EMA
+from worldsim.train.weights import WARM_START_FREE_FIELDS, codec_fingerprint, parameter_groups, warm_start  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -191,18 +191,6 @@ def learning_rate_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices only. 1-D tensors (biases, norm gains, per-channel scales) and
-    parameters flagged `_no_weight_decay` (embeddings, positions, SSM A_log / D) are not pulled
-    towards zero: it would change what they mean, not just their size."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of all randomness in step `step` on `rank`: a function of those alone."""
     state = np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint32)
@@ -272,15 +260,6 @@ def model_config_for(cfg: TrainConfig, codec_config, action_space):
     return make_config(cfg.preset, cfg.variant, **{**cfg.model_overrides, **derived})
 
 
-def codec_fingerprint(codec: torch.nn.Module) -> str:
-    """sha256 of the codec's tensors: a resumed run must encode frames exactly as before."""
-    h = hashlib.sha256()
-    for name, t in sorted(codec.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec_sha: str, info: ddp.DistInfo, folder: Path) -> None:
     saved, now = sidecar["train_config"], cfg.to_json()
     # Runs written before a key existed trained with its default.
@@ -305,39 +284,6 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     if cfg.bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# Config fields a warm start may change: they add zero-initialised layers or choose kernels, so
-# the loaded weights still compute what they computed.
-WARM_START_FREE_FIELDS = ("prev_frames", "attn_backend", "ssm_backend", "ssm_chunk_size")
-
-
-def warm_start(model, source: str) -> None:
-    """Copy the weights of `source` (bundle, checkpoint or run folder; EMA weights) into `model`.
-
-    Every tensor of the source must exist in `model` with the same shape; tensors only `model` has
-    (layers added by WARM_START_FREE_FIELDS) keep their initialisation. Anything else is a
-    CheckpointError naming the differences.
-    """
-    from worldsim import bundled
-
-    if bundled.is_bundle(source):
-        loaded, _ = bundled.load_bundle_model(source)
-    else:
-        loaded, _ = ckpt.load_world_model(source, weights="ema")
-    mine, theirs = model.cfg.to_dict(), loaded.cfg.to_dict()
-    differ = [f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in mine
-              if k not in WARM_START_FREE_FIELDS and mine[k] != theirs[k]]
-    if differ:
-        raise ckpt.CheckpointError(f"cannot warm start from {source}: its model config differs: " + "; ".join(differ))
-    own = model.state_dict()
-    found = loaded.state_dict()
-    bad = [k for k in found if k not in own or own[k].shape != found[k].shape]
-    if bad:
-        raise ckpt.CheckpointError(f"cannot warm start from {source}: tensors that do not fit this model: {bad[:5]}")
-    with torch.no_grad():
-        for k, v in found.items():
-            own[k].copy_(v.to(own[k]))
 
 
 # ---------------------------------------------------------------------------------- samples
