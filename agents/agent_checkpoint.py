@@ -28,15 +28,15 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.train.checkpoint import (
     CHECKPOINTS_DIR, LATEST_FILE, CheckpointError, optimizer_from_storage, optimizer_to_storage,
     checkpoint_name, latest_checkpoint, tensor_diff,
 )
-from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temp_dirs
 from worldsim.utils.format_json import read_format_json
+from worldsim.utils.safetensors_io import open_safetensors
 
 FORMAT = "worldsim-agent"
 VERSION = 1
@@ -94,6 +94,7 @@ def save_agent(run_dir: str | os.PathLike, *, policy: torch.nn.Module, optimizer
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(root)  # .step_*.tmp-PID / .old-PID left by a writer killed mid-save
     name = checkpoint_name(num_timesteps)
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -126,8 +127,27 @@ def save_agent(run_dir: str | os.PathLike, *, policy: torch.nn.Module, optimizer
 
 
 # ------------------------------------------------------------------------------ load
-# A run's newest agent checkpoint: the same latest.json pointer as world-model runs.
-latest_agent = latest_checkpoint
+def agent_checkpoint_problem(folder: Path) -> str | None:
+    """Why an agent checkpoint folder cannot be loaded (agent.json or a safetensors header unreadable,
+    files of another step), or None. Reads headers only."""
+    try:
+        meta = read_format_json(folder / AGENT_FILE, FORMAT, VERSION, what="an agent checkpoint",
+                                version_label="agent", error=CheckpointError)
+        step = str(int(meta["num_timesteps"]))
+        for name in (POLICY_FILE, OPTIMIZER_FILE):
+            if (folder / name).is_file():
+                with open_safetensors(folder / name, error=CheckpointError) as f:
+                    if (f.metadata() or {}).get("num_timesteps") != step:
+                        return f"{folder / name}: belongs to another step than {folder / AGENT_FILE}"
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def latest_agent(run_dir: str | os.PathLike) -> Path | None:
+    """A run's newest agent checkpoint: the same latest.json pointer as world-model runs, with the
+    same fallback to the newest usable checkpoint (and a warning) when that one is corrupt."""
+    return latest_checkpoint(run_dir, problem_of=agent_checkpoint_problem, marker=AGENT_FILE)
 
 
 def resolve_agent(path: str | os.PathLike) -> Path:
@@ -135,9 +155,10 @@ def resolve_agent(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if (path / AGENT_FILE).is_file():
         return path
-    latest = latest_agent(path)
-    if latest is not None and (latest / AGENT_FILE).is_file():
-        return latest
+    if (path / LATEST_FILE).is_file():
+        latest = latest_agent(path)
+        if latest is not None and (latest / AGENT_FILE).is_file():
+            return latest
     raise CheckpointError(f"{path}: neither an agent checkpoint (no {AGENT_FILE}) nor an agent run "
                           f"(no {LATEST_FILE} pointing at one); train one with `worldsim agent train`")
 
@@ -149,9 +170,8 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_tensors(file: Path, num_timesteps: int) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    with safe_open(file, framework="pt", device="cpu") as f:
+    # A truncated or non-safetensors file (e.g. a pickled torch.save) fails naming the file.
+    with open_safetensors(file, error=CheckpointError) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{file}: not an agent checkpoint file (format {meta.get('format')!r})")

@@ -87,7 +87,7 @@ class AgentTrainConfig:
     env_id: str = "worldsim/MemoryMaze-9x9-v0"
     """The real maze: trained in (world="real"), evaluated in, and its size picks the dream's maze size."""
     checkpoint: str | None = None
-    """World model: a `worldsim train` run, checkpoint or bundle folder. Default: the bundled model."""
+    """World model: a `worldsim train` run, checkpoint or bundle folder. None or "bundled": the bundled model."""
     codec: str | None = None
     """Codec checkpoint (default: the one the world model records)."""
     dataset: str | None = None
@@ -168,12 +168,12 @@ class AgentTrainConfig:
 # ------------------------------------------------------------------------------ training envs
 def world_model_identity(checkpoint) -> dict[str, Any]:
     """Path and sha256 of the weights a dream loads, so an agent names the exact model it learned in."""
-    from worldsim.bundled import MANIFEST_FILE, WEIGHTS_FILE, is_bundle
+    from worldsim.bundled import WEIGHTS_FILE, is_bundle, read_manifest
     from worldsim.train.checkpoint import EMA_FILE, resolve_checkpoint
 
     if is_bundle(checkpoint):
-        manifest = json.loads((Path(checkpoint) / MANIFEST_FILE).read_text())
-        return {"checkpoint": str(Path(checkpoint).resolve()), "sha256": manifest["files"][WEIGHTS_FILE]}
+        manifest = read_manifest(checkpoint)
+        return {"checkpoint": str(Path(checkpoint).resolve()), "sha256": manifest["files"].get(WEIGHTS_FILE)}
     folder = resolve_checkpoint(checkpoint)
     return {"checkpoint": str(folder.resolve()), "sha256": sha256_file(folder / EMA_FILE)}
 
@@ -201,11 +201,11 @@ def make_dream_vec_env(cfg: AgentTrainConfig, device: torch.device) -> tuple[Vec
     """(SB3 VecEnv of `num_envs` dream streams, world descriptor)."""
     from stable_baselines3.common.vec_env import VecMonitor
 
-    from worldsim.envs.dream import MinariContext, default_checkpoint, load_dream_model
+    from worldsim.envs.dream import MinariContext, load_dream_model, resolve_dream_checkpoint
     from worldsim.envs.sb3_vec import DreamSB3VecEnv
 
     size = maze_size(cfg.env_id)
-    checkpoint = cfg.checkpoint if cfg.checkpoint is not None else default_checkpoint(size)
+    checkpoint = resolve_dream_checkpoint(cfg.checkpoint, size)  # None / "bundled": the bundled model
     model, codec = load_dream_model(checkpoint, cfg.codec, device=device)
     if cfg.dataset is not None:
         context, source = MinariContext(cfg.dataset, cfg.context_frames), cfg.dataset
@@ -393,9 +393,9 @@ def train_agent(cfg: AgentTrainConfig, resume: bool = False) -> dict[str, Any]:
 
 def _check_dream_fits_maze(cfg: AgentTrainConfig, why: str) -> None:
     """ValueError when the world model's actions are not the real maze's (`why` says what breaks)."""
-    from worldsim.envs.dream import action_space_for, default_checkpoint
+    from worldsim.envs.dream import action_space_for, resolve_dream_checkpoint
 
-    checkpoint = cfg.checkpoint if cfg.checkpoint is not None else default_checkpoint(maze_size(cfg.env_id))
+    checkpoint = resolve_dream_checkpoint(cfg.checkpoint, maze_size(cfg.env_id))
     dream_actions = action_space_for(_model_config(checkpoint))
     real_actions = real_spaces()[1]
     if space_summary(dream_actions) != space_summary(real_actions):

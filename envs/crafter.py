@@ -204,6 +204,7 @@ class CrafterEnv(gym.Env[np.ndarray, np.int64]):
         self._crafter: Any = None  # the crafter.Env of the current seed, built on reset
         self._frame: np.ndarray | None = None
         self._episode_running = False
+        self._closed = False
         self._window = None
         if render_mode == "human":
             from worldsim.envs.human_render import HumanRenderWindow
@@ -217,6 +218,7 @@ class CrafterEnv(gym.Env[np.ndarray, np.int64]):
         super().reset(seed=seed)
         if options:
             raise ValueError(f"CrafterEnv.reset takes no options, got {sorted(options)}")
+        self._require_open()
         if seed is not None or self._crafter is None:
             # crafter.Env numbers its episodes from its construction seed, so a new seed needs a
             # new crafter.Env (cheap: ~0.05 s; world generation on reset dominates).
@@ -233,6 +235,7 @@ class CrafterEnv(gym.Env[np.ndarray, np.int64]):
         return self._emit()
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self._require_open()
         if not self._episode_running:
             raise RuntimeError(
                 "CrafterEnv.step() called before reset() or after the episode ended; "
@@ -271,8 +274,13 @@ class CrafterEnv(gym.Env[np.ndarray, np.int64]):
             self._window.close()
             self._window = None
         self._episode_running = False
+        self._closed = True
 
     # ------------------------------------------------------------------ internals
+    def _require_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("CrafterEnv is closed: make a new env (step / reset after close() are refused)")
+
     def _emit(self) -> tuple[np.ndarray, dict[str, Any]]:
         """The current frame and info, as fresh arrays the caller may keep."""
         player = self._crafter._player

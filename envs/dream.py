@@ -8,7 +8,12 @@ Seeding: `reset(seed=...)` seeds `self.np_random`, which picks the context and s
 noise, so a seed fixes the whole episode.
 
 Bad input (wrong shape, dtype or range, NaN) raises before anything changes, so the env stays
-usable; stepping a finished episode needs `reset` first.
+usable; stepping a finished episode needs `reset` first; a closed env refuses to step or reset, and
+`reset` refuses options it does not know (it knows none).
+
+Checkpoints: a world-model run or checkpoint folder, a bundle folder, or None / "bundled" for the
+bundled model. Made through `gymnasium.make`, episodes end at the registered `max_episode_steps`
+(the real maze's episode length, 1000 for 9x9; `gymnasium.make(id, max_episode_steps=N)` changes it).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from worldsim.rollout.session import RolloutSession
 
+BUNDLED = "bundled"  # checkpoint="bundled": the shipped bundle, as checkpoint=None
 FRAME_SHAPE = (64, 64, 3)
 RENDER_FPS = 4  # Memory Maze's control rate; the dream runs at the same "speed" in human mode
 SEED_BOUND = 2**63 - 1
@@ -136,6 +142,22 @@ def check_action(space: gym.Space, action: Any) -> np.ndarray:
     return a.astype(np.float32)
 
 
+def check_reset_options(owner: str, options: dict | None, known: Sequence[str] = ()) -> None:
+    """ValueError naming the unknown keys and the known ones; None and {} pass."""
+    if not options:
+        return
+    if not isinstance(options, dict):
+        raise TypeError(f"{owner}.reset options must be a dict, got {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"{owner}.reset got unknown options {unknown}; known options: "
+                         + (", ".join(known) if known else "none"))
+
+
+def closed_error(owner: str) -> RuntimeError:
+    return RuntimeError(f"{owner} is closed: make a new env (step / reset after close() are refused)")
+
+
 # ------------------------------------------------------------------------------ the env
 class DreamEnv(gym.Env):
     """One dream stream; see the module doc. `context_frames` real frames are prefilled per reset."""
@@ -149,15 +171,17 @@ class DreamEnv(gym.Env):
         codec,
         context: ContextSource,
         context_frames: int = 9,
-        horizon: int = 1000,
+        horizon: int | None = 1000,
         sampler_steps: int = 4,
         render_mode: str | None = None,
         action_low: float = -1.0,
         action_high: float = 1.0,
     ) -> None:
+        """horizon: dreamed steps before the env truncates itself; None: never (a `TimeLimit`
+        wrapper, as `gymnasium.make` adds, ends the episodes)."""
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
-        if context_frames < 1 or horizon < 1:
+        if context_frames < 1 or (horizon is not None and horizon < 1):
             raise ValueError(f"context_frames and horizon must be >= 1, got {context_frames}, {horizon}")
         self.context = context
         self.context_frames = context_frames
@@ -170,6 +194,8 @@ class DreamEnv(gym.Env):
         self._t = 0
         self._done = True
         self._window = None
+        self._closed = False
+        self._owned_context = False  # closed with the env (set by make_dream_env when it made it)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, codec=None, **kwargs) -> DreamEnv:
@@ -177,6 +203,9 @@ class DreamEnv(gym.Env):
         return cls(model=model, codec=codec_model, **kwargs)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if self._closed:
+            raise closed_error(type(self).__name__)
+        check_reset_options(type(self).__name__, options)
         super().reset(seed=seed)
         frames, actions = self.context.sample(self.np_random, self.context_frames)
         _check_clip(np.asarray(frames), np.asarray(actions), self.context_frames, type(self.context).__name__)
@@ -189,6 +218,8 @@ class DreamEnv(gym.Env):
         return self._frame.copy(), {"step": 0}
 
     def step(self, action):
+        if self._closed:
+            raise closed_error(type(self).__name__)
         a = check_action(self.action_space, action)  # before anything changes
         if self._done:
             raise RuntimeError("the episode has ended (or never started): call reset() first")
@@ -196,7 +227,7 @@ class DreamEnv(gym.Env):
         self._frame = out.frames[0].numpy()
         self._t += 1
         terminated = bool(out.terminated[0])
-        truncated = self._t >= self.horizon and not terminated
+        truncated = self.horizon is not None and self._t >= self.horizon and not terminated
         self._done = terminated or truncated
         if self.render_mode == "human":
             self.render()
@@ -222,6 +253,11 @@ class DreamEnv(gym.Env):
         if self._window is not None:
             self._window.close()
             self._window = None
+        if self._owned_context and hasattr(self.context, "close"):
+            self.context.close()
+            self._owned_context = False
+        self._closed = True
+        self._done = True
 
 
 # ------------------------------------------------------------------------------ loading
@@ -237,6 +273,8 @@ def load_dream_model(checkpoint, codec=None, device: str | torch.device = "cpu")
     from worldsim.codec.checkpoint import load_codec
     from worldsim.train.checkpoint import CheckpointError, load_world_model
 
+    if checkpoint is None or _is_bundled_keyword(checkpoint):
+        checkpoint = default_checkpoint(None)
     if is_bundle(checkpoint):  # the bundled default model (or another bundle folder)
         model, _ = load_bundle_model(checkpoint, device=device)
         bundle_codec = load_bundle_codec(checkpoint, device=device)
@@ -259,17 +297,31 @@ NO_MODEL_HELP = (
 )
 
 
-def default_checkpoint(maze_size: int):
+def default_checkpoint(maze_size: int | None):
     """The bundled model's folder, used when no checkpoint is given; ValueError when none is
-    installed or when it learned another maze size."""
+    installed or when it learned another maze size (None: any size)."""
     from worldsim.bundled import bundle_location, bundled_model_dir, check_maze_size
 
     found = bundled_model_dir()
     if found is None:
-        help_text = NO_MODEL_HELP.format(id=f"worldsim/Dream-MemoryMaze-{maze_size}x{maze_size}-v0")
+        size = maze_size or 9
+        help_text = NO_MODEL_HELP.format(id=f"worldsim/Dream-MemoryMaze-{size}x{size}-v0")
         raise ValueError(f"{help_text} (looked in {bundle_location()})")
-    check_maze_size(found, maze_size)
+    if maze_size is not None:
+        check_maze_size(found, maze_size)
     return found
+
+
+def _is_bundled_keyword(checkpoint) -> bool:
+    return isinstance(checkpoint, str) and checkpoint == BUNDLED
+
+
+def resolve_dream_checkpoint(checkpoint, maze_size: int | None):
+    """`checkpoint` as given, or the bundled model's folder for None / "bundled" (checked against
+    the maze size the dream's live context uses)."""
+    if checkpoint is None or _is_bundled_keyword(checkpoint):
+        return default_checkpoint(maze_size)
+    return checkpoint
 
 
 def make_context(context: ContextSource | None, dataset, maze_size: int, context_frames: int) -> ContextSource:
@@ -288,13 +340,16 @@ def make_dream_env(
     maze_size: int = 9,
     context: ContextSource | None = None,
     context_frames: int = 9,
+    horizon: int | None = None,
     **kwargs,
 ) -> DreamEnv:
-    """Entry point of the registered dream ids. Model: `checkpoint`, else the bundled model. Context:
-    `context` (e.g. `worldsim.bundled.load_bundle_clips(dir).context()`), else a Minari `dataset`
-    (path or list of paths), else the live Memory Maze of `maze_size`."""
-    if checkpoint is None:
-        checkpoint = default_checkpoint(maze_size)
+    """Entry point of the registered dream ids. Model: `checkpoint`, else (None or "bundled") the
+    bundled model. Context: `context` (e.g. `worldsim.bundled.load_bundle_clips(dir).context()`),
+    else a Minari `dataset` (path or list of paths), else the live Memory Maze of `maze_size`.
+    horizon: None lets `gymnasium.make`'s TimeLimit (`max_episode_steps`) end the episodes."""
+    checkpoint = resolve_dream_checkpoint(checkpoint, maze_size)
     model, codec_model = load_dream_model(checkpoint, codec)
-    return DreamEnv(model=model, codec=codec_model, context=make_context(context, dataset, maze_size, context_frames),
-                    context_frames=context_frames, **kwargs)
+    env = DreamEnv(model=model, codec=codec_model, context=make_context(context, dataset, maze_size, context_frames),
+                   context_frames=context_frames, horizon=horizon, **kwargs)
+    env._owned_context = context is None
+    return env

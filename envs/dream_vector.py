@@ -10,6 +10,9 @@ SB3 adapter uses): the ending step already returns the new episode's first frame
 frame goes to info["final_obs"] (with info["final_info"], both masked by info["_final_obs"]).
 Restarting some streams re-prefills just their rows of the model cache from the new context and
 overwrites them in the batch (`RolloutSession.reset_streams`); the other streams carry on.
+
+Seeds are non-negative integers (one, or one per sub-env); `reset` knows no options; a closed env
+refuses to step or reset. Stable-Baselines3 takes `worldsim.envs.make_sb3_vec_env(...)` instead.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from worldsim.envs.dream import (
-    FRAME_SHAPE, RENDER_FPS, SEED_BOUND, ContextSource, action_space_for, check_action, load_dream_model,
-    default_checkpoint, make_context,
+    FRAME_SHAPE, RENDER_FPS, SEED_BOUND, ContextSource, action_space_for, check_action, check_reset_options,
+    closed_error, load_dream_model, make_context, resolve_dream_checkpoint,
 )
 from worldsim.rollout.session import RolloutSession
 
@@ -45,6 +48,8 @@ class DreamVectorEnv(VectorEnv):
         action_low: float = -1.0,
         action_high: float = 1.0,
     ) -> None:
+        if horizon is None:
+            raise ValueError("the vector dream needs a horizon (episode length in steps)")
         if num_envs < 1 or context_frames < 1 or horizon < 1:
             raise ValueError(f"num_envs, context_frames and horizon must be >= 1, got {num_envs}, {context_frames}, {horizon}")
         if render_mode not in (None, "rgb_array"):
@@ -70,6 +75,7 @@ class DreamVectorEnv(VectorEnv):
         self._t = np.zeros(num_envs, np.int64)
         self._ended = np.zeros(num_envs, bool)  # NEXT_STEP: restart these on the next step
         self._started = False
+        self._owned_context = False  # closed with the env (set by make_dream_vector_env when it made it)
 
     @classmethod
     def from_checkpoint(cls, num_envs: int, checkpoint, codec=None, **kwargs) -> DreamVectorEnv:
@@ -99,13 +105,27 @@ class DreamVectorEnv(VectorEnv):
         return np.stack([check_action(self.single_action_space, x) for x in a])
 
     # -- API ------------------------------------------------------------------------------------
+    def _seeds(self, seed) -> list[int]:
+        """seed s -> [s, s + 1, ...]; a list or tuple -> one per sub-env; each a non-negative integer."""
+        many = isinstance(seed, (list, tuple, np.ndarray))
+        given = list(seed) if many else [seed]
+        for s in given:
+            if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 0:
+                raise TypeError(f"seed must be a non-negative integer or a list of {self.num_envs} of them, got {seed!r}"
+                                if not many else f"seeds must be non-negative integers, got {s!r} in {seed!r}")
+        if not many:
+            return [int(seed) + i for i in range(self.num_envs)]
+        if len(given) != self.num_envs:
+            raise ValueError(f"need {self.num_envs} seeds, got {len(given)}")
+        return [int(s) for s in given]
+
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         """All sub-envs; seed s gives sub-env i the seed s + i (a list: one seed each)."""
+        if self.closed:
+            raise closed_error(type(self).__name__)
+        check_reset_options(type(self).__name__, options)
         if seed is not None:
-            seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(self.num_envs)]
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"need {self.num_envs} seeds, got {len(seeds)}")
-            self._rngs = [seeding.np_random(s)[0] for s in seeds]
+            self._rngs = [seeding.np_random(s)[0] for s in self._seeds(seed)]
         frames, actions, seeds = self._contexts(list(range(self.num_envs)))
         self._frames[:] = self.session.reset(frames, actions, seeds=seeds).numpy()
         self._t[:] = 0
@@ -114,6 +134,8 @@ class DreamVectorEnv(VectorEnv):
         return self._frames.copy(), {}
 
     def step(self, actions):
+        if self.closed:
+            raise closed_error(type(self).__name__)
         a = self._actions(actions)  # validate before anything changes
         if not self._started:
             raise RuntimeError("call reset() before step()")
@@ -161,6 +183,11 @@ class DreamVectorEnv(VectorEnv):
             return None
         return np.concatenate(list(self._frames), axis=1)
 
+    def close_extras(self, **kwargs) -> None:
+        if self._owned_context and hasattr(self.context, "close"):
+            self.context.close()
+            self._owned_context = False
+
 
 def make_dream_vector_env(
     num_envs: int,
@@ -171,11 +198,19 @@ def make_dream_vector_env(
     maze_size: int = 9,
     context: ContextSource | None = None,
     context_frames: int = 9,
+    horizon: int | None = None,
+    max_episode_steps: int | None = None,
     **kwargs,
 ) -> DreamVectorEnv:
-    """Vector entry point of the registered dream ids (arguments as `make_dream_env`)."""
-    if checkpoint is None:
-        checkpoint = default_checkpoint(maze_size)  # the bundled model, or a clear error
+    """Vector entry point of the registered dream ids (arguments as `make_dream_env`).
+
+    `gymnasium.make_vec` passes the id's `max_episode_steps` (or the caller's); it becomes the
+    horizon unless `horizon` is given. Neither: 1000 steps."""
+    checkpoint = resolve_dream_checkpoint(checkpoint, maze_size)  # the bundled model, or a clear error
+    if horizon is None:
+        horizon = max_episode_steps if max_episode_steps is not None else 1000
     model, codec_model = load_dream_model(checkpoint, codec)
-    return DreamVectorEnv(num_envs, model=model, codec=codec_model, context_frames=context_frames,
+    venv = DreamVectorEnv(num_envs, model=model, codec=codec_model, context_frames=context_frames, horizon=horizon,
                           context=make_context(context, dataset, maze_size, context_frames), **kwargs)
+    venv._owned_context = context is None
+    return venv

@@ -59,6 +59,10 @@ class MineRLEnv(gym.Env):
         self._frame: np.ndarray | None = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if options:
+            raise ValueError(f"MineRLEnv.reset takes no options, got {sorted(options)}")
+        if getattr(self, "_closed", False):
+            raise RuntimeError("MineRLEnv is closed: make a new env (step / reset after close() are refused)")
         super().reset(seed=seed)
         if seed is not None:
             self._env.seed(seed)
@@ -67,6 +71,8 @@ class MineRLEnv(gym.Env):
         return self._observe(obs), {}
 
     def step(self, action: np.ndarray):
+        if getattr(self, "_closed", False):
+            raise RuntimeError("MineRLEnv is closed: make a new env (step / reset after close() are refused)")
         minerl_action = actions.to_minerl_action(action, self._noop)
         out = self._env.step(minerl_action)
         if len(out) == 5:
@@ -84,6 +90,7 @@ class MineRLEnv(gym.Env):
         env = getattr(self, "_env", None)
         if env is not None:
             env.close()
+        self._closed = True
 
     def _observe(self, obs: dict[str, Any]) -> np.ndarray:
         pov = np.asarray(obs["pov"], np.uint8)

@@ -283,7 +283,53 @@ def test_interrupt_and_sigkill_keep_the_dataset_readable_and_rerun_completes(tmp
     assert "minari.load_dataset('test/killed-v0')" in out
     dataset = load("test/killed-v0", tmp_path, monkeypatch)
     metas = episode_metadata(dataset)
-    assert sorted(m["episode_index"] for m in metas) == list(range(episodes))
+    assert [m["episode_index"] for m in metas] == list(range(episodes))  # id i is seed i, across kills too
     assert all(m["seed"] == m["episode_index"] for m in metas)
     assert dataset.total_steps == sum(m["num_steps"] for m in metas)
     assert not (path / ".staging").exists()
+
+
+# -------------------------------------------------- episode ids follow seeds, whatever the workers do
+class SlowFirstEnv(gym.Env):
+    """Episodes of 6 steps whose frames hold their seed; seed 100 is slow, so with two workers the
+    other episodes finish before it."""
+
+    observation_space = gym.spaces.Box(0, 255, (4, 4, 3), np.uint8)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episode_seed, self.t = seed, 0
+        return np.full((4, 4, 3), seed % 256, np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.episode_seed == 100:
+            time.sleep(0.2)
+        return np.full((4, 4, 3), self.episode_seed % 256, np.uint8), 0.0, False, self.t >= 6, {}
+
+
+if "worldsim_test/SlowFirst-v0" not in gym.registry:
+    gym.register("worldsim_test/SlowFirst-v0", entry_point=f"{__name__}:SlowFirstEnv")
+SLOW_FIRST_ID = f"{__name__}:worldsim_test/SlowFirst-v0"
+
+
+def test_episode_ids_map_to_seeds_whatever_order_workers_finish(tmp_path, monkeypatch):
+    config = CollectConfig(
+        env_id=SLOW_FIRST_ID, policy="random", episodes=4, workers=2, seed=100,
+        dataset_id="test/ordered-v0", root=str(tmp_path), progress=False,
+    )  # fmt: skip
+    summary = collect(config)
+    assert summary.episodes_written == 4
+    dataset = load(config.dataset_id, tmp_path, monkeypatch)
+    metas = episode_metadata(dataset)
+    assert [m["episode_index"] for m in metas] == [0, 1, 2, 3]
+    assert [m["seed"] for m in metas] == [100, 101, 102, 103]
+    for i, episode in enumerate(dataset.iterate_episodes()):
+        assert (episode.observations == 100 + i).all()  # the frames are those of seed 100 + i
+    recorded = json.loads((tmp_path / config.dataset_id / "data" / "metadata.json").read_text())
+    import worldsim
+
+    assert recorded["requirements"][0] == f"worldsim=={worldsim.__version__}"
+    assert {r.split("==")[0] for r in recorded["requirements"]} == {"worldsim", "gymnasium", "minari"}
+    assert "WORLDSIM_CODE_PERMALINK" in recorded["code_permalink"]  # the placeholder says how to set it

@@ -196,3 +196,110 @@ def test_dream_ids_are_registered_with_vector_entry_points():
         assert spec.vector_entry_point == "worldsim.envs.dream_vector:make_dream_vector_env"
     with pytest.raises(ValueError, match="checkpoint="):
         gym.make(DREAM_MEMORY_MAZE_IDS[0])
+
+
+# ------------------------------------------------------------------ Gymnasium / SB3 with no glue
+DREAM_9 = "worldsim/Dream-MemoryMaze-9x9-v0"
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from tiny_world import save_tiny_bundle
+
+    return save_tiny_bundle(tmp_path_factory.mktemp("bundle") / "dream-memory-maze-9x9")
+
+
+@pytest.fixture
+def installed_bundle(tiny_bundle, monkeypatch):
+    """The tiny bundle as the installed one (checkpoint=None / "bundled"), and its clips as context."""
+    from worldsim import bundled
+
+    monkeypatch.setenv(bundled.ENV_VAR, str(tiny_bundle))
+    return bundled.load_bundle_clips(tiny_bundle).context()
+
+
+def test_make_sb3_vec_env_trains_ppo_on_the_bundled_model(installed_bundle):
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecEnv
+
+    import worldsim.envs
+
+    vec = worldsim.envs.make_sb3_vec_env(DREAM_9, num_envs=2, checkpoint=None, context=installed_bundle,
+                                         sampler_steps=1, max_episode_steps=16, seed=0)
+    assert isinstance(vec, VecEnv) and vec.num_envs == 2 and vec.observation_space.shape == (64, 64, 3)
+    assert vec.get_attr("horizon") == [16, 16]
+    model = PPO("CnnPolicy", vec, n_steps=64, batch_size=64, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=256)
+    assert model.num_timesteps >= 256
+    assert [ep["l"] for ep in model.ep_info_buffer][:4] == [16, 16, 16, 16]  # VecMonitor logs the episodes
+    vec.close()
+
+
+def test_sb3_adapter_and_native_envs_load_a_checkpoint_themselves(installed_bundle, tmp_path):
+    from tiny_world import save_tiny_run
+
+    run = save_tiny_run(tmp_path)
+    vec = DreamSB3VecEnv(2, checkpoint=str(run), context=installed_bundle, sampler_steps=1, horizon=3)
+    assert vec.reset().shape == (2, 64, 64, 3)
+    vec.close()
+    # "bundled" is the shipped bundle, as None is.
+    env = gym.make(DREAM_9, checkpoint="bundled", context=installed_bundle, sampler_steps=1)
+    assert env.reset(seed=0)[0].shape == (64, 64, 3)
+    env.close()
+    with pytest.raises(ValueError, match="unknown env id 'worldsim/Dream-Typo-v0'"):
+        import worldsim.envs
+
+        worldsim.envs.make_sb3_vec_env("worldsim/Dream-Typo-v0", num_envs=2)
+
+
+def test_dream_ids_have_an_episode_length_that_can_be_changed(installed_bundle):
+    assert gym.spec(DREAM_9).max_episode_steps == 1000  # the real 9x9 maze's episode length
+    env = gym.make(DREAM_9, context=installed_bundle, sampler_steps=1, max_episode_steps=3)
+    env.reset(seed=0)
+    ends = [env.step(0)[2:4] for _ in range(3)]
+    assert ends == [(False, False), (False, False), (False, True)]  # truncated at step 3
+    env.close()
+    venv = gym.make_vec(DREAM_9, num_envs=2, context=installed_bundle, sampler_steps=1, max_episode_steps=2)
+    assert venv.horizon == 2
+    venv.close()
+    assert gym.make_vec(DREAM_9, num_envs=2, context=installed_bundle, sampler_steps=1).horizon == 1000
+
+
+def test_closed_envs_refuse_to_step_and_reset_options_are_checked(parts):
+    env = DreamEnv(**parts, horizon=5, sampler_steps=1)
+    with pytest.raises(ValueError, match=r"DreamEnv.reset got unknown options \['foo'\]; known options: none"):
+        env.reset(seed=0, options={"foo": 1})
+    env.reset(seed=0, options={})
+    env.close()
+    for call in (lambda: env.step(0), lambda: env.reset(seed=0)):
+        with pytest.raises(RuntimeError, match="DreamEnv is closed"):
+            call()
+
+    venv = DreamVectorEnv(2, **parts, horizon=5, sampler_steps=1)
+    with pytest.raises(ValueError, match=r"unknown options \['context'\]"):
+        venv.reset(seed=0, options={"context": 1})
+    venv.reset(seed=0)
+    venv.close()
+    with pytest.raises(RuntimeError, match="DreamVectorEnv is closed"):
+        venv.step(np.zeros(2, np.int64))
+
+    vec = DreamSB3VecEnv(2, **parts, horizon=5, sampler_steps=1)
+    vec.set_options({"foo": 1})
+    with pytest.raises(ValueError, match=r"unknown options \['foo'\]"):
+        vec.reset()
+    vec.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        vec.step(np.zeros(2, np.int64))
+
+
+@pytest.mark.parametrize("bad", ["7", 1.5, True, -1, np.float64(2.0), [0, "x"]])
+def test_vector_env_seeds_must_be_integers(parts, bad):
+    venv = DreamVectorEnv(2, **parts, horizon=5, sampler_steps=1)
+    with pytest.raises(TypeError, match="seed"):
+        venv.reset(seed=bad)
+    venv.reset(seed=np.int64(3))  # numpy integers are integers
+    venv.reset(seed=[4, 5])
+    vec = DreamSB3VecEnv(2, **parts, horizon=5, sampler_steps=1)
+    if not isinstance(bad, list):
+        with pytest.raises(TypeError, match="seed must be a non-negative integer"):
+            vec.seed(bad)

@@ -29,3 +29,18 @@ def test_bad_headers_name_the_file_and_the_problem(tmp_path, body, message):
     file.write_text(body)
     with pytest.raises(CheckpointError, match=message):
         _read(file)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"[1, 2]", r"h\.json: corrupt header \(a JSON list, expected an object\)"),
+    (b"42", r"h\.json: corrupt header \(a JSON int"),
+    (b"\xff\xfe{\x00", r"h\.json: not UTF-8 text"),
+    (b"\x80\x03}q\x00.", r"h\.json: not UTF-8 text"),  # a pickle given a .json name
+])
+def test_headers_that_are_not_a_json_object_are_refused_by_name(tmp_path, body, message):
+    file = tmp_path / "h.json"
+    file.write_bytes(body)
+    with pytest.raises(CheckpointError, match=message):
+        _read(file)
+    with pytest.raises(CheckpointError, match=r"missing\.json: missing"):
+        _read(tmp_path / "missing.json")

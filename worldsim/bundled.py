@@ -127,6 +127,15 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(f"{file}: not a model bundle (format {found!r}, expected {FORMAT!r})")
     if manifest.get("version") != VERSION:
         raise BundleError(f"{file}: bundle format version {manifest.get('version')!r}; this code reads version {VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise BundleError(f"{file}: corrupt manifest: no \"files\" table (file name -> sha256); "
+                          "reinstall worldsim or rebuild the bundle")
+    if not isinstance(manifest.get("model_config"), dict):
+        raise BundleError(f"{file}: corrupt manifest: no \"model_config\" object; reinstall worldsim or rebuild the bundle")
+    sigma = manifest.get("sigma_data")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise BundleError(f"{file}: corrupt manifest: \"sigma_data\" must be a number, got {sigma!r}")
     return manifest
 
 
@@ -152,7 +161,11 @@ def _read_weights(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Ten
         raise BundleError(f"{file}: unreadable safetensors file ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT:
         raise BundleError(f"{file}: not bundle weights (format {meta.get('format')!r})")
-    if json.loads(meta.get("config", "null")) != manifest["model_config"]:
+    try:
+        stored_config = json.loads(meta.get("config", "null"))
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{file}: corrupt model config in its header ({e})") from None
+    if stored_config != manifest["model_config"]:
         raise BundleError(f"{file} was written with another model config than {folder / MANIFEST_FILE} (a mixed bundle)")
     return tensors
 

@@ -16,8 +16,12 @@
 Policies act on the frame they would see in use: during the context the real frame, afterwards
 the dream frame. "random" is a random walk with persistence (agents.exploration.RandomWalk);
 "scripted" is the maze navigator, which plans on the REAL maze's layout and pose, so it needs the
-live env; a path to a Stable-Baselines3 .zip loads that agent (SB3 zips hold pickled objects:
-load only agents you trust).
+live env; an agent run or checkpoint folder of `worldsim agent train` (safetensors + JSON, no
+pickles) or a path to a Stable-Baselines3 .zip (pickled objects: load only agents you trust)
+loads that agent, which then acts deterministically (its argmax action).
+
+Bad arguments (a checkpoint, dataset or policy that is not there, steps < 1...) raise ValueError /
+FileNotFoundError with one line naming the option, before the model is loaded.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class NoModelError(FileNotFoundError):
 @dataclass
 class DreamConfig:
     checkpoint: str | None = None
-    """World-model run or checkpoint folder; None uses the bundled model (error if there is none)."""
+    """World-model run, checkpoint or bundle folder; None or "bundled" uses the bundled model (error if there is none)."""
     codec: str | None = None
     """Codec checkpoint; None uses the one the world model records."""
     context: str = MEMORY_MAZE
@@ -62,7 +66,8 @@ class DreamConfig:
     context_frames: int = 9
     """Real frames prefilled before dreaming (>= the model's attention window keeps it in-distribution)."""
     policy: str = "random"
-    """"random", "scripted" (live maze only) or a path to a Stable-Baselines3 .zip."""
+    """"random", "scripted" (live maze only), an agent run / checkpoint folder (`worldsim agent train`)
+    or a path to a Stable-Baselines3 .zip."""
     steps: int = 100
     """Frames to dream."""
     out: str = "dream.mp4"
@@ -101,13 +106,18 @@ class DreamResult:
 
 # ------------------------------------------------------------------------------ model
 def resolve_checkpoint_arg(checkpoint: str | os.PathLike | None, maze_size: int | None = None) -> Path:
-    """The checkpoint given, else the bundled model (`worldsim.bundled`), else NoModelError.
+    """The checkpoint given (FileNotFoundError when nothing is there), else (None or "bundled") the
+    bundled model (`worldsim.bundled`), else NoModelError.
 
     With the bundled model and a live maze of `maze_size`, the size must be the one it learned."""
     from worldsim.bundled import bundle_location, bundled_model_dir, check_maze_size
+    from worldsim.envs.dream import BUNDLED
 
-    if checkpoint is not None:
-        return Path(checkpoint)
+    if checkpoint is not None and str(checkpoint) != BUNDLED:
+        path = Path(checkpoint).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or folder")
+        return path
     found = bundled_model_dir()
     if found is None:
         raise NoModelError(NO_MODEL_HELP.format(where=f"looked in {bundle_location()}"))
@@ -153,6 +163,40 @@ def load_sb3_agent(path: str | os.PathLike):
     raise ValueError(f"{path}: not a PPO, A2C or DQN zip Stable-Baselines3 can load:\n  " + "\n  ".join(errors))
 
 
+class AgentCheckpointPolicy:
+    """An agent of `worldsim agent train` (run or checkpoint folder) as a policy: its deterministic
+    action for the frame it sees. No pickle is read."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        try:
+            from worldsim.agents.agent_eval import load_agent
+        except ImportError:
+            raise ImportError("an agent policy needs stable-baselines3: pip install 'worldsim[rl]'") from None
+        self.path = path
+        self.agent = load_agent(path)
+
+    def check_fits(self, n_actions: int) -> None:
+        """ValueError naming both sides when the agent was trained on other frames or actions."""
+        import gymnasium as gym
+
+        from worldsim.agents.agent_checkpoint import check_spaces
+
+        frames = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        check_spaces(self.agent.meta, frames, gym.spaces.Discrete(n_actions), f"--policy {self.path}")
+
+    def reset(self, env, info: dict[str, Any], rng: np.random.Generator) -> None:
+        pass
+
+    def act(self, obs: np.ndarray, info: dict[str, Any]) -> int:
+        return int(np.asarray(self.agent.predict(obs, deterministic=True)).reshape(()))
+
+
+def is_agent_checkpoint(path: str | os.PathLike) -> bool:
+    """A `worldsim agent train` run folder (latest.json) or checkpoint folder (agent.json)."""
+    folder = Path(path).expanduser()
+    return folder.is_dir() and ((folder / "agent.json").is_file() or (folder / "latest.json").is_file())
+
+
 def make_policy(name: str, live_env: bool) -> Policy:
     from worldsim.agents.exploration import Navigator, RandomWalk
 
@@ -164,10 +208,17 @@ def make_policy(name: str, live_env: bool) -> Policy:
                              f"--context {MEMORY_MAZE}; with a dataset context use --policy random or an SB3 zip")
         return Navigator()
     if name.endswith(".zip"):
-        if not Path(name).is_file():
-            raise FileNotFoundError(f"policy file {name} does not exist")
+        if not Path(name).expanduser().is_file():
+            raise FileNotFoundError(f"--policy {name}: no such file")
         return SB3Policy(name)
-    raise ValueError(f"--policy must be random, scripted or a path to a Stable-Baselines3 .zip, got {name!r}")
+    if is_agent_checkpoint(name):
+        return AgentCheckpointPolicy(name)
+    if Path(name).expanduser().is_dir():
+        raise ValueError(f"--policy {name}: not an agent folder of `worldsim agent train` (no agent.json or latest.json)")
+    if Path(name).suffix or "/" in name or os.sep in name:
+        raise FileNotFoundError(f"--policy {name}: no such file or folder")
+    raise ValueError("--policy must be random, scripted, an agent folder of `worldsim agent train` or a "
+                     f"Stable-Baselines3 .zip, got {name!r}")
 
 
 class _SpaceOnly:
@@ -241,20 +292,36 @@ def dream(cfg: DreamConfig, progress: bool = False) -> DreamResult:
     from worldsim.envs.dream import load_dream_model
     from worldsim.rollout.session import RolloutSession
 
-    if cfg.steps < 1 or cfg.context_frames < 1 or cfg.scale < 1 or cfg.fps < 1:
-        raise ValueError("steps, context_frames, scale and fps must be >= 1")
+    for name in ("steps", "context_frames", "scale", "fps", "sampler_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     out = Path(cfg.out)
     if out.suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--out must end in .mp4 or .gif, got {out.name}")
     live = cfg.context == MEMORY_MAZE
     checkpoint = resolve_checkpoint_arg(cfg.checkpoint, cfg.maze_size if live else None)
-    policy = make_policy(cfg.policy, live)  # before loading anything: bad arguments fail fast
+    if cfg.codec is not None and not Path(cfg.codec).expanduser().exists():
+        raise FileNotFoundError(f"--codec {cfg.codec}: no such file or folder")
+    # Before loading anything: bad arguments fail fast.
+    clip_source = None
+    if not live:
+        from worldsim.envs.dream import MinariContext
+
+        try:
+            clip_source = MinariContext(cfg.context, cfg.context_frames)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--context {cfg.context}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"--context {cfg.context}: not {MEMORY_MAZE} nor a usable Minari dataset ({e})") from None
+    policy = make_policy(cfg.policy, live)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     model, codec = load_dream_model(checkpoint, cfg.codec, device=device)
     if model.cfg.action_kind != "discrete":
         raise ValueError("worldsim dream drives discrete-action models (Memory Maze); this checkpoint "
                          f"takes continuous actions of width {model.cfg.action_dim}")
+    if isinstance(policy, AgentCheckpointPolicy):
+        policy.check_fits(model.cfg.n_actions)
     rng = np.random.default_rng(cfg.seed)
 
     real_env, info = None, {}
@@ -268,9 +335,7 @@ def dream(cfg: DreamConfig, progress: bool = False) -> DreamResult:
     else:
         import gymnasium as gym
 
-        from worldsim.envs.dream import MinariContext
-
-        frames, actions = MinariContext(cfg.context, cfg.context_frames).sample(rng, cfg.context_frames)
+        frames, actions = clip_source.sample(rng, cfg.context_frames)
         real_obs = None
         policy.reset(_SpaceOnly(gym.spaces.Discrete(model.cfg.n_actions)), info, rng)
 

@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json
-from worldsim.utils.format_json import read_format_json
+from worldsim.utils.format_json import read_format_json, read_json_object
+from worldsim.utils.safetensors_io import open_safetensors
 
 FORMAT = "worldsim-codec"
 VERSION = 1
@@ -60,7 +60,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (path / CONFIG_FILE).is_file():
         return path
     if (path / LATEST_FILE).is_file():
-        latest = json.loads((path / LATEST_FILE).read_text())
+        latest = read_json_object(path / LATEST_FILE, error=CheckpointError)
+        if not isinstance(latest.get("checkpoint"), str):
+            raise CheckpointError(f"{path / LATEST_FILE}: corrupt pointer (no \"checkpoint\" path in it)")
         return resolve_checkpoint(path / latest["checkpoint"])
     raise CheckpointError(
         f"{path}: no {CONFIG_FILE} (codec checkpoint) or {LATEST_FILE} (training run) in it"
@@ -80,13 +82,15 @@ def read_config(path: str | os.PathLike) -> CodecConfig:
 
 def _read_weights(folder: Path, config: CodecConfig) -> dict[str, torch.Tensor]:
     file = folder / WEIGHTS_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    with safe_open(file, framework="pt", device="cpu") as f:
+    # A truncated or non-safetensors file (e.g. a pickled torch.save) fails naming the file.
+    with open_safetensors(file, error=CheckpointError) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{file}: not codec weights (format {meta.get('format')!r})")
-        stored = CodecConfig.from_dict(json.loads(meta["config"]))
+        try:
+            stored = CodecConfig.from_dict(json.loads(meta["config"]))
+        except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{file}: no readable codec config in its header ({e})") from None
         if stored != config:
             raise CheckpointError(
                 f"{file} was saved with a different config than {folder / CONFIG_FILE} (a torn or "

@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Sampler
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec, measure_latent_stats, preset, psnr
 from worldsim.codec.checkpoint import LATEST_FILE, CheckpointError, load_codec_into, save_codec
+from worldsim.utils.safetensors_io import open_safetensors
 from worldsim.data.windows import WindowDataset
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 
@@ -259,7 +260,8 @@ def _load_trainer_state(
             f"{folder / 'trainer.json'}: trainer state version {state.get('version')!r}, "
             f"expected {TRAINER_STATE_VERSION}"
         )
-    tensors = load_file(folder / "trainer.safetensors")
+    with open_safetensors(folder / "trainer.safetensors", error=CheckpointError) as f:  # names a truncated file
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     generator.set_state(tensors.pop("rng.generator"))
     per_param: dict[int, dict] = {int(p): dict(v) for p, v in state["optimizer_scalars"].items()}
     for key, value in tensors.items():

@@ -7,6 +7,7 @@ import json
 import typer
 
 agent_app = typer.Typer(help="Train agents in imagination and score them in the real Memory Maze.", no_args_is_help=True)
+DEFAULT_ENV_ID = "worldsim/MemoryMaze-9x9-v0"
 
 
 def _hyperparameters(pairs: list[str]) -> dict:
@@ -32,10 +33,11 @@ def _fail(e: Exception) -> typer.Exit:
 def agent_train(
     run_dir: str = typer.Option(..., help="Folder for checkpoints, latest.json and TensorBoard logs."),
     world: str = typer.Option("dream", help="dream (the world model's imagination) or real (the real Memory Maze)."),
-    checkpoint: str | None = typer.Option(None, help="World model: run, checkpoint or bundle folder (default: the bundled model)."),
+    checkpoint: str | None = typer.Option(None, help="World model: run, checkpoint or bundle folder; 'bundled' or nothing: the bundled model."),
     codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
     dataset: str | None = typer.Option(None, help="Minari dataset for dream contexts (default: random walks in the real maze)."),
-    env: str = typer.Option("worldsim/MemoryMaze-9x9-v0", help="The real maze: trained in (--world real) and evaluated in."),
+    env: str = typer.Option(DEFAULT_ENV_ID, help="The real maze: trained in (--world real) and evaluated in."),
+    env_alias: str | None = typer.Option(None, "--env-id", hidden=True, help="Same as --env (the spelling `worldsim collect` uses)."),
     algo: str = typer.Option("ppo", help="ppo, a2c or dqn."),
     policy: str = typer.Option("CnnPolicy", help="SB3 policy alias."),
     hparam: list[str] = typer.Option([], help="Algorithm hyper-parameter KEY=VALUE (repeat), e.g. n_steps=64."),
@@ -57,7 +59,9 @@ def agent_train(
 ) -> None:
     """Train an SB3 agent in the dream (or the real maze), evaluating it in the real maze as it learns."""
     from worldsim.agents.imagination import AgentTrainConfig, train_agent
+    from worldsim.commands.common import merge_alias
 
+    env = merge_alias(env, env_alias, DEFAULT_ENV_ID, "--env", "--env-id")
     try:
         cfg = AgentTrainConfig(
             run_dir=run_dir, world=world, env_id=env, checkpoint=checkpoint, codec=codec, dataset=dataset,
@@ -82,7 +86,8 @@ def agent_train(
 @agent_app.command("eval")
 def agent_eval(
     agent: str = typer.Argument(..., help="Agent run folder (its latest checkpoint) or checkpoint folder."),
-    env: str = typer.Option("worldsim/MemoryMaze-9x9-v0", help="Real Memory Maze id."),
+    env: str = typer.Option(DEFAULT_ENV_ID, help="Real Memory Maze id."),
+    env_alias: str | None = typer.Option(None, "--env-id", hidden=True, help="Same as --env (the spelling `worldsim collect` uses)."),
     episodes: int = typer.Option(5, help="Episodes, played by the agent and by a random policy."),
     max_steps: int = typer.Option(1_000, help="Steps per episode."),
     seed: int = typer.Option(0, help="Episode i plays maze seed seed + i."),
@@ -92,7 +97,9 @@ def agent_eval(
 ) -> None:
     """Play an agent in the real maze against a uniformly random policy on the same mazes."""
     from worldsim.agents.imagination import compare_with_random, format_comparison, load_agent
+    from worldsim.commands.common import merge_alias
 
+    env = merge_alias(env, env_alias, DEFAULT_ENV_ID, "--env", "--env-id")
     try:
         result = compare_with_random(load_agent(agent, device=device), env, episodes, max_steps, seed, deterministic)
     except ValueError as e:

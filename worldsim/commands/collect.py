@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+DEFAULT_ENV_ID = "worldsim/MemoryMaze-9x9-v0"
+
 
 class PolicyChoice(str, Enum):
     """`worldsim.data.collect.POLICY_CHOICES` (a test keeps them equal; repeated here so that
@@ -21,8 +23,11 @@ class PolicyChoice(str, Enum):
 
 def collect(
     env_id: str = typer.Option(
-        "worldsim/MemoryMaze-9x9-v0", "--env-id", "-e",
+        DEFAULT_ENV_ID, "--env-id", "-e",
         help="Gymnasium id: worldsim/MemoryMaze-{9x9,11x11,13x13,15x15}-v0 or worldsim/Crafter-v0.",
+    ),
+    env_alias: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--env", hidden=True, help="Same as --env-id (the spelling `worldsim agent` uses)."
     ),
     policy: PolicyChoice = typer.Option(
         PolicyChoice.mixed, "--policy", "-p",
@@ -44,6 +49,10 @@ def collect(
         None, help="Datasets folder (default: MINARI_DATASETS_PATH or ~/.minari/datasets)."
     ),
     description: str = typer.Option("", help="Description stored in the dataset's metadata."),
+    code_permalink: Optional[str] = typer.Option(  # noqa: UP007
+        None, help="Link to the code that made the dataset, stored as Minari's code_permalink "
+                   "(default: $WORLDSIM_CODE_PERMALINK, else a placeholder).",
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run exploration policies in a real env and write the episodes as a Minari dataset.
@@ -60,12 +69,15 @@ def collect(
         CollectionError,
         CollectionInterrupted,
     )
+    from worldsim.commands.common import merge_alias
     from worldsim.data.collect import collect as run_collect
 
+    env_id = merge_alias(env_id, env_alias, DEFAULT_ENV_ID, "--env-id", "--env")
     config = CollectConfig(
         env_id=env_id, policy=policy.value, episodes=episodes, workers=workers,
         max_steps=max_steps, seed=seed, dataset_id=dataset_id,
         root=None if root is None else str(root), description=description, progress=progress,
+        code_permalink=code_permalink,
     )  # fmt: skip
     try:
         summary = run_collect(config)

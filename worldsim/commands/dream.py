@@ -6,12 +6,12 @@ import typer
 
 
 def dream(
-    checkpoint: str | None = typer.Option(None, help="World-model run or checkpoint folder (default: the bundled model, when installed)."),
+    checkpoint: str | None = typer.Option(None, help="World-model run, checkpoint or bundle folder; 'bundled' or nothing: the bundled model, when installed."),
     codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
     context: str = typer.Option("memory-maze", help="memory-maze (live env: real | dream video) or a Minari dataset id / path."),
     maze_size: int = typer.Option(9, help="Memory Maze size for the live context."),
     context_frames: int = typer.Option(9, help="Real frames prefilled before dreaming."),
-    policy: str = typer.Option("random", help="random, scripted (live maze only) or a Stable-Baselines3 .zip."),
+    policy: str = typer.Option("random", help="random, scripted (live maze only), an agent folder of `worldsim agent train` or a Stable-Baselines3 .zip."),
     steps: int = typer.Option(100, help="Frames to dream."),
     out: str = typer.Option("dream.mp4", help="Video file, .mp4 or .gif."),
     seed: int = typer.Option(0, help="Fixes the context, the policy and the sampler noise."),
@@ -23,6 +23,7 @@ def dream(
     """Dream with a world model from real context and write the video (real env side by side when
     there is one); prints frames/s and per-step latency."""
     from worldsim.bundled import BundleError
+    from worldsim.commands.common import USER_ERRORS, fail
     from worldsim.dream import DreamConfig, NoModelError, dream as run_dream, format_result
 
     cfg = DreamConfig(checkpoint=checkpoint, codec=codec, context=context, maze_size=maze_size,
@@ -34,6 +35,7 @@ def dream(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except BundleError as e:  # the bundled model is corrupt, or learned another maze size
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(e, 1) from None
+    except (*USER_ERRORS, ImportError) as e:  # a bad option, a missing or corrupt file: one line
+        raise fail(e, 2) from None
     typer.echo(format_result(result))

@@ -8,7 +8,7 @@ import typer
 
 
 def plan(
-    checkpoint: str | None = typer.Option(None, help="World-model run or checkpoint folder (default: the bundled model, when installed)."),
+    checkpoint: str | None = typer.Option(None, help="World-model run, checkpoint or bundle folder; 'bundled' or nothing: the bundled model, when installed."),
     codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
     planner: str = typer.Option("cem", help="cem, mppi or random-shooting."),
     horizon: int = typer.Option(8, help="Dreamed steps per candidate action sequence."),
@@ -33,7 +33,8 @@ def plan(
 
     from worldsim.agents.mpc import compare_with_random
     from worldsim.agents.planners import PlannerConfig, make_planner
-    from worldsim.envs.dream import default_checkpoint, load_dream_model
+    from worldsim.commands.common import USER_ERRORS, existing_path, fail
+    from worldsim.envs.dream import BUNDLED, load_dream_model, resolve_dream_checkpoint
     from worldsim.envs.memory_maze import MemoryMazeEnv
 
     try:  # every setting is checked before the model and the MuJoCo env are built
@@ -44,14 +45,20 @@ def plan(
         for name, value in (("steps", steps), ("episodes", episodes), ("context-frames", context_frames)):
             if value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
-        path = checkpoint if checkpoint is not None else default_checkpoint(maze_size)
-    except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        if checkpoint not in (None, BUNDLED):
+            existing_path(checkpoint, "--checkpoint")
+        if codec is not None:
+            existing_path(codec, "--codec")
+        path = resolve_dream_checkpoint(checkpoint, maze_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise fail(e, 2) from None
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
-    model, frame_codec = load_dream_model(path, codec, device=dev)
+    try:  # a corrupt checkpoint or codec, a codec that does not fit: one line naming the file
+        model, frame_codec = load_dream_model(path, codec, device=dev)
+    except USER_ERRORS as e:
+        raise fail(e, 1) from None
     env = MemoryMazeEnv(size=maze_size)
     try:
         result = compare_with_random(env, model, frame_codec, chosen, episodes, steps, context_frames, seed)

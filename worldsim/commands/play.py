@@ -18,7 +18,7 @@ NO_MODEL_HELP = (
 def play(
     checkpoint: Optional[Path] = typer.Option(  # noqa: UP007 (typer needs Optional on Python 3.11)
         None, "--checkpoint", "-c",
-        help="World-model checkpoint folder or `worldsim train` run folder (default: the bundled model, when installed).",
+        help="World-model checkpoint, `worldsim train` run or bundle folder; 'bundled' or nothing: the bundled model, when installed.",
     ),
     codec: Optional[Path] = typer.Option(  # noqa: UP007
         None, help="Frame codec checkpoint (default: the one recorded in the world-model checkpoint)."
@@ -31,7 +31,8 @@ def play(
     maze_size: int = typer.Option(9, help="Memory Maze side (9, 11, 13 or 15) for the live context."),
     real: bool = typer.Option(True, "--real/--no-real", help="Start with the real env side by side (V toggles)."),
     agent: Optional[Path] = typer.Option(  # noqa: UP007
-        None, help="Saved Stable-Baselines3 model (.zip) for agent mode (Tab); default: a random walk."
+        None, help="Agent for agent mode (Tab): a `worldsim agent train` run or checkpoint folder, or a "
+                   "Stable-Baselines3 .zip; default: a random walk."
     ),
     record: Optional[Path] = typer.Option(  # noqa: UP007
         None, help="Record from the start to this .mp4 or .gif (C starts/stops takes)."
@@ -53,6 +54,8 @@ def play(
     """
     from worldsim.bundled import BundleError, bundle_location, bundled_model_dir, check_maze_size
 
+    if checkpoint is not None and str(checkpoint) == "bundled":
+        checkpoint = None
     if checkpoint is None:
         checkpoint = bundled_model_dir()
         if checkpoint is None:
@@ -86,8 +89,8 @@ def play(
     policy = None
     if agent is not None:
         try:
-            policy = load_sb3_policy(agent)
-        except (ValueError, FileNotFoundError) as e:
+            policy = _load_agent_policy(agent, model.cfg.n_actions, load_sb3_policy)
+        except (ValueError, FileNotFoundError, ImportError) as e:
             typer.echo(f"warning: {e}; agent mode uses a random walk instead", err=True)
 
     if dataset:
@@ -112,3 +115,15 @@ def play(
             context.close()
     for path in viewer.saved:
         typer.echo(f"saved {path}")
+
+
+def _load_agent_policy(path: Path, n_actions: int, load_sb3_policy):
+    """A frame -> action callable: an agent of `worldsim agent train` (run or checkpoint folder,
+    safetensors + JSON) acting deterministically, or an SB3 .zip through `load_sb3_policy`."""
+    from worldsim.dream import AgentCheckpointPolicy, is_agent_checkpoint
+
+    if not is_agent_checkpoint(path):
+        return load_sb3_policy(path)
+    agent = AgentCheckpointPolicy(path)
+    agent.check_fits(n_actions)
+    return lambda frame: agent.act(frame, {})

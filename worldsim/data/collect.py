@@ -7,10 +7,14 @@ episode can be regenerated from the dataset's metadata.
 
 Resuming: the dataset's metadata records the collection config and every committed episode
 records its `episode_index`; re-running the same command runs only the missing indices. A kill
-(even SIGKILL) loses at most the episodes in flight. Ctrl-C / SIGTERM are deferred until the
-current commit has finished, then the workers are stopped and `CollectionInterrupted` is raised.
-Episodes are committed in the order they finish, so dataset episode ids need not follow
-`episode_index`.
+(even SIGKILL) loses at most the episodes in flight and those finished but waiting for an earlier
+one. Ctrl-C / SIGTERM are deferred until the current commit has finished, then the workers are
+stopped and `CollectionInterrupted` is raised.
+
+Episodes are committed in `episode_index` order whatever order the workers finish them in (a
+finished episode waits in memory for the earlier ones), so in a dataset made by `collect`, episode
+id i is the episode of seed `seed + i`, on a resumed run too (datasets written before this ordering,
+whose ids followed finishing order, keep their ids; `episode_index` in each episode's metadata says).
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ class CollectConfig:
     """Free-text description stored in the dataset's metadata."""
     progress: bool = True
     """Show a progress bar (steps/s, episodes committed) on stderr."""
+    code_permalink: str | None = None
+    """Link to the code that made the dataset (Minari's `code_permalink`); None: see
+    `worldsim.data.minari_writer.default_code_permalink`."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -386,6 +393,8 @@ def _run_workers(
     writer: DatasetWriter | None = None
     spaces: tuple[gym.Space, gym.Space] | None = None
     finished: set[int] = set()
+    waiting: dict[int, Any] = {}  # finished episodes whose earlier indices are still running
+    next_pos = 0  # todo[next_pos] is the next episode to commit
     steps_per_episode = config.max_steps or spec.max_episode_steps
     bar = tqdm(
         total=len(todo) * steps_per_episode if steps_per_episode else None,
@@ -413,14 +422,19 @@ def _run_workers(
                 bar.update(message[2])
             elif kind == "episode":
                 _, _, index, episode = message
-                if writer is None:
-                    assert spaces is not None, "a worker sends 'ready' before its episodes"
-                    writer = _open_writer(config, spec, *spaces)
-                writer.append(episode)
-                summary.episodes_written += 1
-                summary.episodes_in_dataset += 1
-                summary.steps_written += episode.num_steps
-                bar.set_postfix_str(f"episodes {summary.episodes_in_dataset}/{config.episodes}")
+                waiting[index] = episode
+                # Commit in index order: episode id i of the dataset is the episode of seed + i.
+                while next_pos < len(todo) and todo[next_pos] in waiting:
+                    episode = waiting.pop(todo[next_pos])
+                    next_pos += 1
+                    if writer is None:
+                        assert spaces is not None, "a worker sends 'ready' before its episodes"
+                        writer = _open_writer(config, spec, *spaces)
+                    writer.append(episode)
+                    summary.episodes_written += 1
+                    summary.episodes_in_dataset += 1
+                    summary.steps_written += episode.num_steps
+                    bar.set_postfix_str(f"episodes {summary.episodes_in_dataset}/{config.episodes}")
             elif kind == "error":
                 _, _, index, (bad_input, details) = message
                 if index is None and bad_input:
@@ -502,6 +516,7 @@ def _open_writer(
         description=config.description or f"{config.policy} exploration in {config.env_id}",
         algorithm_name=f"worldsim collect --policy {config.policy}",
         extra_metadata={CONFIG_METADATA_KEY: recorded},
+        code_permalink=config.code_permalink,
     )
     if writer.metadata[CONFIG_METADATA_KEY] != recorded:  # resumed, perhaps with more episodes
         writer.update_dataset_metadata(**{CONFIG_METADATA_KEY: recorded})

@@ -15,11 +15,17 @@ Commit protocol for one episode:
   3. `data/metadata.json` is replaced atomically with the new episode and step counts.
 A reader trusts only `total_episodes` from step 3, so a kill between steps leaves a folder that
 `DatasetWriter` deletes when it next opens the dataset; the dataset stays readable throughout.
+
+Provenance: a new dataset records `requirements` (the worldsim, gymnasium and minari versions that
+wrote it, which `MinariDataset.recover_environment` checks) and `code_permalink`: the writer's
+`code_permalink=`, else $WORLDSIM_CODE_PERMALINK, else the package's repository URL when its
+metadata names one, else a placeholder saying how to set it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +38,42 @@ from worldsim.utils.atomic import atomic_write_json, fsync_dir
 
 METADATA_FILE = "metadata.json"
 NAMESPACE_FILE = "namespace_metadata.json"
+PERMALINK_ENV_VAR = "WORLDSIM_CODE_PERMALINK"
+
+
+def dataset_requirements() -> list[str]:
+    """pip-style pins of the packages that wrote a dataset (Minari's `requirements`)."""
+    import importlib.metadata as md
+
+    import worldsim
+
+    out = [f"worldsim=={worldsim.__version__}"]
+    for name in ("gymnasium", "minari"):
+        try:
+            out.append(f"{name}=={md.version(name)}")
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def default_code_permalink() -> str:
+    """$WORLDSIM_CODE_PERMALINK, else the repository URL in worldsim's package metadata, else a
+    placeholder that says how to set it."""
+    import importlib.metadata as md
+
+    import worldsim
+
+    if os.environ.get(PERMALINK_ENV_VAR):
+        return os.environ[PERMALINK_ENV_VAR]
+    try:
+        for entry in md.metadata("worldsim").get_all("Project-URL") or []:
+            label, _, url = entry.partition(",")
+            if label.strip().lower() in ("repository", "source", "homepage") and url.strip():
+                return url.strip()
+    except md.PackageNotFoundError:
+        pass
+    return (f"worldsim {worldsim.__version__} (no repository link recorded: set ${PERMALINK_ENV_VAR} "
+            "or pass code_permalink= / --code-permalink)")
 
 
 def datasets_root() -> Path:
@@ -47,10 +89,10 @@ def dataset_dir(dataset_id: str, root: str | Path | None = None) -> Path:
 
     try:
         parse_dataset_id(dataset_id)
-    except Exception as e:  # minari raises a bare ValueError/AssertionError with no context
+    except Exception:  # noqa: BLE001 - minari's own errors (even a TypeError from int(None)) say less than this
         raise ValueError(
             f"invalid dataset id {dataset_id!r}: expected '[namespace/]name-v<version>', "
-            f"e.g. 'worldsim/memory-maze-9x9-v0' ({e})"
+            f"e.g. 'worldsim/memory-maze-9x9-v0'"
         ) from None
     return (Path(root) if root is not None else datasets_root()) / dataset_id
 
@@ -116,8 +158,10 @@ class DatasetWriter:
         description: str = "",
         algorithm_name: str = "",
         extra_metadata: dict[str, Any] | None = None,
+        code_permalink: str | None = None,
     ) -> None:
         self.dataset_id = dataset_id
+        self.code_permalink = code_permalink
         self.path = dataset_dir(dataset_id, root)
         self.data_path = self.path / "data"
         self.staging_path = self.path / ".staging"
@@ -161,6 +205,8 @@ class DatasetWriter:
             description=description or f"worldsim dataset {self.dataset_id}",
             algorithm_name=algorithm_name or "unknown",
             author=["worldsim"],
+            requirements=dataset_requirements(),
+            code_permalink=self.code_permalink or default_code_permalink(),
             **extra_metadata,
         )
         if env_spec is not None:

@@ -24,22 +24,23 @@ tensors, or optimizer parameters that do not line up all fail with a message nam
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from worldsim.train.ema import EMA
-from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temp_dirs
 from worldsim.utils.format_json import read_format_json
+from worldsim.utils.safetensors_io import open_safetensors
 
 FORMAT = "worldsim-world-model"
 VERSION = 1
@@ -49,6 +50,8 @@ EMA_FILE = "ema.safetensors"
 TRAINER_FILE = "trainer.safetensors"
 LATEST_FILE = "latest.json"
 CHECKPOINTS_DIR = "checkpoints"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -225,9 +228,8 @@ def _tensors_bytes(tensors: dict[str, torch.Tensor], step: int, **meta: str) -> 
 
 
 def _read_tensors(file: Path, step: int) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    with safe_open(file, framework="pt", device="cpu") as f:
+    # A truncated or non-safetensors file (e.g. a pickled torch.save) fails naming the file.
+    with open_safetensors(file, error=CheckpointError) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{file}: not a world-model checkpoint file (format {meta.get('format')!r})")
@@ -274,6 +276,7 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(root)  # .step_*.tmp-PID / .old-PID left by a writer killed mid-save
     name = checkpoint_name(step)
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -317,10 +320,10 @@ def save_checkpoint(
     return final
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
+def list_checkpoints(run_dir: str | os.PathLike, marker: str = SIDECAR_FILE) -> list[Path]:
+    """Complete checkpoint folders of a run (those holding `marker`), oldest first."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    found = [p for p in root.glob("step_*") if (p / SIDECAR_FILE).is_file()]
+    found = [p for p in root.glob("step_*") if (p / marker).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -328,23 +331,69 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints; never the one latest.json points at."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    latest = latest_checkpoint(run_dir)
+    try:
+        latest = read_latest_pointer(run_dir)
+    except CheckpointError:
+        latest = None
     for old in list_checkpoints(run_dir)[:-keep]:
         if latest is None or old.resolve() != latest.resolve():
             shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------- load
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint latest.json points at, or None for a run without one."""
+def read_latest_pointer(run_dir: str | os.PathLike) -> Path | None:
+    """The folder latest.json names (whatever it holds), or None for a run without latest.json."""
     pointer = Path(run_dir) / LATEST_FILE
     if not pointer.is_file():
         return None
     try:
         latest = json.loads(pointer.read_text())
         return Path(run_dir) / latest["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{pointer}: corrupt pointer ({e})") from None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be loaded (sidecar or a safetensors header unreadable, files of
+    another step), or None. Reads headers only; files a folder lacks are left to the loaders."""
+    try:
+        step = int(read_format_json(folder / SIDECAR_FILE, FORMAT, VERSION, what="a world-model checkpoint",
+                                    version_label="checkpoint", error=CheckpointError)["step"])
+        for name in (MODEL_FILE, EMA_FILE, TRAINER_FILE):
+            if (folder / name).is_file():
+                with open_safetensors(folder / name, error=CheckpointError) as f:
+                    if (f.metadata() or {}).get("step") != str(step):
+                        return f"{folder / name}: belongs to another step than {folder / SIDECAR_FILE}"
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, *, problem_of: Callable[[Path], str | None] = checkpoint_problem,
+                      marker: str = SIDECAR_FILE) -> Path | None:
+    """The checkpoint latest.json points at, or None for a run without one.
+
+    When that one is unusable (gone, a sidecar or safetensors header corrupt or truncated) the
+    newest complete checkpoint that is usable is returned instead, with a warning naming the one
+    skipped (so `--resume` continues from it); CheckpointError when there is none.
+    `problem_of` / `marker`: the check and the marker file of another format (agent checkpoints)."""
+    try:
+        target = read_latest_pointer(run_dir)
+        if target is None:
+            return None
+        problem = problem_of(target)
+    except CheckpointError as e:
+        target, problem = None, str(e)
+    if problem is None:
+        return target
+    for candidate in reversed(list_checkpoints(run_dir, marker)):
+        if target is not None and candidate.resolve() == target.resolve():
+            continue
+        if problem_of(candidate) is None:
+            log.warning("skipping %s (%s); using %s, the newest complete checkpoint",
+                        target if target is not None else Path(run_dir) / LATEST_FILE, problem, candidate)
+            return candidate
+    raise CheckpointError(f"{problem}; the run holds no other complete checkpoint to fall back to")
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

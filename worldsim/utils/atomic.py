@@ -56,3 +56,40 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (True when unsure: another user's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(root: str | os.PathLike, markers: tuple[str, ...] = (".tmp-", ".old-")) -> list[Path]:
+    """Delete the hidden `.<name><marker><pid>` folders in `root` whose writer process is dead.
+
+    A checkpoint is written into `.<name>.tmp-<pid>` and renamed into place (an old folder of the
+    same name is moved to `.<name>.old-<pid>` first); a kill in between leaves the folder behind.
+    Folders of live processes (a writer running now) are kept. Returns what was deleted."""
+    import shutil
+
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for child in root.iterdir():
+        if not child.name.startswith(".") or not child.is_dir():
+            continue
+        for marker in markers:
+            _, found, pid = child.name.rpartition(marker)
+            if found and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+                break
+    return removed
