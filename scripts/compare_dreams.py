@@ -1,6 +1,6 @@
 """Real vs dream, side by side at chosen frames, for one or more world models: a PNG for the README.
 
-    python scripts/compare_dreams.py --model old=runs/bundle-old --model new=worldsim/assets/dream-memory-maze-9x9 \
+    python scripts/compare_dreams.py --model "before=runs/bundle-old,sigma_max=5" --model now=worldsim/assets/dream-memory-maze-9x9 \
         --frames 1,10,50,200,1000 --seed 7 --out docs/dream_comparison.png
 
 The real 9x9 maze runs a random walk (persistence 0.8, seeded); every model gets the same real
@@ -19,7 +19,8 @@ import numpy as np
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", required=True, help="LABEL=PATH of a checkpoint or bundle (repeat)")
+    p.add_argument("--model", action="append", required=True,
+                   help="LABEL=PATH[,sigma_max=X,sigma_min=Y] of a checkpoint or bundle, with optional sampler settings (repeat)")
     p.add_argument("--frames", default="1,10,50,200,1000", help="dreamed frame numbers to show")
     p.add_argument("--context", type=int, default=9, help="real frames given to the models first")
     p.add_argument("--seed", type=int, default=7, help="maze, actions and sampler noise")
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shown = [int(f) for f in args.frames.split(",")]
     steps = max(shown)
-    models = [spec.partition("=")[::2] for spec in args.model]
+    models = []
+    for spec in args.model:
+        label, _, rest = spec.partition("=")
+        path, *settings = rest.split(",")
+        models.append((label, path, {k: float(v) for k, _, v in (item.partition("=") for item in settings)}))
     rng = np.random.default_rng(args.seed)
     actions = random_walk_actions(6, 1, args.context - 1 + steps, 0.8, rng)[0]
 
@@ -56,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     real = np.stack(real)  # (context + steps, H, W, 3)
 
     rows = [("real", [real[args.context - 1 + f] for f in shown])]
-    for label, path in models:
+    for label, path, sampler in models:
         model, codec = load_dream_model(path)
-        session = RolloutSession(model, codec, batch=1, sampler_steps=args.sampler_steps)
+        session = RolloutSession(model, codec, batch=1, sampler_steps=args.sampler_steps, sampler_kwargs=sampler)
         session.reset(real[None, : args.context], actions[None, : args.context - 1], seeds=[args.seed])
         kept = {}
         with torch.no_grad():

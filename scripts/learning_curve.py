@@ -1,11 +1,13 @@
 """Held-out prediction PSNR against training steps: every checkpoint of a run through
 `worldsim eval prediction`, written as JSON and plotted as a PNG.
 
-    python scripts/learning_curve.py --run runs/mm9-direct --dataset worldsim/mm9-heldout-v1 \
-        --every 1000 --start worldsim/assets/dream-memory-maze-9x9 --out docs/learning_curve.png
+    python scripts/learning_curve.py --run runs/mm9-direct:0:1000 --run runs/mm9-direct-hn:1000 \
+        --dataset worldsim/mm9-heldout-v1 --every 1000 --start runs/bundle-old --out docs/learning_curve.png
 
---start adds the weights the run was warm-started from as the first point (at step 0). Results are
-cached in the JSON next to the PNG, so a re-run only evaluates checkpoints it has not seen.
+--run FOLDER[:OFFSET[:LAST]] (repeatable) takes a run's checkpoints up to step LAST, plotted at
+OFFSET + step: a run warm-started from another run's checkpoint continues its curve. --start adds
+the weights the first run was warm-started from as the point at step 0. Results are cached in
+the JSON next to the PNG, so a re-run only evaluates checkpoints it has not seen.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, type=Path, help="`worldsim train` run folder")
+    p.add_argument("--run", required=True, action="append", help="`worldsim train` run folder[:offset[:last step]] (repeat)")
     p.add_argument("--dataset", required=True, help="held-out Minari dataset id or folder")
     p.add_argument("--start", default=None, help="checkpoint or bundle the run was warm-started from (step 0)")
     p.add_argument("--every", type=int, default=1000, help="evaluate checkpoints whose step is a multiple of this")
@@ -40,10 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     points: list[tuple[int, str]] = [] if args.start is None else [(0, args.start)]
-    for folder in list_checkpoints(args.run):
-        step = int(read_sidecar(folder)["step"])
-        if step % args.every == 0:
-            points.append((step, str(folder)))
+    for spec in args.run:
+        folder_s, _, rest = spec.partition(":")
+        offset_s, _, last_s = rest.partition(":")
+        offset, last = int(offset_s or 0), int(last_s) if last_s else None
+        for folder in list_checkpoints(folder_s):
+            step = int(read_sidecar(folder)["step"])
+            if step % args.every == 0 and (last is None or step <= last):
+                points.append((offset + step, str(folder)))
     if not points:
         print(f"error: no checkpoint of {args.run} at a multiple of {args.every} steps", file=sys.stderr)
         return 1
@@ -75,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ax.axhline(rows[-1]["codec_t1"], color="grey", ls=":", label="codec ceiling (t=1)")
     ax.axhline(rows[-1]["copy_last_t1"], color="C0", ls="--", lw=0.8, label="copy last frame (t=1)")
     ax.axhline(rows[-1]["copy_last_mean"], color="C1", ls="--", lw=0.8, label=f"copy last frame (mean of {args.horizon})")
-    ax.set_xlabel("training steps (this run)")
+    ax.set_xlabel("training steps since the warm start")
     ax.set_ylabel("held-out PSNR (dB)")
-    ax.set_title(f"{args.run.name} on {args.dataset}", fontsize=9)
+    ax.set_title(f"held-out prediction on {args.dataset}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -69,7 +69,7 @@ def train(
     warmup_steps: int = typer.Option(200, min=1, help="Linear warmup steps."),
     grad_clip: float = typer.Option(1.0, help="Max gradient norm."),
     ema_decay: float = typer.Option(0.999, help="EMA decay of the weights used for samples."),
-    noise_mean: float = typer.Option(-0.4, help="Mean of ln(sigma) of the training noise levels."),
+    noise_mean: float = typer.Option(0.3, help="Mean of ln(sigma) of the training noise levels."),
     noise_std: float = typer.Option(1.2, help="Std of ln(sigma) of the training noise levels."),
     p_long_context: float = typer.Option(0.5, help="Probability of a clean prefix (> half the window) per window."),
     seed: int = typer.Option(0, min=0, help="Seeds weights, window order and noise."),

@@ -42,6 +42,9 @@ from worldsim.train.weights import WARM_START_FREE_FIELDS, codec_fingerprint, pa
 
 log = logging.getLogger(__name__)
 
+# What runs saved before these settings were recorded trained with.
+LEGACY_TRAIN_DEFAULTS = {"noise_mean": -0.4, "noise_std": 1.2, "p_long_context": 0.5}
+
 # Settings a resumed run must share with the run it continues, else its batches, noise or
 # schedule differ and the losses would not be those of an uninterrupted run.
 RESUME_KEYS = ("datasets", "window", "batch_size", "seed", "steps", "lr", "min_lr_ratio", "warmup_steps",
@@ -82,8 +85,11 @@ class TrainConfig:
     """Max global gradient norm (clip_grad_norm_); inf disables clipping but still logs the norm."""
     ema_decay: float = 0.999
     """Decay of the EMA weights used for samples and saved for inference (ema.safetensors)."""
-    noise_mean: float = -0.4
-    """Mean of ln(sigma) of the training noise levels (`diffusion.forcing.ForcingConfig.p_mean`)."""
+    noise_mean: float = 0.3
+    """Mean of ln(sigma) of the training noise levels (`diffusion.forcing.ForcingConfig.p_mean`).
+    DIAMOND's -0.4 is for data of std 0.5; our latents have std 1, so the same noise relative to the
+    data is -0.4 + ln 2 ~ 0.3. At -0.4 (this code's earlier default) few samples train the
+    high-noise levels where a frame must be predicted from its context."""
     noise_std: float = 1.2
     """Std of ln(sigma) of the training noise levels (`ForcingConfig.p_std`)."""
     p_long_context: float = 0.5
@@ -262,8 +268,8 @@ def model_config_for(cfg: TrainConfig, codec_config, action_space):
 
 def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec_sha: str, info: ddp.DistInfo, folder: Path) -> None:
     saved, now = sidecar["train_config"], cfg.to_json()
-    # Runs written before a key existed trained with its default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # Runs written before a key existed trained with the value the code then had.
+    defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **LEGACY_TRAIN_DEFAULTS}
     saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS}
     diff = [f"{k}: run has {saved[k]!r}, asked for {now[k]!r}" for k in RESUME_KEYS if saved[k] != now[k]]
     if diff:
