@@ -14,11 +14,14 @@ downloaded agent could run code. This format stores only tensors and plain data.
 
 Atomicity as the world-model checkpoints (`worldsim.train.checkpoint`): a hidden temporary folder
 renamed into place, then latest.json replaced atomically. Both safetensors files carry
-num_timesteps in their header, so a folder mixing files of two checkpoints is refused.
+num_timesteps in their header, so a folder mixing files of two checkpoints is refused; agent.json
+records each file's sha256 as written, so a corrupt file is refused naming it (older checkpoints
+without hashes load unchecked).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,10 +34,12 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.train.checkpoint import (
-    CHECKPOINTS_DIR, LATEST_FILE, CheckpointError, optimizer_from_storage, optimizer_to_storage,
+    CHECKPOINTS_DIR, LATEST_FILE, SHA256_KEY, CheckpointError, optimizer_from_storage, optimizer_to_storage,
     checkpoint_name, latest_checkpoint, tensor_diff,
 )
-from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temp_dirs
+from worldsim.utils.atomic import (
+    atomic_write_bytes, atomic_write_json, check_sha256, fsync_dir, remove_stale_temp_dirs,
+)
 from worldsim.utils.format_json import read_format_json
 from worldsim.utils.safetensors_io import open_safetensors
 
@@ -110,9 +115,17 @@ def save_agent(run_dir: str | os.PathLike, *, policy: torch.nn.Module, optimizer
     except TypeError as e:
         raise TypeError(f"agent.json is not JSON-serialisable: {e}") from None
 
-    atomic_write_bytes(tmp / POLICY_FILE, _tensors_bytes(policy.state_dict(), num_timesteps))
+    hashes: dict[str, str] = {}
+
+    def write(name: str, data: bytes) -> None:
+        hashes[name] = hashlib.sha256(data).hexdigest()
+        atomic_write_bytes(tmp / name, data)
+
+    write(POLICY_FILE, _tensors_bytes(policy.state_dict(), num_timesteps))
     if optimizer is not None:
-        atomic_write_bytes(tmp / OPTIMIZER_FILE, _tensors_bytes(optim_tensors, num_timesteps))
+        write(OPTIMIZER_FILE, _tensors_bytes(optim_tensors, num_timesteps))
+    # The hashes, checked on load, catch a corrupt file (a flipped byte in weights loads silently).
+    sidecar_bytes = json.dumps({**sidecar, SHA256_KEY: hashes}, indent=2).encode()
     atomic_write_bytes(tmp / AGENT_FILE, sidecar_bytes)  # last: its presence marks a full folder
 
     final = root / name
@@ -169,7 +182,7 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
                             version_label="agent", error=CheckpointError)
 
 
-def _read_tensors(file: Path, num_timesteps: int) -> dict[str, torch.Tensor]:
+def _read_tensors(file: Path, num_timesteps: int, agent_meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     # A truncated or non-safetensors file (e.g. a pickled torch.save) fails naming the file.
     with open_safetensors(file, error=CheckpointError) as f:
         meta = f.metadata() or {}
@@ -178,13 +191,15 @@ def _read_tensors(file: Path, num_timesteps: int) -> dict[str, torch.Tensor]:
         if meta.get("num_timesteps") != str(num_timesteps):
             raise CheckpointError(f"{file} belongs to step {meta.get('num_timesteps')}, but {AGENT_FILE} beside it "
                                   f"is step {num_timesteps}: a torn or mixed checkpoint folder")
+        hashes = (agent_meta or {}).get(SHA256_KEY)
+        check_sha256(file, hashes.get(file.name) if isinstance(hashes, dict) else None, CheckpointError)
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def load_policy_weights(folder: str | os.PathLike, policy: torch.nn.Module, meta: dict[str, Any]) -> None:
     """Strictly load policy.safetensors into `policy` (missing / unexpected / mis-shaped keys named)."""
     file = Path(folder) / POLICY_FILE
-    tensors = _read_tensors(file, int(meta["num_timesteps"]))
+    tensors = _read_tensors(file, int(meta["num_timesteps"]), meta)
     problems = tensor_diff(dict(policy.state_dict()), tensors)
     if problems:
         raise CheckpointError(f"{file}: the weights do not fit the {meta['policy']} of {meta['algorithm']}: "
@@ -201,7 +216,7 @@ def load_optimizer_state(folder: str | os.PathLike, policy: torch.nn.Module, opt
     folder = Path(folder)
     if saved["class"] != type(optimizer).__name__:
         raise CheckpointError(f"{folder}: optimizer is {saved['class']} in the checkpoint, {type(optimizer).__name__} in the code")
-    tensors = _read_tensors(folder / OPTIMIZER_FILE, int(meta["num_timesteps"]))
+    tensors = _read_tensors(folder / OPTIMIZER_FILE, int(meta["num_timesteps"]), meta)
     names = {id(p): n for n, p in policy.named_parameters()}
     optimizer_from_storage(optimizer, names, tensors, saved, folder)
     return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import gymnasium as gym
@@ -249,6 +250,11 @@ def test_nan_guard_stops_with_a_clear_message(dataset, tmp_path):
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["encoder.conv_in.weight"][0, 0, 0, 0] = float("nan")
     save_file(tensors, weights, metadata=meta)
+    # Weights that went bad in training, not on disk: record the new file's hash as the writer would.
+    header_file = result.checkpoint / "codec.json"
+    header = json.loads(header_file.read_text())
+    header["sha256"] = {"codec.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    header_file.write_text(json.dumps(header))
     message = r"non-finite loss \(nan\) at step 2; last good checkpoint: .*step-00000002"
     with pytest.raises(TrainingDiverged, match=message):
         train_codec(config(dataset, tmp_path / "run", steps=4), resume=True)

@@ -60,6 +60,36 @@ def test_real_side_replays_the_same_actions(checkpoint, tmp_path):
     assert not np.array_equal(va[1, :, :64], va[-1, :, :64])  # the real env moved
 
 
+def test_video_is_real_left_dream_right_and_labelled(checkpoint, tmp_path):
+    """Frame 0's left half is the real env's frame after the context (a separate env driven the
+    same way), apart from the "real" label; the right half is the dream, labelled "dream"."""
+    from worldsim.agents.exploration import RandomWalk
+    from worldsim.dream import live_context
+    from worldsim.envs.memory_maze import MemoryMazeEnv
+    from worldsim.utils.labels import LABEL_HEIGHT, label_panels
+
+    r = dream(DreamConfig(checkpoint=str(checkpoint), steps=2, out=str(tmp_path / "a.gif"), sampler_steps=1,
+                          scale=1, seed=5, policy="random", context_frames=4))
+    video = iio.imread(r.out)[..., :3]
+    env = MemoryMazeEnv(size=9)
+    try:
+        rng = np.random.default_rng(5)
+        *_, real, _ = live_context(env, RandomWalk(), 4, 5, rng)
+    finally:
+        env.close()
+    def off(a, b) -> float:  # mean abs difference; a GIF's palette moves colours by a level or two
+        return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+    frame = video[0]
+    assert off(frame[LABEL_HEIGHT:, :64], real[LABEL_HEIGHT:]) < 2  # real on the left
+    assert off(frame[LABEL_HEIGHT:, 64:], real[LABEL_HEIGHT:]) > 5  # the dream (random init) is not it
+    labelled = label_panels(np.concatenate([real, frame[:, 64:]], axis=1), ["real", "dream"])
+    assert off(frame, labelled) < 2  # the labels are all that differs
+    assert off(frame[:LABEL_HEIGHT, :20], real[:LABEL_HEIGHT, :20]) > 20  # ... and they are drawn
+    corner = frame[:LABEL_HEIGHT, 64:84]  # "dream": white text on a black box, on the right panel
+    assert (corner < 30).all(axis=-1).mean() > 0.4 and (corner > 200).all(axis=-1).any()
+
+
 def test_dataset_context_writes_dream_only(checkpoint, tmp_path):
     from worldsim.data.minari_writer import DatasetWriter, Episode
 
@@ -69,7 +99,9 @@ def test_dataset_context_writes_dream_only(checkpoint, tmp_path):
     writer.append(Episode(rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8), rng.integers(0, 6, 11), np.zeros(11), no, no))
     r = dream(DreamConfig(checkpoint=str(checkpoint), context=str(writer.path), steps=3, out=str(tmp_path / "d.mp4"),
                           sampler_steps=1, scale=1))
-    assert not r.side_by_side and iio.imread(r.out).shape == (4, 64, 64, 3)
+    video = iio.imread(r.out)
+    assert not r.side_by_side and video.shape == (4, 64, 64, 3)
+    assert (video[:, :8, :16] < 40).mean() > 0.4 and (video[:, :8, :16] > 200).any()  # "dream" on a dark box
     with pytest.raises(ValueError, match="scripted.*memory-maze"):
         dream(DreamConfig(checkpoint=str(checkpoint), context=str(writer.path), policy="scripted", out=str(tmp_path / "e.mp4")))
 

@@ -197,3 +197,25 @@ def test_dataset_the_model_cannot_take_is_a_clear_error(setup, tmp_path):
     writer.append(Episode(np.zeros((13, 64, 64, 3), np.uint8), np.zeros(12, np.int64), np.zeros(12), no, no))
     with pytest.raises(ValueError, match=r"Discrete\(5\).*Discrete\(6\)"):
         evaluate_prediction(_cfg(setup, dataset=str(writer.path)))
+
+
+def test_cli_out_dir_writes_json_and_png_plot(setup, tmp_path):
+    from PIL import Image
+
+    run, _, data = setup
+    app = typer.Typer()
+    app.add_typer(eval_app, name="eval")
+    out_dir = tmp_path / "pred"
+    result = CliRunner().invoke(app, ["eval", "prediction", "--checkpoint", str(run), "--dataset", str(data),
+                                      "--context", str(CONTEXT), "--horizon", "3", "--starts-per-episode", "1",
+                                      "--sampler-steps", "1", "--episodes", "1", "--device", "cpu",
+                                      "--out-dir", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out_dir / "prediction.json").read_text())
+    assert saved["windows"] == 1 and len(saved["psnr"]["open_loop"]["curve"]) == 3
+    assert saved["plot"] == str(out_dir / "prediction.png") and str(out_dir / "prediction.png") in result.output
+    with Image.open(out_dir / "prediction.png") as image:
+        assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+        pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 5  # lines in several colours, not a blank page
+    assert not list(out_dir.glob(".*tmp*"))

@@ -307,3 +307,147 @@ def test_gymnasium_video_and_resize_wrappers_work_out_of_the_box(tmp_path):
     small = gym.wrappers.ResizeObservation(gym.make("worldsim/Crafter-v0"), (32, 32))
     assert small.reset(seed=0)[0].shape == (32, 32, 3)
     small.close()
+
+
+# ------------------------------------------------------------------------------ silent corruption
+def flip_middle_byte(file: Path) -> None:
+    """One byte in the middle of the file (inside the tensor data) inverted: safetensors loads it."""
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_any_checkpoints_weights_is_refused_by_name(run, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from worldsim.agents.agent_checkpoint import resolve_agent
+    from worldsim.agents.agent_eval import load_agent
+    from worldsim.codec.checkpoint import CheckpointError as CodecError, load_codec
+    from worldsim.train.checkpoint import CheckpointError, load_checkpoint, load_world_model, read_sidecar
+    from worldsim.train.ema import EMA
+    from tiny_world import tiny_model
+
+    root = tmp_path / "copy"
+    shutil.copytree(run.parent, root)
+    folder = next((root / "run").glob("checkpoints/step_*"))
+    ema_file = folder / "ema.safetensors"
+    assert set(read_sidecar(folder)["sha256"]) == {"model.safetensors", "ema.safetensors", "trainer.safetensors"}
+    load_world_model(folder)  # intact: loads
+    flip_middle_byte(ema_file)
+    with pytest.raises(CheckpointError, match="corrupt") as e:
+        load_world_model(folder)
+    assert str(ema_file) in str(e.value) and "\n" not in str(e.value)
+    model = tiny_model()
+    with pytest.raises(CheckpointError, match="corrupt") as e:  # resuming training checks it too
+        load_checkpoint(folder, model=model, model_config=model.cfg.to_dict(), ema=EMA(model))
+    assert str(ema_file) in str(e.value)
+    load_world_model(folder, weights="model")  # the other files are fine
+    one_line_error(invoke("dream", "--checkpoint", str(root / "run"), "--steps", "1", "--out", str(tmp_path / "a.gif")),
+                   str(ema_file), "corrupt")
+
+    # A checkpoint written before hashes were recorded still loads (nothing to check it against).
+    sidecar = json.loads((folder / "checkpoint.json").read_text())
+    del sidecar["sha256"]
+    (folder / "checkpoint.json").write_text(json.dumps(sidecar))
+    load_world_model(folder)
+
+    # A copy re-stored in float16 on purpose (gpu_job's export marks it "stored_dtype") keeps the
+    # sidecar, whose hash is of the float32 file: it loads.
+    sidecar["sha256"] = read_sidecar(run / "checkpoints" / folder.name)["sha256"]
+    (folder / "checkpoint.json").write_text(json.dumps(sidecar))
+    with safe_open(str(run / "checkpoints" / folder.name / "ema.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: t.half() if t.is_floating_point() else t for k, t in tensors.items()}, str(ema_file),
+              metadata={**meta, "stored_dtype": "float16"})
+    load_world_model(folder)
+
+    codec_file = root / "codec" / "codec.safetensors"
+    load_codec(root / "codec")
+    flip_middle_byte(codec_file)
+    with pytest.raises(CodecError, match="corrupt") as e:
+        load_codec(root / "codec")
+    assert str(codec_file) in str(e.value)
+
+    agent_dir = resolve_agent(save_tiny_agent(tmp_path / "agent"))
+    load_agent(agent_dir)
+    flip_middle_byte(agent_dir / "policy.safetensors")
+    with pytest.raises(CheckpointError, match="corrupt") as e:
+        load_agent(agent_dir)
+    assert str(agent_dir / "policy.safetensors") in str(e.value)
+
+
+# ------------------------------------------------------------------------------ one spelling for one thing
+def test_device_defaults_to_auto_in_every_command():
+    import re
+
+    for command in (["play"], ["agent", "eval"], ["agent", "train"], ["dream"], ["plan"], ["eval", "prediction"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0, result.output
+        text = re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m", "", result.output)).replace("│", "")
+        assert re.search(r"--device [^\[]*\[default: auto\]", text), (command, text)
+
+
+def test_agent_eval_runs_with_the_auto_device(tmp_path):
+    agent = save_tiny_agent(tmp_path / "agent")
+    result = invoke("agent", "eval", str(agent), "--episodes", "1", "--max-steps", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("{"):])  # the comparison, on cpu or cuda
+
+
+def test_dataset_is_accepted_wherever_a_dataset_id_is_taken(datasets, tmp_path):
+    # collect: --dataset reaches the same check as --dataset-id / -d
+    one_line_error(invoke("collect", "--dataset", "badname", "--root", str(tmp_path)), "invalid dataset id 'badname'")
+    one_line_error(invoke("collect", "-d", "a/b-v0", "--dataset", "c/d-v0", "--root", str(tmp_path)),
+                   "--dataset-id", "--dataset")  # two different values: refused, not one silently dropped
+    # ingest: --dataset-id is still required, spelt either way
+    one_line_error(invoke("ingest", "--source", "teco", "--input-dir", str(tmp_path)), "--dataset-id")
+    missing_dir = tmp_path / "no-recordings"
+    for flag in ("--dataset", "--dataset-id", "-d"):
+        line = one_line_error(invoke("ingest", "--source", "teco", "--input-dir", str(missing_dir), flag, "worldsim/x-v0"))
+        assert "--dataset-id" not in line, line  # past the dataset check: the input folder is what fails
+    # dream: --dataset is the dataset context
+    one_line_error(invoke("dream", "--checkpoint", "nothere", "--dataset", str(tmp_path / "none")), "--checkpoint")
+    # the aliases stay out of the help
+    for command in (["collect"], ["ingest"], ["dream"]):
+        assert "--dataset " not in invoke(*command, "--help").output.replace("--dataset-id", "")
+
+
+def test_help_stays_fast_and_torch_free():
+    import time
+
+    for command in (["collect"], ["ingest"], ["dream"], ["play"], ["agent", "eval"]):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", "import sys; from worldsim.cli import app; "
+                               f"sys.argv = ['worldsim', *{command!r}, '--help']\ntry:\n    app()\nexcept SystemExit:\n    pass\n"
+                               "assert 'torch' not in sys.modules, 'torch imported'"],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr
+        assert "--help" in done.stdout and time.perf_counter() - start < 10
+
+
+def test_train_codec_takes_dataset_and_run_dir_spellings_too(tmp_path):
+    import gymnasium as gym
+
+    from worldsim.codec.checkpoint import load_codec
+    from worldsim.data.minari_writer import DatasetWriter, Episode
+
+    rng = np.random.default_rng(0)
+    writer = DatasetWriter("test/codec-alias-v0", gym.spaces.Box(0, 255, (64, 64, 3), np.uint8), gym.spaces.Discrete(6),
+                           root=tmp_path / "datasets")
+    no = np.zeros(5, bool)
+    for _ in range(2):  # one to train on, one held out
+        writer.append(Episode(rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8), rng.integers(0, 6, 5),
+                              np.zeros(5), no, no))
+    common = ["train-codec", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
+              "--no-progress", "--device", "cpu"]
+    result = invoke(*common, "-d", str(writer.path), "--run-dir", str(tmp_path / "run"))  # as `worldsim train` spells them
+    assert result.exit_code == 0, result.output
+    assert "step 1: held-out PSNR" in result.output and load_codec(tmp_path / "run") is not None
+    one_line_error(invoke(*common, "--out", str(tmp_path / "x")), "DATASETS")
+    one_line_error(invoke(*common, str(writer.path)), "--out")
+    one_line_error(invoke(*common, str(writer.path), "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b")),
+                   "--out", "--run-dir")

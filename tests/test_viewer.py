@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from worldsim.envs.dream import ClipContext, MemoryMazeContext
 from worldsim.envs.memory_maze import ACTION_NAMES, MemoryMazeEnv
 from worldsim.envs.subprocess_env import SubprocessEnv
+from worldsim.utils.labels import LABEL_HEIGHT, label_panels
 from worldsim.viewer.app import NO_REAL, OVERLAY_ROWS, Viewer, ViewerConfig, _wrap
 from worldsim.viewer.keymap import (
     CONTROLS, DIGIT_KEYS, FORWARD_KEYS, LEFT_KEYS, MEMORY_MAZE_KEYMAP, RIGHT_KEYS, number_keymap,
@@ -247,7 +248,10 @@ def test_c_records_a_readable_video(parts, clips, tmp_path, suffix):
     frames = imageio.mimread(second, memtest=False)
     assert len(frames) == 2  # paused: the frame on screen + one single step
     big = np.repeat(np.repeat(v.frame, 2, axis=0), 2, axis=1).astype(int)
-    assert np.abs(np.asarray(frames[-1])[..., :3].astype(int) - big).mean() < 12  # lossy codecs
+    last = np.asarray(frames[-1])[..., :3].astype(int)
+    assert np.abs(last - big)[LABEL_HEIGHT:].mean() < 12  # lossy codecs; the rows under the label
+    assert np.abs(last - label_panels(big.astype(np.uint8), ["dream"])).mean() < 12  # labelled "dream"
+    assert np.abs(last - big)[:LABEL_HEIGHT, :20].mean() > 20  # ... which is drawn over the frame
 
 
 # ------------------------------------------------------------------ agent loading and the command
@@ -342,10 +346,12 @@ def test_real_side_equals_a_separate_env_frame_for_frame(parts, maze):
     expected = reference_frames(3, v.actions)
     np.testing.assert_array_equal(np.stack(shown), expected)
     assert len({f.tobytes() for f in expected}) > 10  # it moved: this is not one frame repeated
-    # ... and the window shows it, upscaled, right of the dream (below the "real" label).
+    # ... and the window shows it, upscaled, left of the dream (below the "real" label).
     screen = pygame.surfarray.array3d(pygame.display.get_surface()).transpose(1, 0, 2)
     big = np.repeat(np.repeat(expected[-1], 2, axis=0), 2, axis=1)
-    np.testing.assert_array_equal(screen[20:128, 128:256], big[20:])
+    np.testing.assert_array_equal(screen[20:128, 0:128], big[20:])
+    dream_big = np.repeat(np.repeat(v.frame, 2, axis=0), 2, axis=1)
+    np.testing.assert_array_equal(screen[20:128, 128:256], dream_big[20:])
     v.close()
 
 
@@ -390,10 +396,18 @@ def test_play_headless_records_the_real_maze_not_noise(tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr
     video = np.stack(imageio.mimread(out, memtest=False))[..., :3].astype(int)
     assert video.shape == (n + 1, 64 * scale, 2 * 64 * scale, 3)  # the start frame + n steps
-    real = video[:, :, 64 * scale:].reshape(n + 1, 64, scale, 64, scale, 3).mean(axis=(2, 4))
+    # Real on the left, dream on the right (as `worldsim dream` writes), each labelled at the top.
+    real = video[:, :, :64 * scale].reshape(n + 1, 64, scale, 64, scale, 3).mean(axis=(2, 4))
     expected = reference_frames(0, [A["noop"]] * n).astype(int)  # no keys pressed: noop
-    errors = np.abs(real - expected).mean(axis=(1, 2, 3))
+    below = -(-LABEL_HEIGHT // scale)  # the 64 px rows under the label
+    errors = np.abs(real - expected)[:, below:].mean(axis=(1, 2, 3))
     assert errors.max() < 8, errors  # H.264 loses ~2 levels; noise is ~60 off
+    big = np.repeat(np.repeat(expected, scale, axis=1), scale, axis=2).astype(np.uint8)
+    for i in (0, n):  # the label area too: the frame with "real" / "dream" drawn on it
+        labelled = label_panels(np.concatenate([big[i], video[i, :, 64 * scale:].astype(np.uint8)], axis=1),
+                                ["real", "dream"])
+        assert np.abs(video[i, :LABEL_HEIGHT].astype(int) - labelled[:LABEL_HEIGHT]).mean() < 12
+        assert np.abs(video[i, :LABEL_HEIGHT, :20].astype(int) - big[i, :LABEL_HEIGHT, :20]).mean() > 20
 
 
 # ------------------------------------------------------------------ a real window (Xvfb)
@@ -471,7 +485,7 @@ def test_play_window_under_xvfb_shows_the_real_maze_and_takes_keys(xvfb, tiny_ru
             frames = slice(ys.min(), ys.min() + 64 * scale)
             np.testing.assert_array_equal(screenshot(xvfb)[frames], shot[frames])
         top, left = ys.min(), xs.min()
-        real = shot[top + 20:top + 64 * scale:scale, left + 64 * scale:left + 2 * 64 * scale:scale]
+        real = shot[top + 20:top + 64 * scale:scale, left:left + 64 * scale:scale]  # the left panel
         # No keys moved the agent (noop actions): the real side is the separate env's frame after
         # some number of noop steps, pixel for pixel (rows under the "real" label).
         expected = reference_frames(0, [A["noop"]] * 60)[:, 10:]

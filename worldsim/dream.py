@@ -9,9 +9,9 @@
    policy's action. With the live env, the SAME action also steps the real env, which simply
    continues from where the context left it (equivalently: reset with the same seed and replay
    the context actions), so the two can be compared frame by frame.
-3. The video: real | dream side by side when a real env is available, else the dream alone;
-   frame 0 is the last context frame (the dream side shows it as the codec reconstructs it),
-   then one frame per step. Upscaled by `scale` (nearest neighbour) so 64x64 frames are visible.
+3. The video: real | dream side by side (real on the left) when a real env is available, else
+   the dream alone, each panel labelled "real" / "dream" in its top-left corner; frame 0 is the
+   last context frame (the dream side shows it as the codec reconstructs it), then one frame per step. Upscaled by `scale` (nearest neighbour) so 64x64 frames are visible.
 
 Policies act on the frame they would see in use: during the context the real frame, afterwards
 the dream frame. "random" is a random walk with persistence (agents.exploration.RandomWalk);
@@ -279,9 +279,13 @@ class VideoWriter:
 
 
 def compose(dream_frame: np.ndarray, real_frame: np.ndarray | None, scale: int) -> np.ndarray:
-    """(H, W, 3) dream, optional real -> real | dream, upscaled by `scale` (nearest neighbour)."""
+    """(H, W, 3) dream, optional real -> real | dream, upscaled by `scale` (nearest neighbour),
+    each panel labelled ("real" / "dream") in its top-left corner (worldsim.utils.labels)."""
+    from worldsim.utils.labels import label_panels
+
     frame = dream_frame if real_frame is None else np.concatenate([real_frame, dream_frame], axis=1)
-    return np.ascontiguousarray(frame.repeat(scale, axis=0).repeat(scale, axis=1))
+    frame = np.ascontiguousarray(frame.repeat(scale, axis=0).repeat(scale, axis=1))
+    return label_panels(frame, ["dream"] if real_frame is None else ["real", "dream"])
 
 
 # ------------------------------------------------------------------------------ the rollout

@@ -10,6 +10,7 @@ the JSON of another checkpoint (a torn copy) is detected on load instead of sile
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec
-from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, check_sha256
 from worldsim.utils.format_json import read_format_json, read_json_object
 from worldsim.utils.safetensors_io import open_safetensors
 
@@ -26,6 +27,7 @@ FORMAT = "worldsim-codec"
 VERSION = 1
 WEIGHTS_FILE = "codec.safetensors"
 CONFIG_FILE = "codec.json"
+SHA256_KEY = "sha256"  # codec.json: {"codec.safetensors": hex sha256 as written}; older checkpoints lack it
 LATEST_FILE = "latest.json"  # in a run folder: {"step": N, "checkpoint": "checkpoints/step-..."}
 
 
@@ -49,7 +51,10 @@ def save_codec(
     # contiguous() + clone: safetensors refuses views that share storage.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in codec.state_dict().items()}
     meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config, sort_keys=True)}
-    atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(tensors, metadata=meta))
+    data = safetensors_bytes(tensors, metadata=meta)
+    atomic_write_bytes(directory / WEIGHTS_FILE, data)
+    # Checked on load: a flipped byte in the weights would otherwise load without a word.
+    header[SHA256_KEY] = {WEIGHTS_FILE: hashlib.sha256(data).hexdigest()}
     atomic_write_json(directory / CONFIG_FILE, header)
     return directory
 
@@ -80,6 +85,13 @@ def read_config(path: str | os.PathLike) -> CodecConfig:
         raise CheckpointError(f"{folder / CONFIG_FILE}: invalid codec config ({e})") from None
 
 
+def _recorded_sha256(folder: Path) -> str | None:
+    """The sha256 codec.json recorded for the weights when they were written; None for older checkpoints."""
+    header = read_json_object(folder / CONFIG_FILE, error=CheckpointError)
+    hashes = header.get(SHA256_KEY)
+    return hashes.get(WEIGHTS_FILE) if isinstance(hashes, dict) else None
+
+
 def _read_weights(folder: Path, config: CodecConfig) -> dict[str, torch.Tensor]:
     file = folder / WEIGHTS_FILE
     # A truncated or non-safetensors file (e.g. a pickled torch.save) fails naming the file.
@@ -96,6 +108,8 @@ def _read_weights(folder: Path, config: CodecConfig) -> dict[str, torch.Tensor]:
                 f"{file} was saved with a different config than {folder / CONFIG_FILE} (a torn or "
                 f"mixed checkpoint): " + "; ".join(config_mismatch(config, stored))
             )
+        if "stored_dtype" not in meta:  # a copy re-stored in another dtype on purpose has other bytes
+            check_sha256(file, _recorded_sha256(folder), CheckpointError)
         return {k: f.get_tensor(k) for k in f.keys()}
 
 

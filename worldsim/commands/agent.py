@@ -92,16 +92,17 @@ def agent_eval(
     max_steps: int = typer.Option(1_000, help="Steps per episode."),
     seed: int = typer.Option(0, help="Episode i plays maze seed seed + i."),
     deterministic: bool = typer.Option(False, help="Take the policy's argmax action instead of sampling."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("auto", help="auto (cuda when available), cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Play an agent in the real maze against a uniformly random policy on the same mazes."""
     from worldsim.agents.imagination import compare_with_random, format_comparison, load_agent
-    from worldsim.commands.common import merge_alias
+    from worldsim.commands.common import merge_alias, resolve_device
 
     env = merge_alias(env, env_alias, DEFAULT_ENV_ID, "--env", "--env-id")
     try:
-        result = compare_with_random(load_agent(agent, device=device), env, episodes, max_steps, seed, deterministic)
+        result = compare_with_random(load_agent(agent, device=resolve_device(device)), env, episodes, max_steps, seed,
+                                     deterministic)
     except ValueError as e:
         raise _fail(e) from None
     typer.echo(json.dumps(result, indent=2) if as_json else format_comparison(result))

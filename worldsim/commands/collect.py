@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 DEFAULT_ENV_ID = "worldsim/MemoryMaze-9x9-v0"
+DEFAULT_DATASET_ID = "worldsim/memory-maze-9x9-v0"
 
 
 class PolicyChoice(str, Enum):
@@ -42,8 +43,11 @@ def collect(
     ),
     seed: int = typer.Option(0, min=0, help="Episode i uses env and policy seed SEED + i."),
     dataset_id: str = typer.Option(
-        "worldsim/memory-maze-9x9-v0", "--dataset-id", "-d",
+        DEFAULT_DATASET_ID, "--dataset-id", "-d",
         help="Minari id to create or resume, e.g. worldsim/memory-maze-9x9-v0 (namespace/name-vN).",
+    ),
+    dataset_alias: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--dataset", hidden=True, help="Same as --dataset-id (the spelling `worldsim train` uses)."
     ),
     root: Optional[Path] = typer.Option(  # noqa: UP007
         None, help="Datasets folder (default: MINARI_DATASETS_PATH or ~/.minari/datasets)."
@@ -73,6 +77,7 @@ def collect(
     from worldsim.data.collect import collect as run_collect
 
     env_id = merge_alias(env_id, env_alias, DEFAULT_ENV_ID, "--env-id", "--env")
+    dataset_id = merge_alias(dataset_id, dataset_alias, DEFAULT_DATASET_ID, "--dataset-id", "--dataset")
     config = CollectConfig(
         env_id=env_id, policy=policy.value, episodes=episodes, workers=workers,
         max_steps=max_steps, seed=seed, dataset_id=dataset_id,

@@ -168,3 +168,12 @@ def merge_alias(value: Any, alias: Any, default: Any, spelling: str, alias_spell
         raise typer.BadParameter(f"{spelling} {value!r} and {alias_spelling} {alias!r} name the same option; give one",
                                  param_hint=spelling)
     return alias
+
+
+def resolve_device(name: str) -> str:
+    """--device as torch takes it: "auto" is cuda when available, else cpu; anything else as given."""
+    if name != "auto":
+        return name
+    import torch  # here, not at the top: `worldsim --help` must not import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

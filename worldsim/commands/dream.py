@@ -9,6 +9,7 @@ def dream(
     checkpoint: str | None = typer.Option(None, help="World-model run, checkpoint or bundle folder; 'bundled' or nothing: the bundled model, when installed."),
     codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
     context: str = typer.Option("memory-maze", help="memory-maze (live env: real | dream video) or a Minari dataset id / path."),
+    dataset: str | None = typer.Option(None, "--dataset", hidden=True, help="Same as --context with a dataset (the spelling other commands use)."),
     maze_size: int = typer.Option(9, help="Memory Maze size for the live context."),
     context_frames: int = typer.Option(9, help="Real frames prefilled before dreaming."),
     policy: str = typer.Option("random", help="random, scripted (live maze only), an agent folder of `worldsim agent train` or a Stable-Baselines3 .zip."),
@@ -23,8 +24,10 @@ def dream(
     """Dream with a world model from real context and write the video (real env side by side when
     there is one); prints frames/s and per-step latency."""
     from worldsim.bundled import BundleError
-    from worldsim.commands.common import USER_ERRORS, fail
-    from worldsim.dream import DreamConfig, NoModelError, dream as run_dream, format_result
+    from worldsim.commands.common import USER_ERRORS, fail, merge_alias
+    from worldsim.dream import MEMORY_MAZE, DreamConfig, NoModelError, dream as run_dream, format_result
+
+    context = merge_alias(context, dataset, MEMORY_MAZE, "--context", "--dataset")
 
     cfg = DreamConfig(checkpoint=checkpoint, codec=codec, context=context, maze_size=maze_size,
                       context_frames=context_frames, policy=policy, steps=steps, out=out, seed=seed,

@@ -37,12 +37,13 @@ def eval_prediction(
     solver: str | None = typer.Option(None, help="dpm2m, euler or heun (default: the sampler's)."),
     seed: int = typer.Option(0, help="Fixes the start points and the sampler noise."),
     batch_size: int = typer.Option(64, help="Windows streamed together (memory only; results do not depend on it)."),
+    out_dir: str | None = typer.Option(None, help="Write prediction.json and prediction.png (PSNR vs step) here."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """1-step (teacher-forced) and open-loop prediction PSNR on real episodes, next to the codec's
     reconstruction ceiling and a copy-last-frame baseline."""
-    from worldsim.evaluation.prediction import PredictionEvalConfig, evaluate_prediction, format_table
+    from worldsim.evaluation.prediction import PredictionEvalConfig, evaluate_prediction, format_table, write_plot
 
     cfg = PredictionEvalConfig(checkpoint=checkpoint, dataset=dataset, codec=codec, episodes=episodes,
                                context=context, horizon=horizon, starts_per_episode=starts_per_episode,
@@ -53,6 +54,8 @@ def eval_prediction(
     except ValueError as e:  # bad arguments or a dataset that does not fit the model: no traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if out_dir is not None:
+        write_plot(results, out_dir)
     typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
 
 

@@ -24,8 +24,12 @@ def ingest(
     input_dir: Path = typer.Option(
         ..., "--input-dir", "-i", help="Folder searched recursively for episodes."
     ),
-    dataset_id: str = typer.Option(
-        ..., "--dataset-id", "-d", help="Minari id to create or resume, e.g. worldsim/vpt-64-v0."
+    dataset_id: str | None = typer.Option(
+        None, "--dataset-id", "-d", show_default=False,
+        help="Minari id to create or resume, e.g. worldsim/vpt-64-v0.  [required]",
+    ),
+    dataset_alias: str | None = typer.Option(
+        None, "--dataset", hidden=True, help="Same as --dataset-id (the spelling `worldsim train` uses)."
     ),
     root: Path | None = typer.Option(
         None, help="Datasets folder (default: MINARI_DATASETS_PATH or ~/.minari/datasets)."
@@ -42,6 +46,11 @@ def ingest(
 
     Running the same command again resumes: episodes already in the dataset are skipped.
     """
+    from worldsim.commands.common import merge_alias
+
+    dataset_id = merge_alias(dataset_id, dataset_alias, None, "--dataset-id", "--dataset")
+    if dataset_id is None:  # required, spelt either way
+        raise typer.BadParameter("missing: the Minari id to create or resume", param_hint="'--dataset-id' / '-d'")
     from worldsim.data.ingest import ingest as run_ingest
     from worldsim.data.minecraft.video import RecordingError
 

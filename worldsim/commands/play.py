@@ -45,7 +45,7 @@ def play(
     context_frames: int = typer.Option(9, min=1, help="Real frames prefilled before the dream starts."),
     sampler_steps: int = typer.Option(4, min=1, help="Denoiser calls per dreamed frame."),
     seed: int = typer.Option(0, min=0, help="Seeds the context clips and the sampler's noise."),
-    device: str = typer.Option("cpu", help="Device of the model: cpu or cuda."),
+    device: str = typer.Option("auto", help="Device of the model: auto (cuda when available), cpu or cuda."),
 ) -> None:
     """Play the world model live: arrows/WASD (number keys for other games) choose the action.
 
@@ -75,13 +75,14 @@ def play(
         raise typer.Exit(code=1) from None
 
     from worldsim.codec.checkpoint import CheckpointError as CodecCheckpointError
+    from worldsim.commands.common import resolve_device
     from worldsim.envs.dream import MemoryMazeContext, MinariContext, load_dream_model
     from worldsim.train.checkpoint import CheckpointError
     from worldsim.viewer.app import Viewer, ViewerConfig
     from worldsim.viewer.policies import load_sb3_policy
 
     try:
-        model, codec_model = load_dream_model(checkpoint, codec, device=device)
+        model, codec_model = load_dream_model(checkpoint, codec, device=resolve_device(device))
     except (CheckpointError, CodecCheckpointError, BundleError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=1) from None

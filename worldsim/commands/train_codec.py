@@ -20,10 +20,19 @@ class CodecPreset(str, Enum):
 
 
 def train_codec(
-    datasets: list[str] = typer.Argument(
-        ..., help="Minari dataset ids (e.g. worldsim/memory-maze-9x9-v0) or dataset folders."
+    datasets: Optional[list[str]] = typer.Argument(  # noqa: UP007
+        None, show_default=False,
+        help="Minari dataset ids (e.g. worldsim/memory-maze-9x9-v0) or dataset folders.  [required]",
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints, latest.json, tb/."),
+    dataset_opts: Optional[list[str]] = typer.Option(  # noqa: UP007
+        None, "--dataset", "-d", hidden=True, help="Same as the DATASETS arguments (the spelling `worldsim train` uses)."
+    ),
+    out: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--out", "-o", show_default=False, help="Run folder: checkpoints, latest.json, tb/.  [required]"
+    ),
+    run_dir: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--run-dir", hidden=True, help="Same as --out (the spelling `worldsim train` uses)."
+    ),
     preset: CodecPreset = typer.Option(
         CodecPreset.small, help="Codec size (small: 64x64x3 -> 8x8x16)."
     ),
@@ -47,6 +56,15 @@ def train_codec(
     The last episodes of each dataset are never trained on; the PSNR printed is measured on them.
     Load the result with `worldsim.codec.checkpoint.load_codec(OUT)`.
     """
+    from worldsim.commands.common import merge_alias
+
+    datasets = [*(datasets or []), *(dataset_opts or [])]
+    if not datasets:
+        raise typer.BadParameter("give at least one dataset id or folder", param_hint="DATASETS")
+    out = merge_alias(out, run_dir, None, "--out", "--run-dir")
+    if out is None:
+        raise typer.BadParameter("missing: the run folder to write", param_hint="'--out' / '-o'")
+
     from worldsim.codec.checkpoint import CheckpointError
     from worldsim.codec.train import CodecTrainConfig, TrainingDiverged
     from worldsim.codec.train import train_codec as run_training

@@ -30,8 +30,11 @@ frames score the `psnr` cap of 100 dB, which only the copy baseline can hit (sta
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -278,6 +281,51 @@ def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> di
     }
 
 
+PLOTTED = (
+    ("1-step (teacher-forced)", "teacher_forced", "-o"),
+    ("open loop", "open_loop", "-o"),
+    ("codec ceiling", "codec", "--"),
+    ("copy last context frame", "copy_last", ":"),
+    ("copy previous real frame", "copy_previous", ":"),
+)
+
+
+def write_plot(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """`prediction.json` (the results) and `prediction.png` (mean PSNR against the step t = 1..H,
+    one line per prediction and baseline) in `out_dir`; returns {"json": path, "plot": path} and
+    records both paths in `results` (which `format_table` then lists)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    from worldsim.utils.atomic import atomic_write_bytes
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "prediction.json", "plot": out / "prediction.png"}
+    cfg, psnr = results["config"], results["psnr"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, key, style in PLOTTED:
+        if key in psnr:
+            curve = psnr[key]["curve"]
+            ax.plot(range(1, len(curve) + 1), curve, style, label=label)
+    ax.set_xlabel("step after the context (t)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{Path(str(cfg['dataset'])).name}: {results['windows']} windows, context {cfg['context']}, "
+                 f"{cfg['sampler_steps']} sampler steps", fontsize=9)
+    fig.tight_layout()
+    tmp = out / ".prediction.png.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(paths["plot"])
+    results.update({name: str(path) for name, path in paths.items()})
+    atomic_write_bytes(paths["json"], json.dumps(results, indent=2, allow_nan=False).encode())
+    return paths
+
+
 def format_table(results: dict[str, Any]) -> str:
     cfg, psnr = results["config"], results["psnr"]
     steps = list(psnr["open_loop"]["at"])
@@ -308,4 +356,5 @@ def format_table(results: dict[str, Any]) -> str:
         f"  open-loop curve t=1..{cfg['horizon']}: {curve}",
         f"  {results['seconds']:.1f} s on {results['device']} ({results['predicted_frames_per_s']:.1f} predicted frames/s)",
     ]
+    lines += [f"  {name}: {results[name]}" for name in ("plot", "json") if name in results]
     return "\n".join(lines)

@@ -7,7 +7,8 @@ to one JSON sidecar. Run folder layout:
     runs/<name>/checkpoints/step_00000N/
         checkpoint.json      format, version, step, model config, optimizer hyper-parameters and
                              parameter names, scheduler state, RNG states (small parts), whatever
-                             the trainer adds (train config, data position, codec, metrics)
+                             the trainer adds (train config, data position, codec, metrics),
+                             and the sha256 of each safetensors file as written (checked on load)
         model.safetensors    training weights
         ema.safetensors      EMA weights (what sampling and the dream envs should load)
         trainer.safetensors  optimizer moments and the large RNG states (torch, CUDA, numpy)
@@ -19,10 +20,13 @@ two checkpoints (a torn copy by hand) is refused instead of silently mis-loaded.
 
 Loading is strict: a model config that differs from the code's, missing, unexpected or mis-shaped
 tensors, or optimizer parameters that do not line up all fail with a message naming the keys.
+A file whose bytes differ from the sha256 recorded at write time (a flipped bit on disk or in a
+copy) fails naming the file; checkpoints written before hashes were recorded load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +42,13 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from worldsim.train.ema import EMA
-from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temp_dirs
+from worldsim.utils.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_sha256,
+    fsync_dir,
+    remove_stale_temp_dirs,
+)
 from worldsim.utils.format_json import read_format_json
 from worldsim.utils.safetensors_io import open_safetensors
 
@@ -49,6 +59,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 TRAINER_FILE = "trainer.safetensors"
 LATEST_FILE = "latest.json"
+SHA256_KEY = "sha256"  # sidecar: {file name: hex sha256 of its bytes as written}; older checkpoints lack it
 CHECKPOINTS_DIR = "checkpoints"
 
 log = logging.getLogger(__name__)
@@ -227,7 +238,13 @@ def _tensors_bytes(tensors: dict[str, torch.Tensor], step: int, **meta: str) -> 
     return safetensors_bytes(clean, metadata={"format": FORMAT, "step": str(step), **meta})
 
 
-def _read_tensors(file: Path, step: int) -> dict[str, torch.Tensor]:
+def _recorded_sha256(sidecar: dict[str, Any], name: str) -> str | None:
+    """The sha256 the sidecar recorded for file `name` at write time; None for older checkpoints."""
+    hashes = sidecar.get(SHA256_KEY)
+    return hashes.get(name) if isinstance(hashes, dict) else None
+
+
+def _read_tensors(file: Path, step: int, sha256: str | None = None) -> dict[str, torch.Tensor]:
     # A truncated or non-safetensors file (e.g. a pickled torch.save) fails naming the file.
     with open_safetensors(file, error=CheckpointError) as f:
         meta = f.metadata() or {}
@@ -238,6 +255,11 @@ def _read_tensors(file: Path, step: int) -> dict[str, torch.Tensor]:
                 f"{file} belongs to step {meta.get('step')}, but {file.parent / SIDECAR_FILE} is "
                 f"step {step}: a torn or mixed checkpoint folder"
             )
+        # Flipped bytes inside the tensor data load silently: the hash catches them. A copy
+        # re-stored in another dtype on purpose (gpu_job's float16 export keeps the sidecar and
+        # marks the header "stored_dtype") no longer has the recorded bytes, so it is not checked.
+        if "stored_dtype" not in meta:
+            check_sha256(file, sha256, CheckpointError)
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
@@ -245,8 +267,8 @@ def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.state_dict())
 
 
-def _load_module(module: nn.Module, file: Path, step: int, what: str) -> None:
-    tensors = _read_tensors(file, step)
+def _load_module(module: nn.Module, file: Path, step: int, what: str, sha256: str | None = None) -> None:
+    tensors = _read_tensors(file, step, sha256)
     problems = tensor_diff(_state_dict(module), tensors)
     if problems:
         raise CheckpointError(f"{file}: {what} do not fit the model: " + "; ".join(problems))
@@ -301,10 +323,19 @@ def save_checkpoint(
         raise TypeError(f"checkpoint sidecar is not JSON-serialisable: {e}") from None
 
     config_json = json.dumps(model_config, sort_keys=True)
-    atomic_write_bytes(tmp / MODEL_FILE, _tensors_bytes(_state_dict(model), step, config=config_json))
+    hashes: dict[str, str] = {}
+
+    def write(name: str, data: bytes) -> None:  # one file's bytes in memory at a time
+        hashes[name] = hashlib.sha256(data).hexdigest()
+        atomic_write_bytes(tmp / name, data)
+
+    write(MODEL_FILE, _tensors_bytes(_state_dict(model), step, config=config_json))
     if ema is not None:
-        atomic_write_bytes(tmp / EMA_FILE, _tensors_bytes(ema.state_dict(), step, config=config_json))
-    atomic_write_bytes(tmp / TRAINER_FILE, _tensors_bytes({**optim_tensors, **rng_tensors}, step))
+        write(EMA_FILE, _tensors_bytes(ema.state_dict(), step, config=config_json))
+    write(TRAINER_FILE, _tensors_bytes({**optim_tensors, **rng_tensors}, step))
+    # The hashes let the loaders tell a corrupt file from a good one (a flipped byte in the
+    # weights loads without a word otherwise).
+    sidecar_bytes = json.dumps({**sidecar, SHA256_KEY: hashes}, indent=2).encode()
     atomic_write_bytes(tmp / SIDECAR_FILE, sidecar_bytes)  # last: its presence marks a full folder
 
     final = root / name
@@ -457,14 +488,14 @@ def load_checkpoint(
     sidecar = read_sidecar(folder)
     step = int(sidecar["step"])
 
-    _load_module(model, folder / MODEL_FILE, step, "the model weights")
+    _load_module(model, folder / MODEL_FILE, step, "the model weights", _recorded_sha256(sidecar, MODEL_FILE))
     if ema is not None:
         if sidecar.get("ema") is None:
             raise CheckpointError(f"{folder}: holds no EMA weights ({EMA_FILE})")
-        _load_module(ema.module, folder / EMA_FILE, step, "the EMA weights")
+        _load_module(ema.module, folder / EMA_FILE, step, "the EMA weights", _recorded_sha256(sidecar, EMA_FILE))
         ema.num_updates = int(sidecar["ema"]["num_updates"])
 
-    trainer_tensors = _read_tensors(folder / TRAINER_FILE, step)
+    trainer_tensors = _read_tensors(folder / TRAINER_FILE, step, _recorded_sha256(sidecar, TRAINER_FILE))
     if optimizer is not None:
         saved_class = sidecar["optimizer"]["class"]
         if saved_class != type(optimizer).__name__:
@@ -499,5 +530,5 @@ def load_world_model(path: str | os.PathLike, *, weights: str = "ema", device: s
     file = EMA_FILE if weights == "ema" else MODEL_FILE
     if weights == "ema" and sidecar.get("ema") is None:
         raise CheckpointError(f"{folder}: holds no EMA weights; pass weights='model'")
-    _load_module(model, folder / file, int(sidecar["step"]), f"the {weights} weights")
+    _load_module(model, folder / file, int(sidecar["step"]), f"the {weights} weights", _recorded_sha256(sidecar, file))
     return model.to(device).eval(), sidecar

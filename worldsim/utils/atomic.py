@@ -58,6 +58,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def check_sha256(path: str | os.PathLike, expected: str | None, error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming `path` when its sha256 is not `expected` (one recorded when the file was
+    written); None (nothing recorded: an older checkpoint) checks nothing."""
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise error(f"{path}: corrupt (its sha256 is {actual[:16]}..., the checkpoint recorded {expected[:16]}... "
+                    "when writing it): the file changed on disk or in a copy; restore it or use another checkpoint")
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (True when unsure: another user's)."""
     if pid <= 0:

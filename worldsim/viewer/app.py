@@ -1,8 +1,8 @@
 """`Viewer`: play a world model's dream with the keyboard (the pygame loop of `worldsim play`).
 
 One loop iteration ("frame") is: `handle_events` (keys change state and record intents), `update`
-(at most one dream step, with the action of the held keys or of the agent), `draw` (the dream,
-the real env beside it, an overlay with fps / latency / mode). `run` repeats that at `fps`; tests
+(at most one dream step, with the action of the held keys or of the agent), `draw` (the real env
+on the left when shown, the dream on the right, an overlay with fps / latency / mode). `run` repeats that at `fps`; tests
 drive the same loop with scripted events (`run(events=...)`) or call the three steps themselves.
 
 The dream is a `RolloutSession` of batch 1, started from a real context clip. It is not wrapped in
@@ -29,6 +29,7 @@ import numpy as np
 import pygame
 
 from worldsim.rollout.session import RolloutSession
+from worldsim.utils.labels import label_panels
 from worldsim.viewer.keymap import CONTROLS, CONTROLS_HELP, Keymap, keymap_for
 from worldsim.viewer.policies import Policy, RandomWalk
 from worldsim.viewer.real_side import RealSide
@@ -39,6 +40,7 @@ LINE_HEIGHT = 16
 OVERLAY_ROWS = 7  # fixed, so the window keeps its size; overlay lines are wrapped into these
 TEXT_COLOUR = (235, 235, 235)
 PANEL_COLOUR = (24, 24, 24)
+PANEL_LABELS = ("real", "dream")  # left to right, as in `worldsim dream`'s videos
 MISSING_COLOUR = 48  # grey panel in recordings where the real side is hidden
 NO_REAL = "no real side: it needs the live Memory Maze context"  # one overlay row at the default scale
 
@@ -229,7 +231,7 @@ class Viewer:
         screen.fill(PANEL_COLOUR)
         screen.blit(pygame.surfarray.make_surface(image.transpose(1, 0, 2)), (0, 0))  # surfaces are (x, y)
         panel = self.frame.shape[1] * self.cfg.scale
-        for i, label in enumerate(["dream"] + (["real"] if self.show_real else [])):
+        for i, label in enumerate(PANEL_LABELS if self.show_real else PANEL_LABELS[1:]):
             screen.blit(self._font.render(label, True, TEXT_COLOUR), (i * panel + 4, 4))
         rows = self._overlay_rows(width - 8)
         for i, row in enumerate(rows):
@@ -285,15 +287,18 @@ class Viewer:
             f"{self.keymap.help} | {CONTROLS_HELP}",
         ]
 
-    def image(self, with_real: bool) -> np.ndarray:
-        """The dream frame, then the real one if `with_real`, upscaled: (H s, W s [x2], 3) uint8.
-        A hidden real side (while recording with it) is a grey panel."""
+    def image(self, with_real: bool, labels: bool = False) -> np.ndarray:
+        """The real frame if `with_real` (left), then the dream, upscaled: (H s, [2 x] W s, 3) uint8,
+        the same layout as `worldsim dream`'s videos. A hidden real side (while recording with it)
+        is a grey panel. `labels` writes "real" / "dream" on the panels (recordings; the window
+        draws its own with pygame's font)."""
         panels = [self.frame]
         if with_real:
             real = self.real.frame if self.show_real and self.real.frame is not None else None
-            panels.append(real if real is not None else np.full_like(self.frame, MISSING_COLOUR))
+            panels.insert(0, real if real is not None else np.full_like(self.frame, MISSING_COLOUR))
         s = self.cfg.scale
-        return np.repeat(np.repeat(np.concatenate(panels, axis=1), s, axis=0), s, axis=1)
+        image = np.repeat(np.repeat(np.concatenate(panels, axis=1), s, axis=0), s, axis=1)
+        return label_panels(image, PANEL_LABELS[-len(panels):]) if labels else image
 
     # ------------------------------------------------------------------ recording
     def start_recording(self) -> None:
@@ -322,7 +327,7 @@ class Viewer:
         if self.recorder is not None:
             if self._record_with_real and self.show_real and self.real.pending:
                 self.real.catch_up()
-            self.recorder.add(self.image(with_real=self._record_with_real))
+            self.recorder.add(self.image(with_real=self._record_with_real, labels=True))
 
     # ------------------------------------------------------------------ loop
     def run(self, max_frames: int | None = None,
