@@ -87,7 +87,7 @@ def test_both_decoders_give_the_same_frames(pack):
 @pytest.mark.parametrize("damage, match", [
     ("video", r"videos/ep_000001\.mp4: corrupt \(its sha256 differs"),
     ("missing", r"rewards\.npy: missing from the pack"),
-    ("version", r"manifest\.json: pack version 99"),
+    ("version", r"manifest\.json: pack format version 99"),
     ("steps", r"manifest\.json: episodes hold"),
 ])  # fmt: skip
 def test_a_damaged_pack_is_refused_naming_the_file(pack, tmp_path, damage, match):

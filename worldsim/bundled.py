@@ -115,18 +115,12 @@ class Bundle(NamedTuple):
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """model.json of a bundle, after format and version checks."""
+    from worldsim.utils.format_json import read_format_json
+
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         raise BundleError(f"{path}: not a model bundle (no {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{file}: corrupt JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise BundleError(f"{file}: not a model bundle (format {found!r}, expected {FORMAT!r})")
-    if manifest.get("version") != VERSION:
-        raise BundleError(f"{file}: bundle format version {manifest.get('version')!r}; this code reads version {VERSION}")
+    manifest = read_format_json(file, FORMAT, VERSION, what="a model bundle", version_label="bundle", error=BundleError)
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise BundleError(f"{file}: corrupt manifest: no \"files\" table (file name -> sha256); "

@@ -444,18 +444,12 @@ class Pack:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    from worldsim.utils.format_json import read_format_json
+
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         raise PackError(f"{path}: not a pack (no {MANIFEST_FILE}); make one with `worldsim pack`")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackError(f"{file}: corrupt JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise PackError(f"{file}: not a pack manifest (format {found!r}, expected {FORMAT!r})")
-    if manifest.get("version") != VERSION:
-        raise PackError(f"{file}: pack version {manifest.get('version')!r}; this code reads version {VERSION}")
+    manifest = read_format_json(file, FORMAT, VERSION, what="a pack manifest", version_label="pack", error=PackError)
     if manifest.get("kind") != "frames-h264":
         raise PackError(f"{file}: pack kind {manifest.get('kind')!r}; this code reads 'frames-h264'")
     return manifest
