@@ -1,7 +1,7 @@
 """Real vs dream, side by side at chosen frames, for one or more world models: a PNG for the README.
 
     python scripts/compare_dreams.py --model "before=runs/bundle-old,sigma_max=5" --model now=worldsim/assets/dream-memory-maze-9x9 \
-        --frames 1,10,50,200,1000 --seed 7 --out docs/dream_comparison.png
+        --frames 1,10,50,200,990 --seed 7 --out docs/dream_comparison.png
 
 The real 9x9 maze runs a random walk (persistence 0.8, seeded); every model gets the same real
 context (its first --context frames) and dreams the rest open loop from the same actions. Rows:
@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True,
                    help="LABEL=PATH[,sigma_max=X,sigma_min=Y] of a checkpoint or bundle, with optional sampler settings (repeat)")
-    p.add_argument("--frames", default="1,10,50,200,1000", help="dreamed frame numbers to show")
+    p.add_argument("--frames", default="1,10,50,200,990",
+                   help="dreamed frame numbers to show (a 9x9 maze episode ends at step 1000, context included)")
     p.add_argument("--context", type=int, default=9, help="real frames given to the models first")
     p.add_argument("--seed", type=int, default=7, help="maze, actions and sampler noise")
     p.add_argument("--sampler-steps", type=int, default=4)
