@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec import checkpoint as codec_ckpt
-from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file
 
 FORMAT = "worldsim-bundle"
 VERSION = 1
@@ -272,7 +272,6 @@ def write_bundle(
                           f"[{clips.actions.min()}, {clips.actions.max()}]")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         atomic_write_bytes(tmp / WEIGHTS_FILE, _weights_bytes(model, dtype))
@@ -296,13 +295,9 @@ def write_bundle(
             "files": {name: sha256_file(tmp / name) for name in files},
         }
         atomic_write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a whole bundle
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        fsync_dir(out_dir.parent)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

@@ -63,7 +63,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from worldsim.utils.atomic import atomic_write_json, fsync_dir, sha256_file
+from worldsim.utils.atomic import atomic_write_json, replace_dir, sha256_file
 
 FORMAT = "worldsim-pack"
 VERSION = 1
@@ -364,10 +364,7 @@ def write_pack(
             "files": files,
         }
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for line in notes:

@@ -238,12 +238,12 @@ def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> di
     """Run the evaluation the config describes (module doc); a JSON-able dict of results."""
     from worldsim.data.episode_store import EpisodeStore
     from worldsim.envs.dream import load_dream_model
+    from worldsim.train.distributed import resolve_device
 
     cfg.validate()
     store = EpisodeStore(cfg.dataset)
     windows, short = choose_windows(store.episode_steps, cfg)  # fails fast, before loading a model
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     model, codec = load_dream_model(cfg.checkpoint, cfg.codec, device=device)
     model.eval()
     codec.eval()

@@ -63,6 +63,8 @@ def codec_features(codec, frames: torch.Tensor | np.ndarray, batch: int = 256) -
     deviation over positions. Means see colour and layout, standard deviations see texture and
     edges, which blur takes away.
     """
+    from worldsim.codec.autoencoder import Downsample
+
     frames = torch.as_tensor(frames)
     enc = codec.encoder
     device = codec.latent_mean.device
@@ -72,7 +74,7 @@ def codec_features(codec, frames: torch.Tensor | np.ndarray, batch: int = 256) -
         h = enc.conv_in(x)
         pooled = []
         for layer in enc.body:
-            if layer.__class__.__name__ == "Downsample":  # the end of a resolution level
+            if isinstance(layer, Downsample):  # the end of a resolution level
                 pooled += [h.mean((2, 3)), h.std((2, 3))]
             h = layer(h)
         pooled += [h.mean((2, 3)), h.std((2, 3))]
@@ -176,14 +178,14 @@ def evaluate_realism(cfg: RealismEvalConfig, progress: bool = False) -> dict[str
     from worldsim.envs.dream import load_dream_model
     from worldsim.evaluation.prediction import check_compatible
     from worldsim.rollout.session import RolloutSession
+    from worldsim.train.distributed import resolve_device
 
     cfg.validate()
     buckets = [(lo, min(hi, cfg.steps)) for lo, hi in cfg.buckets if lo <= cfg.steps]
     if not buckets:
         raise ValueError(f"no bucket starts within the {cfg.steps} dreamed frames: {cfg.buckets}")
     store = EpisodeStore(cfg.dataset)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     model, codec = load_dream_model(cfg.checkpoint, cfg.codec, device=device)
     model.eval()
     codec.eval()

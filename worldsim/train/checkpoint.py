@@ -46,8 +46,8 @@ from worldsim.utils.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     check_sha256,
-    fsync_dir,
     remove_stale_temp_dirs,
+    replace_dir,
 )
 from worldsim.utils.format_json import read_format_json
 from worldsim.utils.safetensors_io import open_safetensors
@@ -339,13 +339,8 @@ def save_checkpoint(
     atomic_write_bytes(tmp / SIDECAR_FILE, sidecar_bytes)  # last: its presence marks a full folder
 
     final = root / name
-    trash = root / f".{name}.old-{os.getpid()}"
-    if final.exists():  # the same step written by an earlier, crashed session: replace it
-        final.rename(trash)
-    tmp.rename(final)
-    fsync_dir(root)
+    replace_dir(tmp, final)  # replaces the same step written by an earlier, crashed session
     atomic_write_json(run_dir / LATEST_FILE, {"step": step, "checkpoint": f"{CHECKPOINTS_DIR}/{name}"})
-    shutil.rmtree(trash, ignore_errors=True)
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final

@@ -53,7 +53,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import importlib
 import json
 import logging
@@ -249,11 +248,13 @@ def setup_logging(out: Path) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise JobInputError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    """`worldsim.train.distributed.resolve_device`, with its refusal as the job's input error."""
+    from worldsim.train.distributed import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except ValueError as e:
+        raise JobInputError(f"--device {name}: {e}") from None
 
 
 def sync(device: torch.device) -> None:
@@ -690,7 +691,7 @@ def export_checkpoint(folder: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
     from worldsim.train import checkpoint as ckpt
-    from worldsim.utils.atomic import atomic_write_json, fsync_dir
+    from worldsim.utils.atomic import atomic_write_json, replace_dir
 
     root = out / ckpt.CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -707,9 +708,7 @@ def export_checkpoint(folder: Path, out: Path) -> Path:
         save_file(tensors, str(tmp / ckpt.EMA_FILE), metadata={**meta, "stored_dtype": "float16"})
     shutil.copy2(folder / ckpt.SIDECAR_FILE, tmp / ckpt.SIDECAR_FILE)  # last: marks a whole folder
     final = root / folder.name
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    fsync_dir(root)
+    replace_dir(tmp, final)
     atomic_write_json(out / ckpt.LATEST_FILE, {"step": int(folder.name.split("_")[1]), "checkpoint": f"{ckpt.CHECKPOINTS_DIR}/{final.name}"})
     for old in root.iterdir():
         if old != final:

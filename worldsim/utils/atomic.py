@@ -36,6 +36,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the finished folder `tmp` to `final`, replacing any folder there, with `final` never
+    missing: the old one is first renamed aside to `.<name>.old-<pid>` (which
+    `remove_stale_temp_dirs` cleans if a kill leaves it), then `tmp` is renamed into place, the
+    parent synced, and the old one deleted."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _json_default(obj: Any) -> Any:
     # numpy scalars/arrays and sets show up in metadata; JSON has lists and numbers.
     if hasattr(obj, "tolist"):
