@@ -3,16 +3,16 @@
 SB3's own `model.save` writes torch pickles inside a zip plus cloudpickled objects, so loading a
 downloaded agent could run code. This format stores only tensors and plain data. Run folder:
 
-    runs/<agent>/latest.json                    {"num_timesteps": N, "checkpoint": "checkpoints/step_00000N"}
+    runs/<agent>/latest.json                    {"step": N, "num_timesteps": N, "checkpoint": "checkpoints/step_00000N"}
     runs/<agent>/checkpoints/step_00000N/
         agent.json              format, version, algorithm, policy class name, policy_kwargs,
                                 hyper-parameters, observation and action spaces, num_timesteps,
                                 the world it was trained in, eval history, optimizer layout
         policy.safetensors      the policy's state_dict
         optimizer.safetensors   the optimizer's moments (resume); its hyper-parameters are in agent.json
-    runs/<agent>/tensorboard/   SB3's scalars and the real-maze evaluations
+    runs/<agent>/tb/            SB3's scalars and the real-maze evaluations
 
-Atomicity as the world-model checkpoints (`worldsim.train.checkpoint`): a hidden temporary folder
+Atomicity as every checkpoint format (`worldsim.utils.checkpoint_folders`): a hidden temporary folder
 renamed into place, then latest.json replaced atomically. Both safetensors files carry
 num_timesteps in their header, so a folder mixing files of two checkpoints is refused; agent.json
 records each file's sha256 as written, so a corrupt file is refused naming it (older checkpoints
@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,10 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from worldsim.train.checkpoint import (
-    CHECKPOINTS_DIR, LATEST_FILE, SHA256_KEY, CheckpointError, optimizer_from_storage, optimizer_to_storage,
-    checkpoint_name, latest_checkpoint, tensor_diff,
-)
-from worldsim.utils.atomic import (
-    atomic_write_bytes, atomic_write_json, check_sha256, remove_stale_temp_dirs, replace_dir,
+from worldsim.train.checkpoint import SHA256_KEY, optimizer_from_storage, optimizer_to_storage, tensor_diff
+from worldsim.utils.atomic import atomic_write_bytes, check_sha256
+from worldsim.utils.checkpoint_folders import (
+    LATEST_FILE, CheckpointError, commit_checkpoint, latest_checkpoint, temp_folder,
 )
 from worldsim.utils.format_json import read_format_json
 from worldsim.utils.safetensors_io import open_safetensors
@@ -96,14 +93,6 @@ def save_agent(run_dir: str | os.PathLike, *, policy: torch.nn.Module, optimizer
                meta: dict[str, Any], num_timesteps: int) -> Path:
     """Write checkpoint `num_timesteps` of an agent into `run_dir/checkpoints/`, then point
     latest.json at it. `meta` (JSON-able) must hold the algorithm, policy and spaces."""
-    run_dir = Path(run_dir)
-    root = run_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(root)  # .step_*.tmp-PID / .old-PID left by a writer killed mid-save
-    name = checkpoint_name(num_timesteps)
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-
     sidecar = {"format": FORMAT, "version": VERSION, **meta, "num_timesteps": int(num_timesteps), "optimizer": None}
     optim_tensors: dict[str, torch.Tensor] = {}
     if optimizer is not None:
@@ -116,6 +105,7 @@ def save_agent(run_dir: str | os.PathLike, *, policy: torch.nn.Module, optimizer
         raise TypeError(f"agent.json is not JSON-serialisable: {e}") from None
 
     hashes: dict[str, str] = {}
+    tmp = temp_folder(run_dir, num_timesteps)
 
     def write(name: str, data: bytes) -> None:
         hashes[name] = hashlib.sha256(data).hexdigest()
@@ -128,10 +118,7 @@ def save_agent(run_dir: str | os.PathLike, *, policy: torch.nn.Module, optimizer
     sidecar_bytes = json.dumps({**sidecar, SHA256_KEY: hashes}, indent=2).encode()
     atomic_write_bytes(tmp / AGENT_FILE, sidecar_bytes)  # last: its presence marks a full folder
 
-    final = root / name
-    replace_dir(tmp, final)  # replaces the same step written by an earlier, crashed session
-    atomic_write_json(run_dir / LATEST_FILE, {"num_timesteps": int(num_timesteps), "checkpoint": f"{CHECKPOINTS_DIR}/{name}"})
-    return final
+    return commit_checkpoint(run_dir, tmp, int(num_timesteps), pointer={"num_timesteps": int(num_timesteps)})
 
 
 # ------------------------------------------------------------------------------ load

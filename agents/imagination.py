@@ -49,6 +49,7 @@ from worldsim.agents.agent_eval import (
     format_comparison, load_agent, maze_env_id, maze_size, real_spaces,
 )
 from worldsim.utils.atomic import sha256_file
+from worldsim.utils.checkpoint_folders import TENSORBOARD_DIR
 
 __all__ = [
     "AgentTrainConfig", "train_agent", "default_hyperparameters", "collect_context_pool", "world_model_identity",
@@ -135,7 +136,7 @@ class AgentTrainConfig:
     device: str = "auto"
     """auto, cpu or cuda (the policy and the world model)."""
     tensorboard: bool = True
-    """Log to run_dir/tensorboard."""
+    """Log to run_dir/tb (the TensorBoard folder of every run kind)."""
     progress: bool = False
     """Show SB3's progress bar."""
 
@@ -344,7 +345,7 @@ def train_agent(cfg: AgentTrainConfig, resume: bool = False) -> dict[str, Any]:
         try:
             model = ALGORITHMS[algo](
                 cfg.policy, venv, policy_kwargs=dict(cfg.policy_kwargs), seed=cfg.seed + start, device=device,
-                tensorboard_log=str(run_dir / "tensorboard") if tensorboard else None, verbose=0, **hparams,
+                tensorboard_log=str(run_dir / TENSORBOARD_DIR) if tensorboard else None, verbose=0, **hparams,
             )
         except TypeError as e:  # a misspelt hyper-parameter or policy argument
             raise ValueError(f"{algo} with hyper-parameters {hparams} and policy_kwargs {cfg.policy_kwargs}: {e}") from None

@@ -78,7 +78,7 @@ def test_dream_training_writes_pickle_free_checkpoints(dream_run):
     assert set(result["random_baseline"]) >= {"returns", "mean", "std"}
 
     files = [p.relative_to(run) for p in run.rglob("*") if p.is_file()]
-    assert all(p.suffix in (".json", ".safetensors") or p.parts[0] == "tensorboard" for p in files), files
+    assert all(p.suffix in (".json", ".safetensors") or p.parts[0] == "tb" for p in files), files
     assert not [p for p in files if p.suffix in (".pkl", ".pickle", ".zip", ".pt", ".pth")]
     for step in ("step_000064", "step_000128"):
         names = sorted(p.name for p in (run / "checkpoints" / step).iterdir())
@@ -95,7 +95,7 @@ def test_dream_training_writes_pickle_free_checkpoints(dream_run):
             assert torch.equal(f.get_tensor(key), value), key
     assert 0 <= int(agent.predict(np.zeros((64, 64, 3), np.uint8))) < 6
 
-    events = b"".join(p.read_bytes() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
+    events = b"".join(p.read_bytes() for p in (run / "tb").rglob("events.out.tfevents.*"))
     assert b"eval/mean_return" in events and b"eval/random_mean_return" in events
 
 

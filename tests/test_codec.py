@@ -243,6 +243,48 @@ def test_resume_matches_an_uninterrupted_run(dataset, tmp_path):
         train_codec(config(dataset, tmp_path / "c"), resume=True)
 
 
+def test_decoder_only_fine_tune_keeps_the_latent_space(dataset, tmp_path):
+    from worldsim.train.weights import codec_fingerprint, codec_matches, full_codec_fingerprint
+
+    base = train_codec(config(dataset, tmp_path / "base", steps=20, eval_every=20, checkpoint_every=20))
+    start = load_codec(tmp_path / "base")
+    tuned_run = config(dataset, tmp_path / "tuned", init_from=str(base.checkpoint), decoder_only=True,
+                       steps=60, eval_every=60, checkpoint_every=60, codec=None, preset="small")
+    assert tuned_run.codec_config() == start.config  # the source's config, not the preset's
+    result = train_codec(tuned_run)
+    tuned = load_codec(tmp_path / "tuned")
+
+    before, after = start.state_dict(), tuned.state_dict()
+    for k, v in before.items():  # encoder and latent stats bit for bit, the decoder trained
+        assert torch.equal(v, after[k]) != k.startswith("decoder."), k
+    frames = torch.from_numpy(scene(np.random.default_rng(7), 16, SIZE))
+    with torch.no_grad():
+        assert torch.equal(start.encode(frames), tuned.encode(frames))
+    assert result.val_psnr > base.val_psnr + 0.5, (base.val_psnr, result.val_psnr)
+    # World models, runs and latent caches keyed by the codec still accept the tuned one.
+    assert codec_fingerprint(tuned) == codec_fingerprint(start)
+    assert full_codec_fingerprint(tuned) != full_codec_fingerprint(start)
+    assert codec_matches(full_codec_fingerprint(start), start)  # what older runs recorded
+    assert not codec_matches(codec_fingerprint(start), FrameCodec(start.config))
+
+    with pytest.raises(ValueError, match="decoder_only needs init_from"):
+        train_codec(config(dataset, tmp_path / "bad", decoder_only=True))
+    with pytest.raises(CheckpointError, match="decoder_only: run has True, asked for False"):
+        train_codec(config(dataset, tmp_path / "tuned", init_from=str(base.checkpoint), steps=70), resume=True)
+
+
+def test_a_run_with_legacy_folder_names_resumes(dataset, tmp_path):
+    """Codec runs written before 2026-11-26 named checkpoints step-<8 digits>; they still resume."""
+    train_codec(config(dataset, tmp_path / "run", stop_after=3))
+    old = tmp_path / "run" / "checkpoints" / "step_000003"
+    old.rename(old.with_name("step-00000003"))
+    (tmp_path / "run" / "latest.json").write_text(json.dumps({"step": 3, "checkpoint": "checkpoints/step-00000003"}))
+    assert load_codec(tmp_path / "run") is not None
+    resumed = train_codec(config(dataset, tmp_path / "run", keep_checkpoints=1), resume=True)
+    assert resumed.step == 6 and resumed.checkpoint.name == "step_000006"
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000006"]
+
+
 def test_nan_guard_stops_with_a_clear_message(dataset, tmp_path):
     result = train_codec(config(dataset, tmp_path / "run", steps=4, stop_after=2))
     weights = result.checkpoint / "codec.safetensors"
@@ -255,7 +297,7 @@ def test_nan_guard_stops_with_a_clear_message(dataset, tmp_path):
     header = json.loads(header_file.read_text())
     header["sha256"] = {"codec.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
     header_file.write_text(json.dumps(header))
-    message = r"non-finite loss \(nan\) at step 2; last good checkpoint: .*step-00000002"
+    message = r"non-finite loss \(nan\) at step 2; last good checkpoint: .*step_000002"
     with pytest.raises(TrainingDiverged, match=message):
         train_codec(config(dataset, tmp_path / "run", steps=4), resume=True)
 

@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, check_sha256
+from worldsim.utils.checkpoint_folders import LATEST_FILE, CheckpointError, read_latest_pointer
 from worldsim.utils.format_json import read_format_json, read_json_object
 from worldsim.utils.safetensors_io import open_safetensors
 
@@ -28,11 +29,6 @@ VERSION = 1
 WEIGHTS_FILE = "codec.safetensors"
 CONFIG_FILE = "codec.json"
 SHA256_KEY = "sha256"  # codec.json: {"codec.safetensors": hex sha256 as written}; older checkpoints lack it
-LATEST_FILE = "latest.json"  # in a run folder: {"step": N, "checkpoint": "checkpoints/step-..."}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the problem."""
 
 
 def config_mismatch(expected: CodecConfig, found: CodecConfig) -> list[str]:
@@ -64,11 +60,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if (path / CONFIG_FILE).is_file():
         return path
-    if (path / LATEST_FILE).is_file():
-        latest = read_json_object(path / LATEST_FILE, error=CheckpointError)
-        if not isinstance(latest.get("checkpoint"), str):
-            raise CheckpointError(f"{path / LATEST_FILE}: corrupt pointer (no \"checkpoint\" path in it)")
-        return resolve_checkpoint(path / latest["checkpoint"])
+    latest = read_latest_pointer(path)  # a training run: its newest checkpoint
+    if latest is not None:
+        if not (latest / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{path / LATEST_FILE} points at {latest}, which holds no {CONFIG_FILE}")
+        return latest
     raise CheckpointError(
         f"{path}: no {CONFIG_FILE} (codec checkpoint) or {LATEST_FILE} (training run) in it"
     )

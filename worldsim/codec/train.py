@@ -10,19 +10,19 @@ Loss: L1 + MSE on pixels in [-1, 1], plus an L1 on horizontal/vertical pixel dif
 (LPIPS) loss: its VGG weights are not available offline.
 
 Run folder layout:
-  latest.json                       {"step": N, "checkpoint": "checkpoints/step-00000N"}
-  checkpoints/step-00000N/          codec.json + codec.safetensors (load with `load_codec`),
+  latest.json                       {"step": N, "checkpoint": "checkpoints/step_00000N"}
+  checkpoints/step_00000N/          codec.json + codec.safetensors (load with `load_codec`),
                                     trainer.json + trainer.safetensors (optimizer, RNG, step)
   tb/                               TensorBoard scalars and reconstruction images
 A checkpoint folder is written under a temporary name and renamed into place, then latest.json
-is replaced atomically: a kill at any moment leaves the previous checkpoint intact.
+is replaced atomically (`utils.checkpoint_folders`, shared with the world-model and agent
+checkpoints): a kill at any moment leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,14 +34,20 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Sampler
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec, measure_latent_stats, preset, psnr
-from worldsim.codec.checkpoint import LATEST_FILE, CheckpointError, load_codec_into, save_codec
+from worldsim.codec.checkpoint import load_codec_into, save_codec
 from worldsim.utils.safetensors_io import open_safetensors
 from worldsim.data.windows import WindowDataset
-from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json
+from worldsim.utils.checkpoint_folders import (
+    LATEST_FILE, TENSORBOARD_DIR, CheckpointError, commit_checkpoint, read_latest_pointer, temp_folder,
+)
 
 TRAINER_STATE_VERSION = 1
+TRAINER_FILE = "trainer.json"  # written last into a checkpoint folder
 # Settings a resumed run must share with the run it continues (else batches or model differ).
-RESUME_KEYS = ("datasets", "batch_size", "seed", "val_episodes", "hflip")
+RESUME_KEYS = ("datasets", "batch_size", "seed", "val_episodes", "hflip", "init_from", "decoder_only")
+# What runs written before a key existed did (they lack it in their saved config).
+LEGACY_DEFAULTS = {"init_from": None, "decoder_only": False}
 
 
 @dataclass
@@ -54,6 +60,12 @@ class CodecTrainConfig:
     """Codec preset (see `worldsim.codec.autoencoder.PRESETS`)."""
     codec: CodecConfig | None = None
     """Explicit codec config; overrides `preset` when given."""
+    init_from: str | None = None
+    """Start from this codec's weights and latent stats (a codec checkpoint, a codec run folder or
+    a bundle folder); its config is used, `preset` and `codec` are ignored."""
+    decoder_only: bool = False
+    """Train the decoder alone (needs `init_from`): the encoder and the latent stats stay as they
+    were, so the latent space, and every world model and latent cache built on it, stay valid."""
     steps: int = 20_000
     """Total optimisation steps (the LR schedule spans them)."""
     stop_after: int | None = None
@@ -88,6 +100,10 @@ class CodecTrainConfig:
     progress: bool = True
 
     def codec_config(self) -> CodecConfig:
+        if self.init_from is not None:
+            from worldsim.codec.checkpoint import read_config
+
+            return read_config(self.init_from)
         return self.codec if self.codec is not None else preset(self.preset)
 
     def validate(self) -> None:
@@ -103,6 +119,8 @@ class CodecTrainConfig:
             raise ValueError("val_episodes must be >= 1: PSNR must come from unseen frames")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.decoder_only and self.init_from is None:
+            raise ValueError("decoder_only needs init_from: a trained encoder to keep")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -241,7 +259,7 @@ def _save_trainer_state(
                 scalars.setdefault(str(pid), {})[k] = v
     atomic_write_bytes(folder / "trainer.safetensors", safetensors_bytes(tensors))
     atomic_write_json(
-        folder / "trainer.json",
+        folder / TRAINER_FILE,
         {
             "version": TRAINER_STATE_VERSION,
             **state,
@@ -254,10 +272,10 @@ def _save_trainer_state(
 def _load_trainer_state(
     folder: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator
 ) -> dict:
-    state = json.loads((folder / "trainer.json").read_text())
+    state = json.loads((folder / TRAINER_FILE).read_text())
     if state.get("version") != TRAINER_STATE_VERSION:
         raise CheckpointError(
-            f"{folder / 'trainer.json'}: trainer state version {state.get('version')!r}, "
+            f"{folder / TRAINER_FILE}: trainer state version {state.get('version')!r}, "
             f"expected {TRAINER_STATE_VERSION}"
         )
     with open_safetensors(folder / "trainer.safetensors", error=CheckpointError) as f:  # names a truncated file
@@ -277,21 +295,11 @@ def _load_trainer_state(
 def _write_checkpoint(
     run_dir: Path, codec: FrameCodec, optimizer, generator, state: dict, keep: int
 ) -> Path:
-    ckpt_root = run_dir / "checkpoints"
-    name = f"step-{state['step']:08d}"
-    tmp = ckpt_root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_codec(codec, tmp, extra={"step": state["step"]})
-    _save_trainer_state(tmp, optimizer, generator, state)
-    final = ckpt_root / name
-    shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step after a crash
-    tmp.rename(final)
-    fsync_dir(ckpt_root)
-    latest = {"step": state["step"], "checkpoint": f"checkpoints/{name}"}
-    atomic_write_json(run_dir / LATEST_FILE, latest)
-    for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
-    return final
+    tmp = temp_folder(run_dir, state["step"])
+    init_from = state["train_config"]["init_from"]
+    save_codec(codec, tmp, extra={"step": state["step"], "init_from": init_from})
+    _save_trainer_state(tmp, optimizer, generator, state)  # trainer.json last: marks a full folder
+    return commit_checkpoint(run_dir, tmp, state["step"], keep=keep, marker=TRAINER_FILE)
 
 
 def _check_resumable(saved: dict, cfg: CodecTrainConfig, folder: Path) -> None:
@@ -304,6 +312,7 @@ def _check_resumable(saved: dict, cfg: CodecTrainConfig, folder: Path) -> None:
             if v != now["codec"][k]
         ]
         raise CheckpointError(f"cannot resume {folder}: codec config differs: " + "; ".join(diff))
+    saved = {**LEGACY_DEFAULTS, **saved}
     diff = [
         f"{k}: run has {saved[k]!r}, asked for {now[k]!r}"
         for k in RESUME_KEYS
@@ -343,7 +352,11 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False) -> CodecTrainRes
 
     torch.manual_seed(cfg.seed)  # the initial weights
     codec = FrameCodec(codec_cfg).to(device)
-    optimizer = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.init_from is not None:
+        load_codec_into(codec, cfg.init_from)
+    trained = codec.decoder if cfg.decoder_only else codec
+    codec.encoder.requires_grad_(not cfg.decoder_only)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # augmentation draws
 
     step, train_seconds, last_psnr = 0, 0.0, float("nan")
@@ -354,9 +367,8 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False) -> CodecTrainRes
                 f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
                 f"or pick a new folder"
             )
-        latest = json.loads((run_dir / LATEST_FILE).read_text())
-        last_ckpt = run_dir / latest["checkpoint"]
-        state = json.loads((last_ckpt / "trainer.json").read_text())
+        last_ckpt = read_latest_pointer(run_dir)
+        state = json.loads((last_ckpt / TRAINER_FILE).read_text())
         _check_resumable(state["train_config"], cfg, last_ckpt)
         load_codec_into(codec, last_ckpt)
         state = _load_trainer_state(last_ckpt, optimizer, generator)
@@ -370,15 +382,16 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False) -> CodecTrainRes
     from tqdm import tqdm
 
     # purge_step drops events a crashed session logged after its last checkpoint.
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=step)
+    writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step)
     loader = DataLoader(
         dataset, batch_sampler=StepBatches(split.train, cfg.batch_size, cfg.seed, step, end),
         num_workers=cfg.num_workers, collate_fn=_collate,
     )  # fmt: skip
 
     def checkpoint() -> Path:
-        mean, std = measure_latent_stats(codec, stats_frames)
-        codec.set_latent_stats(mean.to(device), std.to(device))
+        if not cfg.decoder_only:  # a frozen encoder keeps the stats it came with
+            mean, std = measure_latent_stats(codec, stats_frames)
+            codec.set_latent_stats(mean.to(device), std.to(device))
         state = {
             "step": step,
             "train_seconds": train_seconds,
@@ -400,7 +413,13 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False) -> CodecTrainRes
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses = reconstruction_losses(codec(x), x)
+            if cfg.decoder_only:
+                with torch.no_grad():
+                    z = codec.encode_raw(x)  # (B, C, h, w)
+                recon = codec.decode_raw(z)
+            else:
+                recon = codec(x)
+            losses = reconstruction_losses(recon, x)
             loss = (
                 cfg.l1_weight * losses["l1"]
                 + cfg.mse_weight * losses["mse"]
@@ -414,7 +433,7 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False) -> CodecTrainRes
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(codec.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             if not torch.isfinite(grad_norm):
                 raise TrainingDiverged(
                     f"non-finite gradient norm at step {step}; "

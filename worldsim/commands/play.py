@@ -74,16 +74,15 @@ def play(
         typer.echo("error: worldsim play needs pygame: pip install 'worldsim[viewer]'", err=True)
         raise typer.Exit(code=1) from None
 
-    from worldsim.codec.checkpoint import CheckpointError as CodecCheckpointError
     from worldsim.commands.common import resolve_device
     from worldsim.envs.dream import MemoryMazeContext, MinariContext, load_dream_model
-    from worldsim.train.checkpoint import CheckpointError
+    from worldsim.utils.checkpoint_folders import CheckpointError  # every checkpoint format's
     from worldsim.viewer.app import Viewer, ViewerConfig
     from worldsim.viewer.policies import load_sb3_policy
 
     try:
         model, codec_model = load_dream_model(checkpoint, codec, device=resolve_device(device))
-    except (CheckpointError, CodecCheckpointError, BundleError, FileNotFoundError) as e:
+    except (CheckpointError, BundleError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=1) from None
 

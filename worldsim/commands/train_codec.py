@@ -36,6 +36,14 @@ def train_codec(
     preset: CodecPreset = typer.Option(
         CodecPreset.small, help="Codec size (small: 64x64x3 -> 8x8x16)."
     ),
+    init_from: Optional[str] = typer.Option(  # noqa: UP007
+        None, "--init-from", show_default=False,
+        help="Start from this codec (checkpoint, run folder, bundle folder, or 'bundled'); its config replaces --preset.",
+    ),
+    decoder_only: bool = typer.Option(
+        False, "--decoder-only",
+        help="Train only the decoder (needs --init-from): the latent space, and world models trained on it, stay valid.",
+    ),
     steps: int = typer.Option(20_000, min=1, help="Training steps (the LR schedule spans them)."),
     stop_after: Optional[int] = typer.Option(  # noqa: UP007 (typer needs Optional on Python 3.11)
         None, min=1, help="Checkpoint and stop at this step; --resume later to go on."
@@ -70,8 +78,17 @@ def train_codec(
     from worldsim.codec.train import train_codec as run_training
     from worldsim.data.episode_store import DatasetError
 
+    if init_from == "bundled":
+        from worldsim.bundled import bundled_model_dir
+
+        found = bundled_model_dir()
+        if found is None:
+            typer.echo("error: --init-from bundled: no bundled model is installed", err=True)
+            raise typer.Exit(code=1)
+        init_from = str(found)
     config = CodecTrainConfig(
         datasets=tuple(datasets), run_dir=str(out), preset=preset.value, steps=steps,
+        init_from=init_from, decoder_only=decoder_only,
         stop_after=stop_after, batch_size=batch_size, lr=lr, val_episodes=val_episodes,
         eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, device=device,
         num_workers=num_workers, progress=progress,

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -42,12 +41,14 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from worldsim.train.ema import EMA
-from worldsim.utils.atomic import (
-    atomic_write_bytes,
-    atomic_write_json,
-    check_sha256,
-    remove_stale_temp_dirs,
-    replace_dir,
+from worldsim.utils import checkpoint_folders as folders
+from worldsim.utils.atomic import atomic_write_bytes, check_sha256
+from worldsim.utils.checkpoint_folders import (  # noqa: F401 (re-exported: the run-folder API of this format)
+    CHECKPOINTS_DIR,
+    LATEST_FILE,
+    CheckpointError,
+    checkpoint_name,
+    read_latest_pointer,
 )
 from worldsim.utils.format_json import read_format_json
 from worldsim.utils.safetensors_io import open_safetensors
@@ -58,19 +59,9 @@ SIDECAR_FILE = "checkpoint.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 TRAINER_FILE = "trainer.safetensors"
-LATEST_FILE = "latest.json"
 SHA256_KEY = "sha256"  # sidecar: {file name: hex sha256 of its bytes as written}; older checkpoints lack it
-CHECKPOINTS_DIR = "checkpoints"
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the keys."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 # ------------------------------------------------------------------------------ comparisons
@@ -295,14 +286,7 @@ def save_checkpoint(
     `rng_states`: one `capture_rng_state()` per rank (default: this process). `extra` must be
     JSON-able. `keep`: delete all but the newest `keep` checkpoints afterwards.
     """
-    run_dir = Path(run_dir)
-    root = run_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(root)  # .step_*.tmp-PID / .old-PID left by a writer killed mid-save
-    name = checkpoint_name(step)
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-
+    tmp = folders.temp_folder(run_dir, step)
     names = {id(p): n for n, p in model.named_parameters()}
     optim_tensors, optim_meta = optimizer_to_storage(optimizer, names)
     rng_tensors, rng_meta = _rng_to_storage(rng_states or [capture_rng_state()])
@@ -338,47 +322,20 @@ def save_checkpoint(
     sidecar_bytes = json.dumps({**sidecar, SHA256_KEY: hashes}, indent=2).encode()
     atomic_write_bytes(tmp / SIDECAR_FILE, sidecar_bytes)  # last: its presence marks a full folder
 
-    final = root / name
-    replace_dir(tmp, final)  # replaces the same step written by an earlier, crashed session
-    atomic_write_json(run_dir / LATEST_FILE, {"step": step, "checkpoint": f"{CHECKPOINTS_DIR}/{name}"})
-    if keep is not None:
-        prune_checkpoints(run_dir, keep)
-    return final
+    return folders.commit_checkpoint(run_dir, tmp, step, keep=keep, marker=SIDECAR_FILE)
 
 
 def list_checkpoints(run_dir: str | os.PathLike, marker: str = SIDECAR_FILE) -> list[Path]:
     """Complete checkpoint folders of a run (those holding `marker`), oldest first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    found = [p for p in root.glob("step_*") if (p / marker).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    return folders.list_checkpoints(run_dir, marker)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints; never the one latest.json points at."""
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    try:
-        latest = read_latest_pointer(run_dir)
-    except CheckpointError:
-        latest = None
-    for old in list_checkpoints(run_dir)[:-keep]:
-        if latest is None or old.resolve() != latest.resolve():
-            shutil.rmtree(old, ignore_errors=True)
+    folders.prune_checkpoints(run_dir, keep, SIDECAR_FILE)
 
 
 # ------------------------------------------------------------------------------------- load
-def read_latest_pointer(run_dir: str | os.PathLike) -> Path | None:
-    """The folder latest.json names (whatever it holds), or None for a run without latest.json."""
-    pointer = Path(run_dir) / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    try:
-        latest = json.loads(pointer.read_text())
-        return Path(run_dir) / latest["checkpoint"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{pointer}: corrupt pointer ({e})") from None
-
-
 def checkpoint_problem(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be loaded (sidecar or a safetensors header unreadable, files of
     another step), or None. Reads headers only; files a folder lacks are left to the loaders."""
@@ -397,29 +354,9 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 def latest_checkpoint(run_dir: str | os.PathLike, *, problem_of: Callable[[Path], str | None] = checkpoint_problem,
                       marker: str = SIDECAR_FILE) -> Path | None:
-    """The checkpoint latest.json points at, or None for a run without one.
-
-    When that one is unusable (gone, a sidecar or safetensors header corrupt or truncated) the
-    newest complete checkpoint that is usable is returned instead, with a warning naming the one
-    skipped (so `--resume` continues from it); CheckpointError when there is none.
-    `problem_of` / `marker`: the check and the marker file of another format (agent checkpoints)."""
-    try:
-        target = read_latest_pointer(run_dir)
-        if target is None:
-            return None
-        problem = problem_of(target)
-    except CheckpointError as e:
-        target, problem = None, str(e)
-    if problem is None:
-        return target
-    for candidate in reversed(list_checkpoints(run_dir, marker)):
-        if target is not None and candidate.resolve() == target.resolve():
-            continue
-        if problem_of(candidate) is None:
-            log.warning("skipping %s (%s); using %s, the newest complete checkpoint",
-                        target if target is not None else Path(run_dir) / LATEST_FILE, problem, candidate)
-            return candidate
-    raise CheckpointError(f"{problem}; the run holds no other complete checkpoint to fall back to")
+    """The checkpoint latest.json points at, falling back to the newest usable one past a torn
+    checkpoint (`checkpoint_folders.latest_checkpoint`); None for a run without one."""
+    return folders.latest_checkpoint(run_dir, problem_of=problem_of, marker=marker)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

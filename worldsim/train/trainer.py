@@ -38,7 +38,7 @@ from worldsim.train import checkpoint as ckpt
 from worldsim.train import distributed as ddp
 from worldsim.train import latent_cache
 from worldsim.train.ema import EMA
-from worldsim.train.weights import WARM_START_FREE_FIELDS, codec_fingerprint, parameter_groups, warm_start  # noqa: F401 (re-exported)
+from worldsim.train.weights import WARM_START_FREE_FIELDS, codec_fingerprint, codec_matches, parameter_groups, warm_start  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def model_config_for(cfg: TrainConfig, codec_config, action_space):
     return make_config(cfg.preset, cfg.variant, **{**cfg.model_overrides, **derived})
 
 
-def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec_sha: str, info: ddp.DistInfo, folder: Path) -> None:
+def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec, info: ddp.DistInfo, folder: Path) -> None:
     saved, now = sidecar["train_config"], cfg.to_json()
     # Runs written before a key existed trained with the value the code then had.
     defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **LEGACY_TRAIN_DEFAULTS}
@@ -274,10 +274,10 @@ def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec_sha: str, 
     diff = [f"{k}: run has {saved[k]!r}, asked for {now[k]!r}" for k in RESUME_KEYS if saved[k] != now[k]]
     if diff:
         raise ckpt.CheckpointError(f"cannot resume {folder}: " + "; ".join(diff) + " (start a new run folder to change them)")
-    if sidecar["codec"]["sha256"] != codec_sha:
+    if not codec_matches(sidecar["codec"]["sha256"], codec):
         raise ckpt.CheckpointError(
             f"cannot resume {folder}: the codec {cfg.codec} is not the one the run was trained with "
-            f"({sidecar['codec']['path']}): its weights differ"
+            f"({sidecar['codec']['path']}): its encoder or latent stats differ"
         )
     if sidecar["world_size"] != info.world_size:
         log.warning(
@@ -428,7 +428,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
         if not cfg.resume:
             raise FileExistsError(f"{run_dir} already holds a run; pass resume (--resume) to continue it, or pick a new folder")
         sidecar = ckpt.read_sidecar(existing)
-        _check_resumable(sidecar, cfg, codec_sha, info, existing)
+        _check_resumable(sidecar, cfg, codec, info, existing)
         loaded = ckpt.load_checkpoint(
             existing, model=model, model_config=model_cfg.to_dict(), optimizer=optimizer, scheduler=scheduler, ema=ema
         )

@@ -16,12 +16,32 @@ WARM_START_FREE_FIELDS = ("prev_frames", "attn_backend", "ssm_backend", "ssm_chu
 
 
 def codec_fingerprint(codec: torch.nn.Module) -> str:
-    """sha256 of the codec's tensors: a resumed run must encode frames exactly as before."""
+    """sha256 of what defines the codec's latent space: the encoder's tensors and the latent stats.
+
+    The decoder is left out on purpose: fine-tuning it (`worldsim train-codec --decoder-only`)
+    changes how latents look as frames, not what they are, so the world models, runs and latent
+    caches built on the codec stay valid with the sharper decoder."""
+    h = hashlib.sha256()
+    for name, t in sorted(codec.state_dict().items()):
+        if name.startswith("decoder."):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def full_codec_fingerprint(codec: torch.nn.Module) -> str:
+    """sha256 of every codec tensor: what runs written before 2026-11-26 recorded as the codec."""
     h = hashlib.sha256()
     for name, t in sorted(codec.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def codec_matches(recorded_sha: str | None, codec: torch.nn.Module) -> bool:
+    """True when `codec` encodes as the codec a run recorded (either fingerprint; None: unrecorded)."""
+    return recorded_sha is None or recorded_sha in (codec_fingerprint(codec), full_codec_fingerprint(codec))
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
