@@ -22,7 +22,6 @@ checkpoints): a kill at any moment leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from worldsim.codec.checkpoint import load_codec_into, save_codec
 from worldsim.utils.safetensors_io import open_safetensors
 from worldsim.data.windows import WindowDataset
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json
+from worldsim.utils.training import TrainingDiverged, diverged, setting_differences, warmup_cosine  # noqa: F401 (TrainingDiverged re-exported)
 from worldsim.utils.checkpoint_folders import (
     LATEST_FILE, TENSORBOARD_DIR, CheckpointError, commit_checkpoint, read_latest_pointer, temp_folder,
 )
@@ -141,10 +141,6 @@ class CodecTrainResult:
     """(step, val PSNR) of each evaluation in this session."""
 
 
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
-
-
 # ------------------------------------------------------------------------------------ data
 class FrameSplit:
     """Flat frame indices of a 1-step WindowDataset, split by episode into train / held-out."""
@@ -220,11 +216,7 @@ def reconstruction_losses(recon: torch.Tensor, target: torch.Tensor) -> dict[str
 
 
 def learning_rate(cfg: CodecTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))  # 1 -> 0
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 @torch.no_grad()
@@ -312,12 +304,7 @@ def _check_resumable(saved: dict, cfg: CodecTrainConfig, folder: Path) -> None:
             if v != now["codec"][k]
         ]
         raise CheckpointError(f"cannot resume {folder}: codec config differs: " + "; ".join(diff))
-    saved = {**LEGACY_DEFAULTS, **saved}
-    diff = [
-        f"{k}: run has {saved[k]!r}, asked for {now[k]!r}"
-        for k in RESUME_KEYS
-        if saved[k] != now[k]
-    ]
+    diff = setting_differences(saved, now, RESUME_KEYS, legacy=LEGACY_DEFAULTS)
     if diff:
         raise CheckpointError(
             f"cannot resume {folder}: {'; '.join(diff)} (start a new run folder to change them)"
@@ -426,19 +413,12 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False) -> CodecTrainRes
                 + cfg.edge_weight * losses["edge"]
             )
             if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss.item()}) at step {step}; last good checkpoint: "
-                    f"{last_ckpt or 'none'}. Lower the learning rate (now {lr:.2e}) "
-                    f"or check the data."
-                )
+                raise diverged("loss", loss.item(), step + 1, last_ckpt, lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(
-                    f"non-finite gradient norm at step {step}; "
-                    f"last good checkpoint: {last_ckpt or 'none'}"
-                )
+                raise diverged("gradient norm", grad_norm.item(), step + 1, last_ckpt, lr)
             optimizer.step()
             step += 1
             train_seconds += time.perf_counter() - t0

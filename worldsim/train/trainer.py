@@ -38,6 +38,8 @@ from worldsim.train import checkpoint as ckpt
 from worldsim.train import distributed as ddp
 from worldsim.train import latent_cache
 from worldsim.train.ema import EMA
+from worldsim.utils import training
+from worldsim.utils.training import TrainingDiverged, setting_differences, warmup_cosine  # noqa: F401 (TrainingDiverged re-exported)
 from worldsim.train.weights import WARM_START_FREE_FIELDS, codec_fingerprint, codec_matches, parameter_groups, warm_start  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -184,17 +186,10 @@ class TrainSummary:
     world_size: int
 
 
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient; the message names the step and the last good checkpoint."""
-
-
 # ----------------------------------------------------------------------------------- pieces
 def learning_rate_factor(cfg: TrainConfig, step: int) -> float:
     """lr(step) / lr: linear warmup, then cosine to min_lr_ratio at `steps`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -267,11 +262,9 @@ def model_config_for(cfg: TrainConfig, codec_config, action_space):
 
 
 def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec, info: ddp.DistInfo, folder: Path) -> None:
-    saved, now = sidecar["train_config"], cfg.to_json()
     # Runs written before a key existed trained with the value the code then had.
     defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **LEGACY_TRAIN_DEFAULTS}
-    saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS}
-    diff = [f"{k}: run has {saved[k]!r}, asked for {now[k]!r}" for k in RESUME_KEYS if saved[k] != now[k]]
+    diff = setting_differences(sidecar["train_config"], cfg.to_json(), RESUME_KEYS, legacy=defaults)
     if diff:
         raise ckpt.CheckpointError(f"cannot resume {folder}: " + "; ".join(diff) + " (start a new run folder to change them)")
     if not codec_matches(sidecar["codec"]["sha256"], codec):
@@ -501,13 +494,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
         ddp.barrier(info)
         return folder
 
-    def diverged(what: str, value: float) -> TrainingDiverged:
-        where = str(last_ckpt) if last_ckpt is not None else "none (no checkpoint written yet)"
-        return TrainingDiverged(
-            f"non-finite {what} ({value}) at step {step + 1}; training stopped on all ranks. Last good "
-            f"checkpoint: {where}. Resume from it with a lower learning rate (now {scheduler.get_last_lr()[0]:.3g}) "
-            f"or a smaller grad_clip, or check the data."
-        )
+    def diverged(what: str, value: float) -> TrainingDiverged:  # raised on every rank at the same step
+        return training.diverged(what, value, step + 1, last_ckpt, scheduler.get_last_lr()[0])
 
     forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context)
     losses: list[tuple[int, float]] = []
