@@ -8,6 +8,7 @@ so an off-by-one alignment between frames and actions drops the PSNR far below t
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,9 +77,13 @@ def assert_frames_match(got: np.ndarray, source: np.ndarray) -> None:
 
 
 def write_minerl_episode(
-    folder: Path, num_steps: int = 20, leading: int = 3, macros: bool = False, seed: int = 0
+    folder: Path, num_steps: int = 20, leading: int = 3, macros: bool = False, seed: int = 0,
+    rewards: np.ndarray | None = None, observations: dict[str, np.ndarray] | None = None,
+    success: bool = False,
 ) -> dict:
-    """A MineRL v0.4 demonstration: more video frames than states, aligned by the end."""
+    """A MineRL v0.4 demonstration: more video frames than states, aligned by the end.
+
+    rewards / observations replace the default random rewards / `observation$inventory$log`."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     frames = make_frames(num_steps + 1 + leading, 64, 64, seed)
@@ -89,8 +94,12 @@ def write_minerl_episode(
     }
     arrays["action$camera"] = rng.uniform(-30, 30, (num_steps, 2)).astype(np.float32)
     arrays["action$camera"][0] = [200.0, -500.0]  # beyond MineRL's bounds: clipped
-    arrays["reward"] = rng.integers(0, 2, num_steps).astype(np.float32)
-    arrays["observation$inventory$log"] = np.cumsum(rng.integers(0, 2, num_steps + 1))
+    arrays["reward"] = (
+        rng.integers(0, 2, num_steps).astype(np.float32) if rewards is None else rewards
+    )
+    if observations is None:
+        observations = {"observation$inventory$log": np.cumsum(rng.integers(0, 2, num_steps + 1))}
+    arrays.update(observations)
     if macros:
         items = np.array(["none", "dirt", "none", "stone"])
         arrays["action$place"] = items[rng.integers(0, 4, num_steps)]
@@ -100,7 +109,7 @@ def write_minerl_episode(
         arrays["action$nearbySmelt"] = np.array(["none"] * num_steps)
     np.savez_compressed(folder / "rendered.npz", **arrays)
     meta = {
-        "success": False, "duration_ms": num_steps * 50, "duration_steps": num_steps,
+        "success": success, "duration_ms": num_steps * 50, "duration_steps": num_steps,
         "total_reward": float(arrays["reward"].sum()), "stream_name": folder.name,
         "true_video_frame_count": len(frames),
     }  # fmt: skip
@@ -263,12 +272,166 @@ def test_minerl_v04_episodes_ingest_with_aligned_frames_actions_rewards(tmp_path
         assert meta["leading_frames_skipped"] == leading
         assert meta["original_resolution"] == [64, 64]
         assert meta["source_format"] == "minerl-v0.4"
+        assert list(episode.infos) == ["observation$inventory$log"]
+        np.testing.assert_array_equal(
+            episode.infos["observation$inventory$log"], arrays["observation$inventory$log"]
+        )
     assert episodes[0].actions[0, enc.PITCH] == 180 and episodes[0].actions[0, enc.YAW] == -180
     crafted = int((ep_b["arrays"]["action$craft"] != "none").sum())
     assert metas[0]["dropped_actions"] == {
         "craft": crafted, "equip": 0, "nearbyCraft": 0, "nearbySmelt": 0
     }
     assert metas[0]["environment"] == "MineRLObtainDiamond-v0"
+
+
+def navigate_observations(num_steps: int, seed: int) -> dict[str, np.ndarray]:
+    """Navigate's non-image observations, one per state: compass angle and dirt held."""
+    rng = np.random.default_rng(seed)
+    return {
+        "observation$compass$angle": rng.uniform(-180, 180, num_steps + 1).astype(np.float32),
+        "observation$inventory$dirt": np.cumsum(rng.integers(0, 2, num_steps + 1)),
+    }
+
+
+def test_minerl_observations_go_to_infos_and_reaching_the_goal_terminates(tmp_path):
+    src = tmp_path / "minerl"
+    n = 10
+    last = np.zeros(n, np.float32)
+    last[-1] = 100.0  # Navigate: touching the diamond block pays +100 and ends the env
+    dense = np.random.default_rng(7).uniform(-0.3, 0.3, n).astype(np.float32)
+    dense[-1] = 100.0 - 0.2  # Dense: the goal tick's own (negative) distance reward on top
+    diamond = np.zeros(n, np.float32)
+    diamond[[2, 5, -1]] = [1.0, 256.0, 1024.0]  # log, iron pickaxe, then the diamond
+    mainhand = np.array(["none", "wooden_pickaxe", "iron_pickaxe"])[np.arange(n + 1) * 3 // (n + 1)]
+    cases = {  # folder: (writer kwargs, (terminated, truncated, goal_reached))
+        "MineRLNavigate-v0/v4_reached": (
+            dict(rewards=last, observations=navigate_observations(n, 1), success=True),
+            (True, False, True)),
+        "MineRLNavigate-v0/v4_quit": (
+            dict(rewards=np.zeros(n, np.float32), observations=navigate_observations(n, 2)),
+            (False, True, False)),
+        "MineRLNavigateDense-v0/v4_dense": (
+            dict(rewards=dense, observations=navigate_observations(n, 3), success=True),
+            (True, False, True)),
+        "MineRLObtainDiamond-v0/v4_diamond": (
+            dict(rewards=diamond, observations={
+                "observation$inventory$diamond": (np.arange(n + 1) == n).astype(np.int64),
+                "observation$equipped_items$mainhand$type": mainhand,
+                "observation$equipped_items$mainhand$damage": np.arange(n + 1) * 2,
+            }), (True, False, True)),
+        "MineRLTreechop-v0/v4_64logs": (
+            dict(num_steps=64, rewards=np.ones(64, np.float32)), (True, False, True)),
+        "MineRLTreechop-v0/v4_63logs": (
+            dict(num_steps=64, rewards=(np.arange(64) > 0).astype(np.float32)),
+            (False, True, False)),
+        "MineRLBasaltFindCave-v0/v4_basalt": (  # no goal reward: the player ends it with ESC
+            dict(rewards=np.zeros(n, np.float32)), (False, True, None)),
+    }  # fmt: skip
+    written = {}
+    for seed, (folder, (writer_kwargs, _)) in enumerate(cases.items()):
+        writer_kwargs = {"num_steps": n, **writer_kwargs}
+        written[folder] = write_minerl_episode(src / folder, **writer_kwargs, seed=seed)
+    (src / "VERSION").write_text("4\n")
+    kwargs = dict(root=tmp_path / "ds", size=SIZE, progress=False)
+    # Minari reads a dataset as one arrow table: episodes with other infos keys are refused.
+    error = (r"v4_quit: its step infos differ from those already in worldsim/minerl-all-v0 "
+             r"\(first difference: 'observation\$compass\$angle'\)")
+    with pytest.raises(ValueError, match=error):
+        ingest("minerl-v0.4", src, "worldsim/minerl-all-v0", **kwargs)
+    assert load("worldsim/minerl-all-v0").total_episodes == 1  # intact: the BASALT episode
+
+    by_stream = {}
+    for environment in sorted({folder.split("/")[0] for folder in cases}):
+        dataset_id = f"worldsim/{environment.lower()}"
+        ingest("minerl-v0.4", src / environment, dataset_id, **kwargs)
+        ds = load(dataset_id)
+        metas = ds.storage.get_episode_metadata(range(ds.total_episodes))
+        by_stream.update({m["stream_name"]: (e, m) for e, m in zip(ds.iterate_episodes(), metas)})
+    assert len(by_stream) == len(cases)
+    for folder, (_, (terminated, truncated, goal)) in cases.items():
+        episode, meta = by_stream[folder.split("/")[1]]
+        arrays = written[folder]["arrays"]
+        assert (episode.terminations[-1], episode.truncations[-1]) == (terminated, truncated)
+        assert not episode.terminations[:-1].any() and not episode.truncations[:-1].any()
+        assert meta["goal_reached"] == goal and meta["data_version"] == 4
+        assert meta["environment"] == folder.split("/")[0]
+        observation_keys = sorted(k for k in arrays if k.startswith("observation$"))
+        assert sorted(episode.infos) == observation_keys
+        for key in observation_keys:  # entry t describes state t, i.e. frame t
+            assert len(episode.infos[key]) == len(episode.observations)
+            np.testing.assert_array_equal(episode.infos[key], arrays[key])
+    assert by_stream["v4_reached"][1]["success"] is True  # the published flag is kept
+    assert by_stream["v4_diamond"][0].infos["observation$equipped_items$mainhand$type"][-1] == (
+        "iron_pickaxe"
+    )
+
+
+def test_minerl_data_version_is_checked_like_minerls_loader(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from worldsim.commands.ingest import ingest as ingest_command
+
+    kwargs = dict(root=tmp_path / "ds", size=SIZE, progress=False)
+    good = tmp_path / "good"
+    write_minerl_episode(good / "MineRLNavigate-v0" / "v3_a", num_steps=6, seed=1)
+    (good / "VERSION").write_text("3")
+    assert ingest("minerl-v0.4", good, "worldsim/version-v0", **kwargs).added == 1
+
+    bad = tmp_path / "bad"
+    stream = bad / "MineRLNavigate-v0" / "v4_b"
+    write_minerl_episode(stream, num_steps=6, seed=2)
+
+    def refused(error: str) -> None:
+        with pytest.raises(RecordingError, match=error):
+            ingest("minerl-v0.4", bad, "worldsim/version-v0", **kwargs)
+        ds = load("worldsim/version-v0")  # the dataset is intact
+        assert (ds.total_episodes, ds.total_steps) == (1, 6)
+
+    (bad / "VERSION").write_text("9\n")
+    refused(r"bad/VERSION: MineRL data version 9 is not supported .*version 3 or 4 only")
+    app = typer.Typer()
+    app.command()(ingest_command)
+    result = CliRunner().invoke(app, [
+        "--source", "minerl-v0.4", "--input-dir", str(bad), "--dataset-id", "worldsim/version-v0",
+        "--root", str(tmp_path / "ds"), "--size", str(SIZE), "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: {bad / 'VERSION'}: MineRL data version 9 is not supported (MineRL v0.4's loader "
+        "reads version 3 or 4 only)"
+    ]
+    (bad / "VERSION").write_text("four")
+    refused(r"bad/VERSION: expected a MineRL data version number, got 'four'")
+    # Without a VERSION file the stream folder's v<N>_ prefix decides, as in MineRL's loader.
+    (bad / "VERSION").unlink()
+    stream = stream.rename(stream.with_name("v5_b"))
+    refused(r"v5_b: MineRL data version 5 is not supported")
+    stream = stream.rename(stream.with_name("stream_b"))
+    refused(r"stream_b: cannot tell the MineRL data version")
+    stream.rename(stream.with_name("v4_b"))
+    summary = ingest("minerl-v0.4", bad, "worldsim/version-v0", **kwargs)
+    assert (summary.added, summary.total_episodes) == (1, 2)
+    meta = next(iter(load("worldsim/version-v0").storage.get_episode_metadata([1])))
+    assert meta["data_version"] == 4
+
+
+def test_minerl_empty_episode_folder_is_reported(tmp_path):
+    src = tmp_path / "minerl"
+    write_minerl_episode(src / "MineRLTreechop-v0" / "v3_a_good", num_steps=6)
+    (src / "MineRLTreechop-v0" / "v3_b_empty").mkdir()
+    (src / "MineRLTreechop-v0" / ".cache").mkdir()  # hidden folders are not episodes
+    kwargs = dict(root=tmp_path / "ds", size=SIZE, progress=False)
+    with pytest.raises(RecordingError, match=r"v3_b_empty: episode folder is empty"):
+        ingest("minerl-v0.4", src, "worldsim/empty-v0", **kwargs)
+    assert load("worldsim/empty-v0").total_episodes == 1  # the good one, committed before
+
+    summary = ingest("minerl-v0.4", src, "worldsim/empty-v0", skip_bad=True, **kwargs)
+    assert (summary.found, summary.added, summary.already_present) == (2, 0, 1)
+    assert [Path(source).name for source, _ in summary.bad] == ["v3_b_empty"]
+    (src / "MineRLTreechop-v0" / "v3_b_empty" / "notes.txt").write_text("not an episode")
+    with pytest.raises(RecordingError, match=r"v3_b_empty: episode folder holds none of"):
+        ingest("minerl-v0.4", src, "worldsim/empty-v0", **kwargs)
 
 
 # ------------------------------------------------------------------------------------ VPT
@@ -289,7 +452,88 @@ def test_vpt_recording_ingests_with_quirks_corrected(tmp_path):
     assert not episode.rewards.any()
     assert meta["original_resolution"] == [640, 360]
     assert meta["ignored_keys"] == {"key.keyboard.t": 1}
-    assert meta["gui_open_frames"] == 1
+    assert meta["gui_open_frames"] == 1 and meta["cursor_drawn"] is True
+
+
+def draw_arrow_full_resolution(frame: np.ndarray, x: float, y: float) -> None:
+    """Paste the cursor as VPT's loader pastes its image: top-left corner at (x, y) * H / 720 on
+    the full-resolution frame, clipped at the right and bottom edges."""
+    from worldsim.data.minecraft.cursor import ARROW
+
+    height, width = frame.shape[:2]
+    left, top = int(x * height / 720), int(y * height / 720)
+    for r, row in enumerate(ARROW):
+        for c, pixel in enumerate(row):
+            if pixel != "." and top + r < height and left + c < width:
+                frame[top + r, left + c] = 255 if pixel == "O" else 0
+
+
+def test_vpt_gui_cursor_is_drawn_where_vpts_loader_draws_it(tmp_path):
+    from worldsim.data.minecraft import vpt
+
+    # Flat grey frames, so that the cursor is all that differs; 640x360 -> 40x40 is an exact
+    # 16x9 area average, computed below by a reshape-mean of the full-resolution drawing.
+    size, grey, num = 40, 90, 6
+    frames = np.full((num, 360, 640, 3), grey, np.uint8)
+    write_mp4(tmp_path / "gui.mp4", frames)
+    gui = {1: (640.0, 360.0), 2: (1279.0, 719.0), 3: (101.7, 50.2), 5: (1500.0, 30.0)}
+    ticks = [vpt_tick(gui=t in gui) for t in range(num)]
+    for t, (x, y) in gui.items():
+        ticks[t]["mouse"].update(x=x, y=y)
+    (tmp_path / "gui.jsonl").write_text("\n".join(json.dumps(t) for t in ticks))
+
+    plain = vpt.read_episode(tmp_path / "gui.mp4", size, draw_cursor=False)
+    drawn = vpt.read_episode(tmp_path / "gui.mp4", size)
+    assert np.abs(plain.observations.astype(int) - grey).max() <= 2  # lossy, but flat
+    assert (plain.metadata["cursor_drawn"], drawn.metadata["cursor_drawn"]) == (False, True)
+    assert drawn.metadata["gui_open_frames"] == len(gui)
+
+    for t in range(num):
+        canvas = np.full((360, 640, 3), grey, np.float64)
+        if t in gui:
+            draw_arrow_full_resolution(canvas, *gui[t])
+        want = canvas.reshape(size, 9, size, 16, 3).mean(axis=(1, 3))  # (40, 40, 3)
+        got = drawn.observations[t].astype(np.float64)
+        assert np.abs(got - want).max() <= 3, f"frame {t}"
+        if t not in gui:  # no GUI: the frame is left as decoded
+            np.testing.assert_array_equal(drawn.observations[t], plain.observations[t])
+    # (640, 360) * 360 / 720 = source pixel (320, 180): output cell (row 20, column 20).
+    changed = np.argwhere(np.abs(drawn.observations[1].astype(int) - plain.observations[1]).max(-1))
+    assert changed.min(0).tolist() == [20, 20]
+    # 28 white and 17 black arrow pixels in that 16x9 cell: 90 + (28 * 165 - 17 * 90) / 144 = 111.
+    assert abs(int(drawn.observations[1, 20, 20, 0]) - 111) <= 2
+    np.testing.assert_array_equal(drawn.observations[5], plain.observations[5])  # off the frame
+
+    ticks[3]["mouse"]["x"] = None
+    (tmp_path / "gui.jsonl").write_text("\n".join(json.dumps(t) for t in ticks))
+    with pytest.raises(RecordingError, match=r"gui\.jsonl:4: mouse 'x' must be a finite number"):
+        vpt.read_episode(tmp_path / "gui.mp4", size)
+
+
+def test_vpt_stuck_attack_is_removed_as_vpts_loader_does():
+    from worldsim.data.minecraft.vpt import encode_ticks
+
+    attack, use = enc.button_index("attack"), enc.button_index("use")
+
+    def encoded(buttons: list[list[int]], new_buttons: list[list[int]]) -> np.ndarray:
+        ticks = [vpt_tick(buttons=b, new_buttons=n) for b, n in zip(buttons, new_buttons)]
+        return encode_ticks(ticks, Path("rec.jsonl"))[0]
+
+    # Tick 0 reports exactly a new press of attack: stuck, never really pressed -> no attack.
+    got = encoded([[0], [0], [0, 1], [0]], [[0], [], [1], []])
+    assert got[:, attack].tolist() == [0, 0, 0, 0] and got[:, use].tolist() == [0, 0, 1, 0]
+    # ... until newButtons holds 0 again: a real press, kept from that tick on.
+    got = encoded([[0], [0], [], [0], [0]], [[0], [], [], [0], []])
+    assert got[:, attack].tolist() == [0, 0, 0, 1, 1]
+    # Anything else on tick 0 is not the quirk: attack is kept as recorded.
+    assert encoded([[0, 1], [0]], [[0, 1], []])[:, attack].tolist() == [1, 1]
+    assert encoded([[0], [0]], [[], []])[:, attack].tolist() == [1, 1]
+    assert encoded([[], [0], [0]], [[], [0], []])[:, attack].tolist() == [0, 1, 1]
+
+    bad = [vpt_tick(buttons=[0], new_buttons=[0])]
+    bad[0]["mouse"]["newButtons"] = 0
+    with pytest.raises(RecordingError, match=r"rec\.jsonl:1: mouse 'newButtons' must be a list"):
+        encode_ticks(bad, Path("rec.jsonl"))
 
 
 # ----------------------------------------------------------------------------------- TECO
@@ -335,6 +579,63 @@ def test_rerun_skips_committed_sources_and_adds_new_ones(tmp_path):
     assert (third.added, third.already_present, third.total_episodes) == (1, 2, 3)
     with pytest.raises(ValueError, match="different observation space"):
         ingest(*args, root=tmp_path / "ds", size=SIZE * 2, progress=False)
+
+
+def test_duplicates_are_found_by_content_as_well_as_path(tmp_path):
+    src = tmp_path / "teco"
+    write_teco_episode(src / "a", "000000", 12, seed=1)
+    write_teco_episode(src / "a", "000001", 12, seed=2)
+    (src / "b").mkdir()  # the same recording again, under another name and folder
+    for suffix in (".mp4", ".npz"):
+        shutil.copy(src / "a" / f"000000{suffix}", src / "b" / f"copy{suffix}")
+    kwargs = dict(root=tmp_path / "ds", size=SIZE, progress=False)
+    first = ingest("teco", src, "worldsim/dup-v0", **kwargs)
+    assert (first.added, first.already_present, first.total_episodes) == (2, 1, 2)
+    assert first.duplicates == [
+        (str(src / "b" / "copy.npz"), str((src / "a" / "000000.npz").resolve()))
+    ]
+
+    moved = src.rename(tmp_path / "moved")  # every path changes before the resume
+    again = ingest("teco", moved, "worldsim/dup-v0", **kwargs)
+    assert (again.added, again.already_present, len(again.duplicates)) == (0, 3, 3)
+    assert again.total_episodes == 2
+
+    ids = np.load(moved / "b" / "copy.npz")["actions"]
+    ids[5] = ids[5] % 3 + 1  # another action: another recording, although the video is the same
+    np.savez_compressed(moved / "b" / "copy.npz", actions=ids)
+    third = ingest("teco", moved, "worldsim/dup-v0", **kwargs)
+    assert (third.added, third.total_episodes) == (1, 3)
+    hashes = [m["source_sha256"] for m in load("worldsim/dup-v0").storage.get_episode_metadata(
+        range(3))]
+    assert len(set(hashes)) == 3 and all(len(h) == 64 for h in hashes)
+
+
+def test_content_hash_covers_each_formats_video_and_action_files(tmp_path):
+    from worldsim.data.ingest import READERS, content_hash
+
+    write_vpt_episode(tmp_path / "vpt", "rec", 12)
+    write_minerl_episode(tmp_path / "minerl" / "MineRLNavigate-v0" / "v3_a", num_steps=4)
+    sources = {
+        "vpt": (tmp_path / "vpt" / "rec.mp4", "renamed.mp4", ".jsonl"),
+        "minerl-v0.4": (tmp_path / "minerl" / "MineRLNavigate-v0" / "v3_a", "v3_copy",
+                        "rendered.npz"),
+    }  # fmt: skip
+    for source_format, (source, copy_name, action_file) in sources.items():
+        files = READERS[source_format].source_files
+        digest = content_hash(files(source))
+        if source.is_dir():
+            copy = shutil.copytree(source, source.with_name(copy_name))
+            actions_path = Path(copy) / action_file
+        else:
+            copy = source.with_name(copy_name)
+            for path in files(source):
+                shutil.copy(path, copy.with_suffix(path.suffix))
+            actions_path = copy.with_suffix(action_file)
+        assert content_hash(files(Path(copy))) == digest, source_format
+        actions_path.write_bytes(actions_path.read_bytes() + b"\n")
+        assert content_hash(files(Path(copy))) != digest, source_format
+        actions_path.unlink()
+        assert content_hash(files(Path(copy))) is None  # reading it reports the missing file
 
 
 def test_sources_mix_in_one_dataset_but_not_with_other_encodings(tmp_path):
@@ -447,6 +748,9 @@ def test_minerl_missing_key_unknown_action_and_obfuscated_vector(tmp_path):
     np.savez_compressed(npz, **{**arrays, "action$camera": np.zeros((10, 3), np.float32)})
     with pytest.raises(RecordingError, match=r"'camera' must be \(N, 2\)"):
         run()
+    np.savez_compressed(npz, **{**arrays, "observation$compass$angle": np.zeros(11, complex)})
+    with pytest.raises(RecordingError, match=r"'observation\$compass\$angle' has unsupported dtype"):
+        run()
     np.savez_compressed(npz, **arrays)
     npz.write_bytes(npz.read_bytes()[:200])
     with pytest.raises(RecordingError, match=r"rendered\.npz: corrupt or truncated npz"):
@@ -454,6 +758,9 @@ def test_minerl_missing_key_unknown_action_and_obfuscated_vector(tmp_path):
     np.savez_compressed(npz, **arrays)
     (folder / "metadata.json").write_text(json.dumps({"true_video_frame_count": 99}))
     with pytest.raises(RecordingError, match=r"recording\.mp4: has 14 video frames but .*99"):
+        run()
+    (folder / "metadata.json").write_text(json.dumps({"success": "yes"}))
+    with pytest.raises(RecordingError, match=r"metadata\.json: success must be true or false"):
         run()
     (folder / "metadata.json").unlink()
     with pytest.raises(RecordingError, match=r"metadata\.json: missing"):
@@ -533,6 +840,20 @@ def test_cli_ingest_command(tmp_path):
     (src / "000001.mp4").write_bytes(b"garbage")
     result = CliRunner().invoke(app, [*args[:5], "worldsim/cli2-v0", *args[6:]])
     assert result.exit_code == 1 and "000000.npz" in result.output
+
+    vpt_src = tmp_path / "vpt"
+    write_vpt_episode(vpt_src / "a", "rec", 12)
+    shutil.copytree(vpt_src / "a", vpt_src / "b")  # the same recording twice
+    vpt_args = ["--source", "vpt", "--input-dir", str(vpt_src), "--dataset-id", "worldsim/cli3-v0",
+                "--root", str(tmp_path / "ds"), "--size", str(SIZE), "--no-progress",
+                "--no-vpt-cursor"]  # fmt: skip
+    result = CliRunner().invoke(app, vpt_args)
+    assert result.exit_code == 0, result.output
+    assert "1 episodes added, 1 already present (1 of them by content, under another path)" in (
+        result.output
+    )
+    meta = next(iter(load("worldsim/cli3-v0").storage.get_episode_metadata([0])))
+    assert meta["cursor_drawn"] is False and meta["gui_open_frames"] == 1
 
 
 # ------------------------------------------------------------------------------ live env

@@ -38,13 +38,17 @@ def ingest(
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Report and skip corrupt episodes instead of stopping."
     ),
+    vpt_cursor: bool = typer.Option(
+        True, help="VPT: draw the mouse cursor into frames with a GUI open, as VPT's loader does."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Convert MineRL v0.4, OpenAI VPT or TECO Minecraft recordings into a Minari dataset.
 
     Frames are resized to SIZE x SIZE; actions go to worldsim's shared Minecraft encoding.
 
-    Running the same command again resumes: episodes already in the dataset are skipped.
+    Running the same command again resumes: episodes already in the dataset (same source path or
+    same file content) are skipped.
     """
     from worldsim.commands.common import merge_alias
 
@@ -57,14 +61,16 @@ def ingest(
     try:
         summary = run_ingest(
             source.value, input_dir, dataset_id, root=root, size=size,
-            skip_bad=skip_bad, progress=progress,
+            skip_bad=skip_bad, vpt_cursor=vpt_cursor, progress=progress,
         )  # fmt: skip
     except (RecordingError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=1) from None
 
+    by_content = len(summary.duplicates)
+    moved = f" ({by_content} of them by content, under another path)" if by_content else ""
     counts = (
-        f"{summary.added} episodes added, {summary.already_present} already present, "
+        f"{summary.added} episodes added, {summary.already_present} already present{moved}, "
         f"{len(summary.bad)} bad skipped"
     )
     if summary.total_episodes:

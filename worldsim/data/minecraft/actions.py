@@ -42,8 +42,8 @@ How each source maps into it (each reader documents the details):
 * TECO Minecraft (`<id>.npz` `actions`): discrete ids from its collection script:
   1 = forward + jump, 2 = jump + yaw -20 deg, 3 = jump + yaw +20 deg (0 marks the first frame).
 
-Dropped everywhere: the cursor position inside GUIs (recordings do not show the cursor), chat, and
-anything that is not a key, a mouse button or a mouse movement.
+Dropped everywhere: the cursor position inside GUIs as an action (VPT frames show the cursor
+instead, `cursor.py`), chat, and anything that is not a key, a mouse button or a mouse movement.
 """
 
 from __future__ import annotations

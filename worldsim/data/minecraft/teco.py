@@ -19,7 +19,8 @@ So `actions[t]` for t >= 1 is the action between frames t - 1 and t, and an epis
 has T - 1 actions. Ambiguity: an earlier revision of that script turned without jumping; the
 released "marsh" data was collected by the revision with jump held on every action, which is the
 one encoded here. TECO's configs size the action table at 6, but only ids 0-3 are ever written;
-anything else is rejected. The release has no rewards (all 0) and no terminal states.
+anything else is rejected. The release has no rewards (all 0) and no terminal states: every clip
+ends truncated (time ran out, the world did not end).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ def find_episodes(input_dir: Path) -> list[Path]:
     """The `<id>.npz` of every episode under `input_dir`, including ids with only an mp4
     (reading those reports the missing action file instead of silently skipping them)."""
     return find_paired_recordings(input_dir, ".npz", ".mp4")
+
+
+def source_files(npz_path: Path) -> list[Path]:
+    """The files one episode is read from (their content identifies it, `ingest.py`): the actions
+    npz, and the mp4 when there is one (an npz may carry the frames itself)."""
+    video_path = Path(npz_path).with_suffix(".mp4")
+    return [Path(npz_path), *([video_path] if video_path.is_file() else [])]
 
 
 def read_episode(npz_path: Path, size: int = 64) -> Episode:

@@ -7,20 +7,29 @@ Each jsonl line is one game tick and matches one video frame (20 fps, 640x360). 
     hotbar:    selected slot 0-8;  isGuiOpen: bool;  plus tick, yaw, pitch, inventory... (unused)
 
 Line t is what the player did while frame t was on screen, so it leads to frame t + 1: an
-episode of N frames has N - 1 actions and the last line is dropped. Every tick is kept (VPT's
-behavioural cloning skips idle ticks; a world model must see time pass).
+episode of N frames has N - 1 actions and the last line's action is dropped (its GUI cursor
+still shows in the last frame). Every tick is kept (VPT's behavioural cloning skips idle ticks; a
+world model must see time pass).
 
 Mapping into the shared encoding (`actions.py`):
 * keys through `KEYBOARD_BINDINGS` (VPT's own keymap); other `key.*` names (chat, F3...) are
   unbound in the game controls we model and are dropped, counted in `ignored_keys`.
 * mouse buttons 0/1/2 -> attack/use/pickItem; camera = (dy, dx) * 360/2400 degrees, VPT's
   conversion from mouse counts at the recorders' sensitivity (clipped to +-180 like MineRL).
-* Two recorder quirks documented by VPT's loader are corrected: some recordings start with
-  attack reported held until it is first pressed (first line's newButtons == [0]), and scrolling
-  to another hotbar slot is not recorded as a key, so a change of `hotbar` presses `hotbar.N`.
-* Inside GUIs (isGuiOpen) the mouse moves a cursor, which the recordings do not draw; the deltas
-  are kept as recorded (that is what the player did) and VPT's per-version GUI scale factors are
-  not applied. Frames with a GUI open are counted in `gui_open_frames`.
+* Two recorder quirks documented by VPT's loader are corrected as it corrects them:
+  - stuck attack: when the first line's newButtons is exactly [0], attack is reported held from the
+    start although the player never pressed it; button 0 is removed from every tick until a line
+    whose newButtons holds 0 again (a real press, kept from that tick on);
+  - scrolling to another hotbar slot is not recorded as a key, so a change of `hotbar` presses
+    `hotbar.N` on that tick.
+* Inside GUIs (isGuiOpen) the mouse moves a cursor, which the recordings do not show. Like VPT's
+  loader we draw one (`cursor.py`: our own arrow at (x, y) * H / 720) into every frame whose tick
+  has a GUI open; `draw_cursor=False` leaves the frames as recorded. The mouse deltas are kept as
+  recorded (that is what the player did) and VPT's per-version GUI scale factors are not applied.
+  Frames with a GUI open are counted in `gui_open_frames`, `cursor_drawn` says whether they show it.
+
+Rewards are 0 (the contractors had no reward) and the episode ends truncated: the recording
+stopped, the game did not end the episode.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import numpy as np
 
 from worldsim.data.minari_writer import Episode
 from worldsim.data.minecraft.actions import button_index, noop_actions, set_camera
+from worldsim.data.minecraft.cursor import draw_cursor as draw_gui_cursor
 from worldsim.data.minecraft.video import RecordingError, find_paired_recordings, read_video
 
 FORMAT = "vpt"
@@ -63,20 +73,31 @@ def find_episodes(input_dir: Path) -> list[Path]:
     return find_paired_recordings(input_dir, ".mp4", ".jsonl")
 
 
-def read_episode(video_path: Path, size: int = 64) -> Episode:
-    """Load one recording as an Episode of N frames and N - 1 actions (rewards are 0)."""
+def source_files(video_path: Path) -> list[Path]:
+    """The files one recording is read from (their content identifies it, `ingest.py`)."""
+    return [Path(video_path), Path(video_path).with_suffix(".jsonl")]
+
+
+def read_episode(video_path: Path, size: int = 64, *, draw_cursor: bool = True) -> Episode:
+    """Load one recording as an Episode of N frames and N - 1 actions (rewards are 0).
+
+    draw_cursor: draw the mouse cursor into frames recorded with a GUI open, as VPT's loader does.
+    """
     video_path = Path(video_path)
     jsonl_path = video_path.with_suffix(".jsonl")
     if not jsonl_path.is_file():
         raise RecordingError(f"{jsonl_path}: missing (every VPT video needs its action file)")
     ticks = read_ticks(jsonl_path)
     actions, stats = encode_ticks(ticks, jsonl_path)
+    cursor = gui_cursor_positions(ticks, jsonl_path)
     frames, info = read_video(
         video_path, size,
         expected_frames=len(ticks), counted_by=f"{jsonl_path} ({len(ticks)} lines)",
     )  # fmt: skip
     if len(frames) < 2:
         raise RecordingError(f"{video_path}: an episode needs 2 frames or more, has {len(frames)}")
+    if draw_cursor:
+        frames = draw_gui_cursor(frames, cursor, info.width, info.height)
 
     num_steps = len(frames) - 1
     truncations = np.zeros(num_steps, bool)
@@ -93,6 +114,8 @@ def read_episode(video_path: Path, size: int = 64) -> Episode:
             "original_resolution": [info.width, info.height],
             "fps": info.fps,
             **stats,
+            "gui_open_frames": len(cursor),
+            "cursor_drawn": draw_cursor,
         },
     )
 
@@ -132,14 +155,17 @@ def encode_ticks(
     ignored_keys: Counter[str] = Counter()
     attack_stuck = False
     last_hotbar = 0
-    gui_open_frames = 0
     for t, tick in enumerate(ticks):
         where = f"{jsonl_path}:{t + 1}"
         mouse = _field(tick, "mouse", dict, where)
         keys = _field(_field(tick, "keyboard", dict, where), "keys", list, where + " keyboard")
         buttons = _field(mouse, "buttons", list, where + " mouse")
         new_buttons = mouse.get("newButtons", [])
+        if not isinstance(new_buttons, list):
+            raise RecordingError(f"{where}: mouse 'newButtons' must be a list, got {new_buttons!r}")
 
+        # VPT's stuck-attack quirk: a recording whose first tick reports exactly a new press of
+        # attack has it "held" from the start until the player really presses it again.
         if t == 0:
             attack_stuck = new_buttons == [ATTACK_BUTTON]
         elif attack_stuck and ATTACK_BUTTON in new_buttons:
@@ -168,10 +194,25 @@ def encode_ticks(
 
         pitch[t] = _number(mouse, "dy", where) * CAMERA_DEGREES_PER_COUNT
         yaw[t] = _number(mouse, "dx", where) * CAMERA_DEGREES_PER_COUNT
-        gui_open_frames += bool(tick.get("isGuiOpen", False))
     set_camera(actions, pitch, yaw)
-    stats = {"ignored_keys": dict(sorted(ignored_keys.items())), "gui_open_frames": gui_open_frames}
+    stats = {"ignored_keys": dict(sorted(ignored_keys.items()))}
     return actions, stats
+
+
+def gui_cursor_positions(
+    ticks: list[dict[str, Any]], jsonl_path: Path
+) -> list[tuple[int, float, float]]:
+    """(tick index, mouse x, mouse y) of every tick with a GUI open: where the cursor is drawn."""
+    positions = []
+    for t, tick in enumerate(ticks):
+        where = f"{jsonl_path}:{t + 1}"
+        gui_open = tick.get("isGuiOpen", False)  # absent in some early recordings: no GUI
+        if not isinstance(gui_open, bool):
+            raise RecordingError(f"{where}: 'isGuiOpen' must be true or false, got {gui_open!r}")
+        if gui_open:
+            mouse = _field(tick, "mouse", dict, where)
+            positions.append((t, _number(mouse, "x", where), _number(mouse, "y", where)))
+    return positions
 
 
 def _field(obj: dict[str, Any], name: str, kind: type, where: str) -> Any:
