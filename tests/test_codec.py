@@ -265,6 +265,10 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(dataset, tmp_path):
     assert codec_fingerprint(tuned) == codec_fingerprint(start)
     assert full_codec_fingerprint(tuned) != full_codec_fingerprint(start)
     assert codec_matches(full_codec_fingerprint(start), start)  # what older runs recorded
+    # An older run's record of the original codec accepts the tuned one while the original is on disk.
+    assert not codec_matches(full_codec_fingerprint(start), tuned)
+    assert codec_matches(full_codec_fingerprint(start), tuned, str(base.checkpoint))
+    assert not codec_matches(full_codec_fingerprint(start), FrameCodec(start.config), str(base.checkpoint))
     assert not codec_matches(codec_fingerprint(start), FrameCodec(start.config))
 
     with pytest.raises(ValueError, match="decoder_only needs init_from"):

@@ -372,7 +372,7 @@ def bundle_from_checkpoint(
     expect = CodecConfig.from_dict(recorded["config"]) if "config" in recorded else None
     codec_model = codec_ckpt.load_codec(codec_path, expect=expect)
     sha = codec_fingerprint(codec_model)
-    if not codec_matches(recorded.get("sha256"), codec_model):
+    if not codec_matches(recorded.get("sha256"), codec_model, recorded.get("path")):
         raise BundleError(f"{codec_path}: not the codec {folder} was trained with (its encoder differs from "
                           f"{recorded.get('path')}); pass the right --codec")
     clip_set, sources = sample_clips(dataset, clips, clip_frames, seed)

@@ -267,7 +267,7 @@ def _check_resumable(sidecar: dict[str, Any], cfg: TrainConfig, codec, info: ddp
     diff = setting_differences(sidecar["train_config"], cfg.to_json(), RESUME_KEYS, legacy=defaults)
     if diff:
         raise ckpt.CheckpointError(f"cannot resume {folder}: " + "; ".join(diff) + " (start a new run folder to change them)")
-    if not codec_matches(sidecar["codec"]["sha256"], codec):
+    if not codec_matches(sidecar["codec"]["sha256"], codec, sidecar["codec"].get("path")):
         raise ckpt.CheckpointError(
             f"cannot resume {folder}: the codec {cfg.codec} is not the one the run was trained with "
             f"({sidecar['codec']['path']}): its encoder or latent stats differ"

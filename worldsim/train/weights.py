@@ -39,9 +39,24 @@ def full_codec_fingerprint(codec: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def codec_matches(recorded_sha: str | None, codec: torch.nn.Module) -> bool:
-    """True when `codec` encodes as the codec a run recorded (either fingerprint; None: unrecorded)."""
-    return recorded_sha is None or recorded_sha in (codec_fingerprint(codec), full_codec_fingerprint(codec))
+def codec_matches(recorded_sha: str | None, codec: torch.nn.Module, recorded_path: str | None = None) -> bool:
+    """True when `codec` encodes as the codec a run recorded (sha None: nothing recorded).
+
+    Runs written before 2026-11-26 recorded `full_codec_fingerprint`, which a decoder fine-tune
+    changes; for them the codec still at `recorded_path` (when its weights are the recorded ones)
+    tells whether `codec` has the same encoder and latent stats."""
+    if recorded_sha is None or recorded_sha in (codec_fingerprint(codec), full_codec_fingerprint(codec)):
+        return True
+    if recorded_path is None:
+        return False
+    from worldsim.codec.checkpoint import load_codec
+    from worldsim.utils.checkpoint_folders import CheckpointError
+
+    try:
+        original = load_codec(recorded_path)
+    except (CheckpointError, FileNotFoundError):
+        return False
+    return full_codec_fingerprint(original) == recorded_sha and codec_fingerprint(original) == codec_fingerprint(codec)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
