@@ -244,7 +244,7 @@ def test_resume_matches_an_uninterrupted_run(dataset, tmp_path):
 
 
 def test_decoder_only_fine_tune_keeps_the_latent_space(dataset, tmp_path):
-    from worldsim.train.weights import codec_fingerprint, codec_matches, full_codec_fingerprint
+    from worldsim.codec.checkpoint import codec_fingerprint, codec_matches, full_codec_fingerprint
 
     base = train_codec(config(dataset, tmp_path / "base", steps=20, eval_every=20, checkpoint_every=20))
     start = load_codec(tmp_path / "base")

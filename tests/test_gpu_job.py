@@ -70,9 +70,10 @@ def test_warm_start_through_the_job_keeps_the_direct_path_new():
     """The job and the trainer share `worldsim.train.weights`; the job wraps its errors as input errors."""
     from worldsim.model.config import make_config
     from worldsim.model.world_model import WorldModel
+    from worldsim.codec import checkpoint as codec_checkpoint
     from worldsim.train import trainer, weights
 
-    assert trainer.warm_start is weights.warm_start and gpu_job.codec_fingerprint is weights.codec_fingerprint
+    assert trainer.warm_start is weights.warm_start and gpu_job.codec_fingerprint is codec_checkpoint.codec_fingerprint
     model = WorldModel(make_config("tiny", latent_channels=4, prev_frames=2))
     source = WorldModel(make_config("tiny", latent_channels=4))
     report = gpu_job.warm_start(model, source)

@@ -361,7 +361,6 @@ def bundle_from_checkpoint(
     """
     from worldsim.codec.autoencoder import CodecConfig
     from worldsim.train.checkpoint import load_world_model, resolve_checkpoint
-    from worldsim.train.weights import codec_fingerprint, codec_matches
 
     folder = resolve_checkpoint(checkpoint)
     model, sidecar = load_world_model(folder, weights=weights)
@@ -371,8 +370,8 @@ def bundle_from_checkpoint(
         raise BundleError(f"{folder}: records no codec; pass --codec <codec checkpoint>")
     expect = CodecConfig.from_dict(recorded["config"]) if "config" in recorded else None
     codec_model = codec_ckpt.load_codec(codec_path, expect=expect)
-    sha = codec_fingerprint(codec_model)
-    if not codec_matches(recorded.get("sha256"), codec_model, recorded.get("path")):
+    sha = codec_ckpt.codec_fingerprint(codec_model)
+    if not codec_ckpt.codec_matches(recorded.get("sha256"), codec_model, recorded.get("path")):
         raise BundleError(f"{codec_path}: not the codec {folder} was trained with (its encoder differs from "
                           f"{recorded.get('path')}); pass the right --codec")
     clip_set, sources = sample_clips(dataset, clips, clip_frames, seed)

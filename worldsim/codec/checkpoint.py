@@ -152,3 +152,45 @@ def load_codec(
     codec = FrameCodec(config)
     load_codec_into(codec, path)
     return codec.to(device).eval()
+
+
+# ------------------------------------------------------------------------------ identity
+def codec_fingerprint(codec: torch.nn.Module) -> str:
+    """sha256 of what defines the codec's latent space: the encoder's tensors and the latent stats.
+
+    The decoder is left out on purpose: fine-tuning it (`worldsim train-codec --decoder-only`)
+    changes how latents look as frames, not what they are, so the world models, runs and latent
+    caches built on the codec stay valid with the sharper decoder."""
+    h = hashlib.sha256()
+    for name, t in sorted(codec.state_dict().items()):
+        if name.startswith("decoder."):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def full_codec_fingerprint(codec: torch.nn.Module) -> str:
+    """sha256 of every codec tensor: what runs written before 2026-11-26 recorded as the codec."""
+    h = hashlib.sha256()
+    for name, t in sorted(codec.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def codec_matches(recorded_sha: str | None, codec: torch.nn.Module, recorded_path: str | None = None) -> bool:
+    """True when `codec` encodes as the codec a run recorded (sha None: nothing recorded).
+
+    Runs written before 2026-11-26 recorded `full_codec_fingerprint`, which a decoder fine-tune
+    changes; for them the codec still at `recorded_path` (when its weights are the recorded ones)
+    tells whether `codec` has the same encoder and latent stats."""
+    if recorded_sha is None or recorded_sha in (codec_fingerprint(codec), full_codec_fingerprint(codec)):
+        return True
+    if recorded_path is None:
+        return False
+    try:
+        original = load_codec(recorded_path)
+    except (CheckpointError, FileNotFoundError):
+        return False
+    return full_codec_fingerprint(original) == recorded_sha and codec_fingerprint(original) == codec_fingerprint(codec)

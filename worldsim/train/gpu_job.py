@@ -72,7 +72,8 @@ import numpy as np
 import torch
 
 from worldsim.train import weights
-from worldsim.train.weights import codec_fingerprint, parameter_groups
+from worldsim.codec.checkpoint import codec_fingerprint
+from worldsim.train.weights import parameter_groups
 
 log = logging.getLogger("worldsim.gpu_job")
 

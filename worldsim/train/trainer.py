@@ -40,7 +40,8 @@ from worldsim.train import latent_cache
 from worldsim.train.ema import EMA
 from worldsim.utils import training
 from worldsim.utils.training import TrainingDiverged, setting_differences, warmup_cosine  # noqa: F401 (TrainingDiverged re-exported)
-from worldsim.train.weights import WARM_START_FREE_FIELDS, codec_fingerprint, codec_matches, parameter_groups, warm_start  # noqa: F401 (re-exported)
+from worldsim.codec.checkpoint import codec_fingerprint, codec_matches
+from worldsim.train.weights import WARM_START_FREE_FIELDS, parameter_groups, warm_start  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
