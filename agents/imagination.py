@@ -182,7 +182,7 @@ def world_model_identity(checkpoint) -> dict[str, Any]:
 def collect_context_pool(env: str | int, mazes: int, walk: int, seed: int = 0):
     """Real frames to start dreams from: `mazes` mazes (seeds seed, seed + 1, ...), each walked for
     `walk` uniformly random steps, as a `ClipContext` that cuts clips anywhere in these walks."""
-    from worldsim.envs.dream import ClipContext
+    from worldsim.rollout.context import ClipContext
 
     maze = gym.make(maze_env_id(env), disable_env_checker=True)
     rng = np.random.default_rng(seed)
@@ -202,7 +202,9 @@ def make_dream_vec_env(cfg: AgentTrainConfig, device: torch.device) -> tuple[Vec
     """(SB3 VecEnv of `num_envs` dream streams, world descriptor)."""
     from stable_baselines3.common.vec_env import VecMonitor
 
-    from worldsim.envs.dream import MinariContext, load_dream_model, resolve_dream_checkpoint
+    from worldsim.loading import load_dream_model, resolve_dream_checkpoint
+
+    from worldsim.rollout.context import MinariContext
     from worldsim.envs.sb3_vec import DreamSB3VecEnv
 
     size = maze_size(cfg.env_id)
@@ -394,7 +396,8 @@ def train_agent(cfg: AgentTrainConfig, resume: bool = False) -> dict[str, Any]:
 
 def _check_dream_fits_maze(cfg: AgentTrainConfig, why: str) -> None:
     """ValueError when the world model's actions are not the real maze's (`why` says what breaks)."""
-    from worldsim.envs.dream import action_space_for, resolve_dream_checkpoint
+    from worldsim.loading import resolve_dream_checkpoint
+    from worldsim.envs.dream import action_space_for
 
     checkpoint = resolve_dream_checkpoint(cfg.checkpoint, maze_size(cfg.env_id))
     dream_actions = action_space_for(_model_config(checkpoint))

@@ -19,73 +19,27 @@ bundled model. Made through `gymnasium.make`, episodes end at the registered `ma
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
-import torch
 
+from worldsim.loading import (  # noqa: F401 (re-exported: the envs' model loading, as before)
+    BUNDLED,
+    NO_MODEL_HELP,
+    default_checkpoint,
+    load_dream_model,
+    resolve_dream_checkpoint,
+)
+from worldsim.rollout.context import ClipContext, ContextSource, MinariContext, check_clip  # noqa: F401 (re-exported)
 from worldsim.rollout.session import RolloutSession
 
-BUNDLED = "bundled"  # checkpoint="bundled": the shipped bundle, as checkpoint=None
 FRAME_SHAPE = (64, 64, 3)
 RENDER_FPS = 4  # Memory Maze's control rate; the dream runs at the same "speed" in human mode
 SEED_BOUND = 2**63 - 1
 
 
 # ------------------------------------------------------------------------------ context sources
-class ContextSource(Protocol):
-    """Real frames to start a dream from."""
-
-    def sample(self, rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> frames uint8 (n_frames, H, W, 3), actions (n_frames - 1[, D]): action t led to frame t + 1."""
-
-
-def _check_clip(frames: np.ndarray, actions: np.ndarray, n_frames: int, where: str) -> None:
-    if frames.shape[0] < n_frames:
-        raise ValueError(f"{where}: context clip has {frames.shape[0]} frames, {n_frames} are required")
-    if len(actions) < n_frames - 1:
-        raise ValueError(f"{where}: context clip has {len(actions)} actions, {n_frames - 1} are required")
-
-
-class ClipContext:
-    """Clips from episodes held in memory: lists of frames (N + 1, H, W, 3) and actions (N, ...)."""
-
-    def __init__(self, frames: Sequence[np.ndarray], actions: Sequence[np.ndarray]) -> None:
-        if len(frames) != len(actions) or not frames:
-            raise ValueError("ClipContext needs as many action arrays as frame arrays, at least one")
-        self.frames = [np.asarray(f) for f in frames]
-        self.actions = [np.asarray(a) for a in actions]
-
-    def sample(self, rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-        usable = [i for i, f in enumerate(self.frames) if len(f) >= n_frames and len(self.actions[i]) >= n_frames - 1]
-        if not usable:
-            longest = max(len(f) for f in self.frames)
-            raise ValueError(f"ClipContext: context clip shorter than required: the longest episode has "
-                             f"{longest} frames, {n_frames} are required")
-        i = usable[int(rng.integers(len(usable)))]
-        start = int(rng.integers(len(self.frames[i]) - n_frames + 1))
-        return self.frames[i][start : start + n_frames], self.actions[i][start : start + n_frames - 1]
-
-
-class MinariContext:
-    """A random window of a Minari dataset (through `WindowDataset`'s window convention)."""
-
-    def __init__(self, sources, n_frames: int) -> None:
-        from worldsim.data.windows import WindowDataset
-
-        self.n_frames = n_frames
-        self.windows = WindowDataset(sources, n_frames)  # refuses datasets without a long enough episode
-
-    def sample(self, rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-        if n_frames != self.n_frames:
-            raise ValueError(f"MinariContext was built for {self.n_frames}-frame clips, asked for {n_frames}")
-        item = self.windows[int(rng.integers(len(self.windows)))]
-        frames, actions = item["frames"].numpy(), item["actions"].numpy()
-        _check_clip(frames, actions, n_frames, "MinariContext")
-        return frames, actions[: n_frames - 1]  # the window's last action leads past the clip
-
-
 class MemoryMazeContext:
     """Frames of the live Memory Maze env: a seeded reset, then uniformly random actions.
 
@@ -208,7 +162,7 @@ class DreamEnv(gym.Env):
         check_reset_options(type(self).__name__, options)
         super().reset(seed=seed)
         frames, actions = self.context.sample(self.np_random, self.context_frames)
-        _check_clip(np.asarray(frames), np.asarray(actions), self.context_frames, type(self.context).__name__)
+        check_clip(np.asarray(frames), np.asarray(actions), self.context_frames, type(self.context).__name__)
         obs = self.session.reset(np.asarray(frames)[None], np.asarray(actions)[None],
                                  seeds=[int(self.np_random.integers(SEED_BOUND))])
         self._frame = obs[0].numpy()
@@ -258,70 +212,6 @@ class DreamEnv(gym.Env):
             self._owned_context = False
         self._closed = True
         self._done = True
-
-
-# ------------------------------------------------------------------------------ loading
-def load_dream_model(checkpoint, codec=None, device: str | torch.device = "cpu"):
-    """(world model with its EMA weights, its codec) from a world-model checkpoint (or run) folder,
-    or from a model bundle folder (`worldsim.bundled`).
-
-    The codec defaults to the one recorded in the checkpoint; any codec given must have the config
-    the model was trained with. Config mismatches raise `CheckpointError` naming the keys.
-    """
-    from worldsim.bundled import is_bundle, load_bundle_codec, load_bundle_model
-    from worldsim.codec.autoencoder import CodecConfig
-    from worldsim.codec.checkpoint import load_codec
-    from worldsim.train.checkpoint import CheckpointError, load_world_model
-
-    if checkpoint is None or _is_bundled_keyword(checkpoint):
-        checkpoint = default_checkpoint(None)
-    if is_bundle(checkpoint):  # the bundled default model (or another bundle folder)
-        model, _ = load_bundle_model(checkpoint, device=device)
-        bundle_codec = load_bundle_codec(checkpoint, device=device)
-        if codec is None:
-            return model, bundle_codec
-        return model, load_codec(codec, expect=bundle_codec.config, device=device)
-    model, sidecar = load_world_model(checkpoint, device=device)
-    recorded = sidecar.get("codec") or {}
-    path = codec if codec is not None else recorded.get("path")
-    if path is None:
-        raise CheckpointError(f"{checkpoint}: records no codec; pass codec=<codec checkpoint folder>")
-    expect = CodecConfig.from_dict(recorded["config"]) if "config" in recorded else None
-    return model, load_codec(path, expect=expect, device=device)
-
-
-NO_MODEL_HELP = (
-    "the dream envs need a trained world model: pass checkpoint=<world-model checkpoint or run folder> "
-    "(and optionally codec=<codec checkpoint>), e.g. gymnasium.make('{id}', checkpoint='runs/wm'). "
-    "Train one with `worldsim train-codec` then `worldsim train`. No bundled default model is installed."
-)
-
-
-def default_checkpoint(maze_size: int | None):
-    """The bundled model's folder, used when no checkpoint is given; ValueError when none is
-    installed or when it learned another maze size (None: any size)."""
-    from worldsim.bundled import bundle_location, bundled_model_dir, check_maze_size
-
-    found = bundled_model_dir()
-    if found is None:
-        size = maze_size or 9
-        help_text = NO_MODEL_HELP.format(id=f"worldsim/Dream-MemoryMaze-{size}x{size}-v0")
-        raise ValueError(f"{help_text} (looked in {bundle_location()})")
-    if maze_size is not None:
-        check_maze_size(found, maze_size)
-    return found
-
-
-def _is_bundled_keyword(checkpoint) -> bool:
-    return isinstance(checkpoint, str) and checkpoint == BUNDLED
-
-
-def resolve_dream_checkpoint(checkpoint, maze_size: int | None):
-    """`checkpoint` as given, or the bundled model's folder for None / "bundled" (checked against
-    the maze size the dream's live context uses)."""
-    if checkpoint is None or _is_bundled_keyword(checkpoint):
-        return default_checkpoint(maze_size)
-    return checkpoint
 
 
 def make_context(context: ContextSource | None, dataset, maze_size: int, context_frames: int) -> ContextSource:

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 from worldsim.data.collect import CollectConfig, collect
-from worldsim.envs.dream import default_checkpoint
+from worldsim.loading import default_checkpoint
 from worldsim.evaluation.memory import PROTOCOLS, MemoryEvalConfig, evaluate_memory, format_table
 
 

@@ -32,7 +32,7 @@ import torch
 
 from worldsim.agents.mpc import compare_with_random
 from worldsim.agents.planners import PLANNERS, PlannerConfig, make_planner
-from worldsim.envs.dream import default_checkpoint, load_dream_model
+from worldsim.loading import default_checkpoint, load_dream_model
 from worldsim.envs.memory_maze import MemoryMazeEnv
 
 

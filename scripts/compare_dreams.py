@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image, ImageDraw
 
     import worldsim.envs  # noqa: F401 (registers the ids)
-    from worldsim.envs.dream import load_dream_model
+    from worldsim.loading import load_dream_model
     from worldsim.evaluation.realism import random_walk_actions
     from worldsim.rollout.session import RolloutSession
 

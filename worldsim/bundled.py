@@ -100,7 +100,7 @@ class Clips:
 
     def context(self):
         """The clips as a `ContextSource` for `DreamEnv` (each reset starts from one of them)."""
-        from worldsim.envs.dream import ClipContext
+        from worldsim.rollout.context import ClipContext
 
         return ClipContext(list(self.frames), list(self.actions))
 

@@ -111,7 +111,7 @@ def resolve_checkpoint_arg(checkpoint: str | os.PathLike | None, maze_size: int 
 
     With the bundled model and a live maze of `maze_size`, the size must be the one it learned."""
     from worldsim.bundled import bundle_location, bundled_model_dir, check_maze_size
-    from worldsim.envs.dream import BUNDLED
+    from worldsim.loading import BUNDLED
 
     if checkpoint is not None and str(checkpoint) != BUNDLED:
         path = Path(checkpoint).expanduser()
@@ -293,7 +293,7 @@ def dream(cfg: DreamConfig, progress: bool = False) -> DreamResult:
     """Run the dream the config describes; see the module doc."""
     import torch
 
-    from worldsim.envs.dream import load_dream_model
+    from worldsim.loading import load_dream_model
     from worldsim.rollout.session import RolloutSession
 
     for name in ("steps", "context_frames", "scale", "fps", "sampler_steps"):
@@ -309,7 +309,7 @@ def dream(cfg: DreamConfig, progress: bool = False) -> DreamResult:
     # Before loading anything: bad arguments fail fast.
     clip_source = None
     if not live:
-        from worldsim.envs.dream import MinariContext
+        from worldsim.rollout.context import MinariContext
 
         try:
             clip_source = MinariContext(cfg.context, cfg.context_frames)

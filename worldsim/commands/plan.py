@@ -34,7 +34,7 @@ def plan(
     from worldsim.agents.mpc import compare_with_random
     from worldsim.agents.planners import PlannerConfig, make_planner
     from worldsim.commands.common import USER_ERRORS, existing_path, fail
-    from worldsim.envs.dream import BUNDLED, load_dream_model, resolve_dream_checkpoint
+    from worldsim.loading import BUNDLED, load_dream_model, resolve_dream_checkpoint
     from worldsim.envs.memory_maze import MemoryMazeEnv
 
     try:  # every setting is checked before the model and the MuJoCo env are built

@@ -75,7 +75,9 @@ def play(
         raise typer.Exit(code=1) from None
 
     from worldsim.commands.common import resolve_device
-    from worldsim.envs.dream import MemoryMazeContext, MinariContext, load_dream_model
+    from worldsim.loading import load_dream_model
+    from worldsim.rollout.context import MinariContext
+    from worldsim.envs.dream import MemoryMazeContext
     from worldsim.utils.checkpoint_folders import CheckpointError  # every checkpoint format's
     from worldsim.viewer.app import Viewer, ViewerConfig
     from worldsim.viewer.policies import load_sb3_policy

@@ -362,7 +362,7 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
     from tqdm import tqdm
 
     from worldsim.data.episode_store import EpisodeStore
-    from worldsim.envs.dream import load_dream_model
+    from worldsim.loading import load_dream_model
     from worldsim.evaluation.prediction import Window, check_compatible, read_windows
 
     cfg.validate()

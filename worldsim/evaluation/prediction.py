@@ -237,7 +237,7 @@ def _summary(per_window: np.ndarray, horizon: int) -> dict[str, Any]:
 def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> dict[str, Any]:
     """Run the evaluation the config describes (module doc); a JSON-able dict of results."""
     from worldsim.data.episode_store import EpisodeStore
-    from worldsim.envs.dream import load_dream_model
+    from worldsim.loading import load_dream_model
     from worldsim.train.distributed import resolve_device
 
     cfg.validate()

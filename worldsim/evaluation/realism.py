@@ -175,7 +175,7 @@ def evaluate_realism(cfg: RealismEvalConfig, progress: bool = False) -> dict[str
     from tqdm import tqdm
 
     from worldsim.data.episode_store import EpisodeStore
-    from worldsim.envs.dream import load_dream_model
+    from worldsim.loading import load_dream_model
     from worldsim.evaluation.prediction import check_compatible
     from worldsim.rollout.session import RolloutSession
     from worldsim.train.distributed import resolve_device
