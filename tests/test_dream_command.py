@@ -63,7 +63,7 @@ def test_real_side_replays_the_same_actions(checkpoint, tmp_path):
 def test_video_is_real_left_dream_right_and_labelled(checkpoint, tmp_path):
     """Frame 0's left half is the real env's frame after the context (a separate env driven the
     same way), apart from the "real" label; the right half is the dream, labelled "dream"."""
-    from worldsim.agents.exploration import RandomWalk
+    from worldsim.data.exploration import RandomWalk
     from worldsim.dream import live_context
     from worldsim.envs.memory_maze import MemoryMazeEnv
     from worldsim.utils.labels import LABEL_HEIGHT, label_panels

@@ -11,7 +11,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from worldsim.agents.revisits import find_revisits
+from worldsim.data.revisits import find_revisits
 from worldsim.codec.autoencoder import FrameCodec, preset
 from worldsim.codec.checkpoint import save_codec
 from worldsim.commands.evaluate import eval_app

@@ -7,7 +7,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from worldsim.agents.exploration import (
+from worldsim.data.exploration import (
     Navigator,
     RandomWalk,
     Revisit,
@@ -18,7 +18,7 @@ from worldsim.agents.exploration import (
     shortest_path,
     signed_angle_deg,
 )
-from worldsim.agents.revisits import find_revisits
+from worldsim.data.revisits import find_revisits
 
 EAST, WEST, NORTH, SOUTH = (1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)
 

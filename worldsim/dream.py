@@ -14,7 +14,7 @@
    last context frame (the dream side shows it as the codec reconstructs it), then one frame per step. Upscaled by `scale` (nearest neighbour) so 64x64 frames are visible.
 
 Policies act on the frame they would see in use: during the context the real frame, afterwards
-the dream frame. "random" is a random walk with persistence (agents.exploration.RandomWalk);
+the dream frame. "random" is a random walk with persistence (data.exploration.RandomWalk);
 "scripted" is the maze navigator, which plans on the REAL maze's layout and pose, so it needs the
 live env; an agent run or checkpoint folder of `worldsim agent train` (safetensors + JSON, no
 pickles) or a path to a Stable-Baselines3 .zip (pickled objects: load only agents you trust)
@@ -198,7 +198,7 @@ def is_agent_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def make_policy(name: str, live_env: bool) -> Policy:
-    from worldsim.agents.exploration import Navigator, RandomWalk
+    from worldsim.data.exploration import Navigator, RandomWalk
 
     if name == "random":
         return RandomWalk()

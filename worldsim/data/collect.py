@@ -38,8 +38,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from worldsim.agents.exploration import POLICIES, ExplorationPolicy
-from worldsim.agents.revisits import find_revisits
+from worldsim.data.exploration import POLICIES, ExplorationPolicy
+from worldsim.data.revisits import find_revisits
 from worldsim.data.minari_writer import METADATA_FILE, DatasetWriter, Episode, dataset_dir
 
 POLICY_CHOICES = ("random", "navigator", "revisit", "mixed")

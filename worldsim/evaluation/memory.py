@@ -57,6 +57,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from worldsim.data.revisits import find_revisits
+from worldsim.data.collect import POSE_INFO_KEYS
+from worldsim.data.episode_store import EpisodeStore
+from worldsim.evaluation.metrics import psnr, ssim
+from worldsim.evaluation.prediction import Window, check_compatible, read_windows
+from worldsim.loading import load_dream_model
+from worldsim.rollout.session import RolloutSession
+
+
 PROTOCOLS = ("revisits", "retrieval")
 REFERENCES = ("copy_last", "earlier_visit")
 
@@ -162,7 +171,6 @@ def episode_poses(store, episode: int) -> tuple[np.ndarray, np.ndarray] | None:
     import pyarrow as pa
     import pyarrow.ipc
 
-    from worldsim.data.collect import POSE_INFO_KEYS
 
     if store.data_format != "arrow":
         raise ValueError(f"{store.name}: the retrieval protocol reads poses from arrow infos, "
@@ -185,7 +193,6 @@ def episode_poses(store, episode: int) -> tuple[np.ndarray, np.ndarray] | None:
 
 def candidate_pairs(store, protocol: str, n_episodes: int, gap: int, cfg: MemoryEvalConfig) -> list[Target]:
     """Every (episode, t_now, t_before) the protocol names, before the window checks."""
-    from worldsim.agents.revisits import find_revisits
 
     out = []
     for ep in range(n_episodes):
@@ -242,7 +249,6 @@ def prefill_session(model, codec, frames: np.ndarray, actions: np.ndarray, seeds
     """A `RolloutSession` whose B streams have seen frames (B, C, H, W, 3) with actions (B, C - 1[, D]),
     committed at sigma 0 in parallel forwards of `chunk` frames that continue the cache (the same
     state as one forward over all C frames, without its memory for long contexts)."""
-    from worldsim.rollout.session import RolloutSession
 
     B, C = frames.shape[:2]
     session = RolloutSession(model, codec, batch=B, sampler_steps=sampler_steps)
@@ -269,7 +275,6 @@ def dream_targets(model, codec, frames: np.ndarray, actions: np.ndarray, context
 
 def frame_scores(reference: torch.Tensor, prediction: torch.Tensor) -> dict[str, np.ndarray]:
     """uint8 (B, H, ...) pairs -> {"psnr", "ssim"}: per target, the mean over the H steps (B,)."""
-    from worldsim.evaluation.metrics import psnr, ssim
 
     B, H = reference.shape[:2]
     ref, pred = reference.flatten(0, 1), prediction.flatten(0, 1)
@@ -361,9 +366,6 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
     """Run the evaluation the config describes (module doc); a JSON-able dict of results."""
     from tqdm import tqdm
 
-    from worldsim.data.episode_store import EpisodeStore
-    from worldsim.loading import load_dream_model
-    from worldsim.evaluation.prediction import Window, check_compatible, read_windows
 
     cfg.validate()
     device = _device(cfg.device)

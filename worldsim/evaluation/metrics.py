@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from worldsim.codec.autoencoder import psnr as codec_psnr
+
+
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -22,7 +25,6 @@ DATA_RANGE = 255.0
 
 def psnr(reference: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     """Per-frame PSNR (dB, capped at 100) of uint8 (N, H, W, C) frames -> (N,) float64."""
-    from worldsim.codec.autoencoder import psnr as codec_psnr
 
     _check_pair(reference, prediction)
     return codec_psnr(reference, prediction).double()

@@ -40,6 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from worldsim.codec.autoencoder import psnr
+from worldsim.data.episode_store import EpisodeStore
+from worldsim.diffusion.sampler import sample_next_frames
+from worldsim.loading import load_dream_model
+from worldsim.rollout.session import RolloutSession
+from worldsim.train.distributed import resolve_device
+from worldsim.utils.atomic import atomic_write_bytes
+
+
 REPORTED_STEPS = (1, 4, 16)
 """Open-loop steps singled out in the table (with the horizon itself), when within the horizon."""
 
@@ -148,7 +157,6 @@ def teacher_forced_step(session, actions: torch.Tensor, real_latents: torch.Tens
     """Sample each stream's next latent from the session's cache without committing it (as
     `RolloutSession.step` does), then commit the REAL next latent instead, so the next prediction
     again starts from the real past. Returns the predicted latents (B, C, h, w)."""
-    from worldsim.diffusion.sampler import sample_next_frames
 
     model, cache = session.model, session.cache
 
@@ -169,7 +177,6 @@ def predict_windows(model, codec, frames: np.ndarray, actions: np.ndarray, conte
 
     frames uint8 (B, T, H, W, 3), actions (B, T - 1[, D]). Returns two uint8 (B, H, H, W, 3) CPU
     tensors: (teacher_forced, open_loop)."""
-    from worldsim.rollout.session import RolloutSession
 
     B, T = frames.shape[:2]
     horizon = T - context
@@ -192,7 +199,6 @@ def predict_windows(model, codec, frames: np.ndarray, actions: np.ndarray, conte
 
 def _frame_psnr(reference: torch.Tensor, prediction: torch.Tensor) -> np.ndarray:
     """Per-frame PSNR of uint8 (B, H, ...) frames -> (B, H) float64."""
-    from worldsim.codec.autoencoder import psnr
 
     B, H = reference.shape[:2]
     return psnr(reference.flatten(0, 1), prediction.flatten(0, 1)).double().reshape(B, H).numpy()
@@ -236,9 +242,6 @@ def _summary(per_window: np.ndarray, horizon: int) -> dict[str, Any]:
 
 def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> dict[str, Any]:
     """Run the evaluation the config describes (module doc); a JSON-able dict of results."""
-    from worldsim.data.episode_store import EpisodeStore
-    from worldsim.loading import load_dream_model
-    from worldsim.train.distributed import resolve_device
 
     cfg.validate()
     store = EpisodeStore(cfg.dataset)
@@ -299,7 +302,6 @@ def write_plot(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str,
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    from worldsim.utils.atomic import atomic_write_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

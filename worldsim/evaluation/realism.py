@@ -31,6 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from worldsim.codec.autoencoder import Downsample
+from worldsim.data.episode_store import EpisodeStore
+from worldsim.evaluation.prediction import check_compatible
+from worldsim.loading import load_dream_model
+from worldsim.rollout.session import RolloutSession
+from worldsim.train.distributed import resolve_device
+
+
 DEFAULT_BUCKETS = ((1, 50), (100, 200), (500, 1000))
 LUMA = (0.299, 0.587, 0.114)
 
@@ -63,7 +71,6 @@ def codec_features(codec, frames: torch.Tensor | np.ndarray, batch: int = 256) -
     deviation over positions. Means see colour and layout, standard deviations see texture and
     edges, which blur takes away.
     """
-    from worldsim.codec.autoencoder import Downsample
 
     frames = torch.as_tensor(frames)
     enc = codec.encoder
@@ -147,7 +154,7 @@ class RealismEvalConfig:
 def random_walk_actions(n_actions: int, streams: int, steps: int, persistence: float,
                         rng: np.random.Generator) -> np.ndarray:
     """(streams, steps) int64 actions: each step repeats the last action with `persistence`, else
-    draws uniformly (the collection policy `agents.exploration.RandomWalk`, vectorised)."""
+    draws uniformly (the collection policy `data.exploration.RandomWalk`, vectorised)."""
     actions = np.empty((streams, steps), dtype=np.int64)
     current = rng.integers(n_actions, size=streams)
     for t in range(steps):
@@ -174,11 +181,6 @@ def evaluate_realism(cfg: RealismEvalConfig, progress: bool = False) -> dict[str
     """Dream `streams` x `steps` frames and score the buckets (module doc); a JSON-able dict."""
     from tqdm import tqdm
 
-    from worldsim.data.episode_store import EpisodeStore
-    from worldsim.loading import load_dream_model
-    from worldsim.evaluation.prediction import check_compatible
-    from worldsim.rollout.session import RolloutSession
-    from worldsim.train.distributed import resolve_device
 
     cfg.validate()
     buckets = [(lo, min(hi, cfg.steps)) for lo, hi in cfg.buckets if lo <= cfg.steps]

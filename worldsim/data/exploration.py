@@ -14,7 +14,7 @@ reproducible from (env seed, policy seed).
   cells), turned into turn/forward actions from the agent's position and heading.
 - `Revisit` (Memory Maze): stops at a pose, leaves on a long excursion, then returns to the same
   cell and heading, again and again. These returns are what exercises long-term memory; the policy
-  records them as `planned_revisits` (`agents.revisits.find_revisits` finds them post hoc too).
+  records them as `planned_revisits` (`data.revisits.find_revisits` finds them post hoc too).
 
 Memory Maze geometry (upstream `memory_maze.wrappers`): `info["agent_pos"]` is (x, y) in grid
 cells with (0, 0) at the bottom-left corner, `env.unwrapped.maze_layout[y, x]` is 1 for a free
