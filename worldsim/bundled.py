@@ -36,7 +36,14 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec import checkpoint as codec_ckpt
+from worldsim.codec.autoencoder import CodecConfig
+from worldsim.data.windows import WindowDataset
+from worldsim.model.config import ModelConfig
+from worldsim.model.world_model import WorldModel
+from worldsim.rollout.context import ClipContext
+from worldsim.train.checkpoint import load_world_model, resolve_checkpoint, tensor_diff
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file
+from worldsim.utils.format_json import read_format_json
 
 FORMAT = "worldsim-bundle"
 VERSION = 1
@@ -100,8 +107,6 @@ class Clips:
 
     def context(self):
         """The clips as a `ContextSource` for `DreamEnv` (each reset starts from one of them)."""
-        from worldsim.rollout.context import ClipContext
-
         return ClipContext(list(self.frames), list(self.actions))
 
 
@@ -115,8 +120,6 @@ class Bundle(NamedTuple):
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """model.json of a bundle, after format and version checks."""
-    from worldsim.utils.format_json import read_format_json
-
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         raise BundleError(f"{path}: not a model bundle (no {MANIFEST_FILE})")
@@ -167,10 +170,6 @@ def _read_weights(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Ten
 def load_bundle_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                       verify: bool = True) -> tuple[Any, dict[str, Any]]:
     """(float32 WorldModel in eval mode, manifest) from a bundle folder."""
-    from worldsim.model.config import ModelConfig
-    from worldsim.model.world_model import WorldModel
-    from worldsim.train.checkpoint import tensor_diff
-
     folder = Path(path)
     manifest = read_manifest(folder)
     if verify:
@@ -309,8 +308,6 @@ def bundle_bytes(path: str | os.PathLike) -> int:
 def sample_clips(dataset, count: int, clip_frames: int, seed: int = 0) -> tuple[Clips, list[dict[str, Any]]]:
     """`count` clips of `clip_frames` frames from a Minari dataset (id or path), from distinct
     episodes while there are enough, chosen by `seed`; plus where each came from."""
-    from worldsim.data.windows import WindowDataset
-
     if count < 1 or clip_frames < 2:
         raise BundleError(f"need count >= 1 and clip_frames >= 2, got {count} and {clip_frames}")
     windows = WindowDataset(dataset, clip_frames)
@@ -359,9 +356,6 @@ def bundle_from_checkpoint(
     The codec defaults to the one the checkpoint records; whichever is used must have the config
     and (when recorded) the exact weights the model was trained with.
     """
-    from worldsim.codec.autoencoder import CodecConfig
-    from worldsim.train.checkpoint import load_world_model, resolve_checkpoint
-
     folder = resolve_checkpoint(checkpoint)
     model, sidecar = load_world_model(folder, weights=weights)
     recorded = sidecar.get("codec") or {}
