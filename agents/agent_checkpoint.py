@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from worldsim.train.checkpoint import SHA256_KEY, optimizer_from_storage, optimizer_to_storage, tensor_diff
+from worldsim.train.checkpoint import SHA256_KEY, optimizer_from_storage, optimizer_to_storage
+from worldsim.utils.safetensors_io import tensor_diff
 from worldsim.utils.atomic import atomic_write_bytes, check_sha256
 from worldsim.utils.checkpoint_folders import (
     LATEST_FILE, CheckpointError, commit_checkpoint, latest_checkpoint, temp_folder,

@@ -38,7 +38,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from worldsim.data.collect import CollectConfig, collect
+from worldsim.collect import CollectConfig, collect
 from worldsim.loading import default_checkpoint
 from worldsim.evaluation.memory import PROTOCOLS, MemoryEvalConfig, evaluate_memory, format_table
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from worldsim import bundled
+from worldsim.train.bundle_export import bundle_from_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = args.out if args.out is not None else bundled.bundle_location()
     try:
-        folder = bundled.bundle_from_checkpoint(
+        folder = bundle_from_checkpoint(
             args.checkpoint, out, dataset=args.dataset, codec=args.codec, clips=args.clips,
             clip_frames=args.clip_frames, weights=args.weights, dtype=args.dtype, maze_size=args.maze_size,
             metrics=metrics, seed=args.seed,

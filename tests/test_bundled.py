@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import worldsim.envs  # noqa: F401 - registers the dream ids
 from worldsim import bundled
+from worldsim.train.bundle_export import bundle_from_checkpoint
 from worldsim.bundled import BundleError
 from worldsim.codec.autoencoder import FrameCodec, preset
 from worldsim.codec.checkpoint import save_codec
@@ -76,7 +77,7 @@ def run(tmp_path_factory):
 
 def _build(run, out, **kwargs):
     kwargs = {"dataset": run["dataset"], "clips": 4, "clip_frames": CLIP_FRAMES, **kwargs}
-    return bundled.bundle_from_checkpoint(run["run"], out, **kwargs)
+    return bundle_from_checkpoint(run["run"], out, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import minari
 import numpy as np
 import pytest
 
-from worldsim.data.collect import (
+from worldsim.collect import (
     POLICY_CHOICES,
     CollectConfig,
     CollectionError,

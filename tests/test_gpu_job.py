@@ -123,7 +123,7 @@ def dry_run(tmp_path_factory):
     from worldsim.codec.autoencoder import CodecConfig
     from worldsim.codec.checkpoint import load_codec
     from worldsim.codec.train import CodecTrainConfig, train_codec
-    from worldsim.data.collect import CollectConfig, collect
+    from worldsim.collect import CollectConfig, collect
     from worldsim.model.config import make_config
     from worldsim.model.world_model import WorldModel
 

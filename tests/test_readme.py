@@ -43,7 +43,7 @@ def test_dream_and_sb3_snippet_with_the_shipped_bundle(monkeypatch, one_thread):
 
 
 def test_window_loader_snippet(tmp_path, monkeypatch):
-    from worldsim.data.collect import CollectConfig, collect
+    from worldsim.collect import CollectConfig, collect
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     # The README's `worldsim collect ... --dataset-id worldsim/mm9-revisit-v0`, smaller.

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from worldsim.codec.autoencoder import CodecConfig
 from worldsim.codec.train import CodecTrainConfig, train_codec
-from worldsim.data.collect import CollectConfig, collect
+from worldsim.collect import CollectConfig, collect
 from worldsim.data.windows import WindowDataset
 from worldsim.model.config import make_config
 from worldsim.model.loss import world_model_loss

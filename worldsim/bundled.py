@@ -36,14 +36,13 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec import checkpoint as codec_ckpt
-from worldsim.codec.autoencoder import CodecConfig
 from worldsim.data.windows import WindowDataset
 from worldsim.model.config import ModelConfig
 from worldsim.model.world_model import WorldModel
 from worldsim.rollout.context import ClipContext
-from worldsim.train.checkpoint import load_world_model, resolve_checkpoint, tensor_diff
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file
 from worldsim.utils.format_json import read_format_json
+from worldsim.utils.safetensors_io import tensor_diff
 
 FORMAT = "worldsim-bundle"
 VERSION = 1
@@ -304,7 +303,7 @@ def bundle_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-# ------------------------------------------------------------------------------ from a training run
+# ------------------------------------------------------------------------------ clips for a bundle
 def sample_clips(dataset, count: int, clip_frames: int, seed: int = 0) -> tuple[Clips, list[dict[str, Any]]]:
     """`count` clips of `clip_frames` frames from a Minari dataset (id or path), from distinct
     episodes while there are enough, chosen by `seed`; plus where each came from."""
@@ -335,46 +334,3 @@ def sample_clips(dataset, count: int, clip_frames: int, seed: int = 0) -> tuple[
     if act.dtype.kind not in "iu":
         raise BundleError(f"{dataset}: bundled clips need discrete (integer) actions, the dataset has {act.dtype}")
     return Clips(frames=np.stack(frames), actions=act), sources
-
-
-def bundle_from_checkpoint(
-    checkpoint: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    dataset,
-    codec: str | os.PathLike | None = None,
-    clips: int = 4,
-    clip_frames: int = 9,
-    weights: str = "ema",
-    dtype: str = "float16",
-    maze_size: int | None = 9,
-    metrics: dict[str, Any] | None = None,
-    seed: int = 0,
-) -> Path:
-    """A training checkpoint (or run folder) + context clips from `dataset` -> a bundle in `out_dir`.
-
-    The codec defaults to the one the checkpoint records; whichever is used must have the config
-    and (when recorded) the exact weights the model was trained with.
-    """
-    folder = resolve_checkpoint(checkpoint)
-    model, sidecar = load_world_model(folder, weights=weights)
-    recorded = sidecar.get("codec") or {}
-    codec_path = codec if codec is not None else recorded.get("path")
-    if codec_path is None:
-        raise BundleError(f"{folder}: records no codec; pass --codec <codec checkpoint>")
-    expect = CodecConfig.from_dict(recorded["config"]) if "config" in recorded else None
-    codec_model = codec_ckpt.load_codec(codec_path, expect=expect)
-    sha = codec_ckpt.codec_fingerprint(codec_model)
-    if not codec_ckpt.codec_matches(recorded.get("sha256"), codec_model, recorded.get("path")):
-        raise BundleError(f"{codec_path}: not the codec {folder} was trained with (its encoder differs from "
-                          f"{recorded.get('path')}); pass the right --codec")
-    clip_set, sources = sample_clips(dataset, clips, clip_frames, seed)
-    train = sidecar.get("train_config") or {}
-    provenance = {
-        "source_checkpoint": str(folder.resolve()), "step": int(sidecar["step"]), "weights": weights,
-        "ema_updates": (sidecar.get("ema") or {}).get("num_updates"), "training_datasets": train.get("datasets"),
-        "preset": train.get("preset"), "variant": train.get("variant"), "window": train.get("window"),
-        "last_loss": sidecar.get("last_loss"), "clip_dataset": str(dataset), "codec_sha256": sha,
-    }
-    return write_bundle(out_dir, model=model, codec=codec_model, clips=clip_set, dtype=dtype, maze_size=maze_size,
-                        provenance=provenance, metrics=metrics, clip_sources=sources)

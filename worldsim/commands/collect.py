@@ -13,7 +13,7 @@ DEFAULT_DATASET_ID = "worldsim/memory-maze-9x9-v0"
 
 
 class PolicyChoice(str, Enum):
-    """`worldsim.data.collect.POLICY_CHOICES` (a test keeps them equal; repeated here so that
+    """`worldsim.collect.POLICY_CHOICES` (a test keeps them equal; repeated here so that
     `worldsim --help` does not import numpy, gymnasium and Minari)."""
 
     random = "random"
@@ -68,13 +68,13 @@ def collect(
     Running the same command again resumes: only missing episodes are collected. Ctrl-C keeps
     every committed episode.
     """
-    from worldsim.data.collect import (
+    from worldsim.collect import (
         CollectConfig,
         CollectionError,
         CollectionInterrupted,
     )
     from worldsim.commands.common import merge_alias
-    from worldsim.data.collect import collect as run_collect
+    from worldsim.collect import collect as run_collect
 
     env_id = merge_alias(env_id, env_alias, DEFAULT_ENV_ID, "--env-id", "--env")
     dataset_id = merge_alias(dataset_id, dataset_alias, DEFAULT_DATASET_ID, "--dataset-id", "--dataset")

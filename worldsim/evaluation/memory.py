@@ -15,7 +15,7 @@ and the whole window lies inside the episode; the others are counted by reason i
 Two protocols, which differ in where the (t_now, t_before) pairs come from:
 
   * "revisits": the pairs recorded in each episode's metadata ("revisits", written at collection
-    time by `worldsim.data.collect` from the trajectories of the exploration policies that come
+    time by `worldsim.collect` from the trajectories of the exploration policies that come
     back to old places on purpose).
   * "retrieval": the paper's protocol adapted to our data. The paper (arXiv 2505.20171) generates
     trajectories that walk out and then come back along the same path, gives the model the
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from worldsim.data.revisits import find_revisits
-from worldsim.data.collect import POSE_INFO_KEYS
+from worldsim.collect import POSE_INFO_KEYS
 from worldsim.data.episode_store import EpisodeStore
 from worldsim.evaluation.metrics import psnr, ssim
 from worldsim.evaluation.prediction import Window, check_compatible, read_windows

@@ -51,7 +51,7 @@ from worldsim.utils.checkpoint_folders import (  # noqa: F401 (re-exported: the 
     read_latest_pointer,
 )
 from worldsim.utils.format_json import read_format_json
-from worldsim.utils.safetensors_io import open_safetensors
+from worldsim.utils.safetensors_io import open_safetensors, tensor_diff  # noqa: F401 (tensor_diff re-exported)
 
 FORMAT = "worldsim-world-model"
 VERSION = 1
@@ -80,25 +80,6 @@ def config_diff(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
-
-
-def tensor_diff(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> list[str]:
-    """Missing, unexpected and mis-shaped tensors, each list naming the keys."""
-    problems = []
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing:
-        problems.append(f"missing tensors (in the code, not in the checkpoint) {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors (in the checkpoint, not in the code) {unexpected}")
-    shapes = [
-        f"{k}: code {tuple(v.shape)}, checkpoint {tuple(found[k].shape)}"
-        for k, v in expected.items()
-        if k in found and found[k].shape != v.shape
-    ]
-    if shapes:
-        problems.append(f"mis-shaped tensors [{'; '.join(shapes)}]")
-    return problems
 
 
 # ------------------------------------------------------------------------------ RNG states

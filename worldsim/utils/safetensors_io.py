@@ -1,4 +1,5 @@
-"""Opening safetensors files so that a broken one is named in the caller's own error class.
+"""Opening safetensors files so that a broken one is named in the caller's own error class, and
+comparing what a file holds with what the code expects (`tensor_diff`).
 
 safetensors reports a truncated file, an empty one or a pickled torch file given a .safetensors
 name as a bare `SafetensorError: Error while deserializing header: ...` that names no file.
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 
@@ -37,3 +39,22 @@ def open_safetensors(file: str | os.PathLike, *, error: type[Exception], framewo
             yield f
     except SafetensorError as e:
         raise error(describe(path, e)) from None
+
+
+def tensor_diff(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors, each list naming the keys."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors (in the code, not in the checkpoint) {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors (in the checkpoint, not in the code) {unexpected}")
+    shapes = [
+        f"{k}: code {tuple(v.shape)}, checkpoint {tuple(found[k].shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    if shapes:
+        problems.append(f"mis-shaped tensors [{'; '.join(shapes)}]")
+    return problems

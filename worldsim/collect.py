@@ -38,6 +38,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+import worldsim.envs  # noqa: F401 (registers the worldsim/ env ids that collection makes)
 from worldsim.data.exploration import POLICIES, ExplorationPolicy
 from worldsim.data.revisits import find_revisits
 from worldsim.data.minari_writer import METADATA_FILE, DatasetWriter, Episode, dataset_dir
@@ -132,8 +133,6 @@ class CollectionInterrupted(KeyboardInterrupt):
 
 def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     """The registered spec of `env_id`; 'module:id' imports `module` first, as `gym.make` does."""
-    import worldsim.envs  # noqa: F401  (registers the worldsim/ ids)
-
     module, _, name = env_id.rpartition(":")
     try:
         if module:
@@ -277,8 +276,6 @@ def _worker_main(
     # Ctrl-C reaches the whole process group; only the main process decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        import worldsim.envs  # noqa: F401
-
         env = gym.make(config.env_id)
         check_policy_fits_env(config.policy, env)
     except Exception as e:
