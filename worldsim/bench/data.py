@@ -79,7 +79,7 @@ def measure_adapter(size: int, steps: int, seed: int) -> dict[str, float]:
 
 def measure_collection(cfg: DataBenchConfig, root: Path) -> dict[str, Any]:
     """`worldsim collect` end to end, random-walk policy, timed from start to last commit."""
-    from worldsim.data.collect import CollectConfig, collect
+    from worldsim.collect import CollectConfig, collect
 
     dataset_id = "bench/memory-maze-v0"
     collect_cfg = CollectConfig(
