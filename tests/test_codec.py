@@ -301,7 +301,7 @@ def test_nan_guard_stops_with_a_clear_message(dataset, tmp_path):
     header = json.loads(header_file.read_text())
     header["sha256"] = {"codec.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
     header_file.write_text(json.dumps(header))
-    message = r"non-finite loss \(nan\) at step 3; last good checkpoint: .*step_000002"
+    message = r"non-finite loss \(nan\) at step 3; training stopped. Last good checkpoint: .*step_000002"
     with pytest.raises(TrainingDiverged, match=message):
         train_codec(config(dataset, tmp_path / "run", steps=4), resume=True)
 

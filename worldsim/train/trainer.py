@@ -385,6 +385,42 @@ def train(cfg: TrainConfig) -> TrainSummary:
         ddp.shutdown(info)
 
 
+def _resume(cfg: TrainConfig, info: ddp.DistInfo, codec, model, optimizer, scheduler, ema) -> ckpt.LoadedCheckpoint | None:
+    """Load the run's newest checkpoint into the given objects (None for a new run), after checking
+    that it may be continued with `cfg`; restores this rank's RNG streams."""
+    run_dir = Path(cfg.run_dir)
+    existing = ckpt.latest_checkpoint(run_dir)
+    if existing is None:
+        if cfg.resume:
+            raise FileNotFoundError(f"nothing to resume: {run_dir / ckpt.LATEST_FILE} does not exist")
+        return None
+    if not cfg.resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass resume (--resume) to continue it, or pick a new folder")
+    _check_resumable(ckpt.read_sidecar(existing), cfg, codec, info, existing)
+    loaded = ckpt.load_checkpoint(
+        existing, model=model, model_config=model.cfg.to_dict(), optimizer=optimizer, scheduler=scheduler, ema=ema
+    )
+    states = loaded.rng_states
+    ckpt.restore_rng_state(states[info.rank] if info.rank < len(states) else states[0])
+    if info.is_main:
+        log.info("resumed %s at step %d", loaded.folder, loaded.step)
+    return loaded
+
+
+def _batch_on_device(batch: dict[str, torch.Tensor], model_cfg, codec, device: torch.device):
+    """(latents (B, T, C, h, w), actions, rewards, terminations) of a loader batch, on `device`;
+    frames are encoded by the frozen codec unless the batch comes from the latent cache."""
+    actions = batch["actions"].to(device)
+    if model_cfg.action_kind == "continuous":
+        actions = actions.flatten(2).float()  # (B, T, D)
+    if "latents" in batch:  # from the latent cache
+        latents = batch["latents"].to(device, non_blocking=True)
+    else:
+        with torch.no_grad():  # (B, T, H, W, 3) uint8 -> (B, T, C, h, w)
+            latents = codec.encode(batch["frames"].to(device, non_blocking=True))
+    return latents, actions, batch["rewards"].to(device).float(), batch["terminations"].to(device)
+
+
 def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
     from worldsim.codec.checkpoint import load_codec, resolve_checkpoint
     from worldsim.model.loss import world_model_loss
@@ -416,23 +452,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(cfg, s))
 
     # -- resume --------------------------------------------------------------------------------
-    step, last_ckpt = 0, None
-    existing = ckpt.latest_checkpoint(run_dir)
-    if existing is not None:
-        if not cfg.resume:
-            raise FileExistsError(f"{run_dir} already holds a run; pass resume (--resume) to continue it, or pick a new folder")
-        sidecar = ckpt.read_sidecar(existing)
-        _check_resumable(sidecar, cfg, codec, info, existing)
-        loaded = ckpt.load_checkpoint(
-            existing, model=model, model_config=model_cfg.to_dict(), optimizer=optimizer, scheduler=scheduler, ema=ema
-        )
-        states = loaded.rng_states
-        ckpt.restore_rng_state(states[info.rank] if info.rank < len(states) else states[0])
-        step, last_ckpt = loaded.step, loaded.folder
-        if info.is_main:
-            log.info("resumed %s at step %d", loaded.folder, step)
-    elif cfg.resume:
-        raise FileNotFoundError(f"nothing to resume: {run_dir / ckpt.LATEST_FILE} does not exist")
+    loaded = _resume(cfg, info, codec, model, optimizer, scheduler, ema)
+    step, last_ckpt = (loaded.step, loaded.folder) if loaded is not None else (0, None)
     end = cfg.steps if cfg.stop_after is None else cfg.stop_after
     if step >= end:
         log.info("run %s is already at step %d (target %d); nothing to do", run_dir, step, end)
@@ -443,7 +464,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
     train_data = cached_latent_windows(cfg, dataset, codec, codec_sha, info) if cfg.latent_cache else dataset
     sampler = WindowSampler(dataset, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     batches = StepBatches(sampler, cfg.batch_size, step, end)
-    if last_ckpt is not None:
+    if loaded is not None:
         saved = loaded.sidecar
         if saved["world_size"] == info.world_size and saved["data"]["batches_per_epoch"] != batches.batches_per_epoch:
             raise ckpt.CheckpointError(
@@ -496,7 +517,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
         return folder
 
     def diverged(what: str, value: float) -> TrainingDiverged:  # raised on every rank at the same step
-        return training.diverged(what, value, step + 1, last_ckpt, scheduler.get_last_lr()[0])
+        return training.diverged(what, value, step + 1, last_ckpt, scheduler.get_last_lr()[0],
+                                 stopped="training stopped on all ranks")
 
     forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context)
     losses: list[tuple[int, float]] = []
@@ -505,16 +527,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
     model.train()
     try:
         for batch in loader:
-            actions = batch["actions"].to(device)
-            if model_cfg.action_kind == "continuous":
-                actions = actions.flatten(2).float()  # (B, T, D)
-            rewards = batch["rewards"].to(device).float()
-            terminations = batch["terminations"].to(device)
-            if "latents" in batch:  # from the latent cache
-                latents = batch["latents"].to(device, non_blocking=True)  # (B, T, C, h, w)
-            else:
-                with torch.no_grad():  # (B, T, H, W, 3) uint8 -> (B, T, C, h, w), frozen codec
-                    latents = codec.encode(batch["frames"].to(device, non_blocking=True))
+            latents, actions, rewards, terminations = _batch_on_device(batch, model_cfg, codec, device)
             generator = step_generator(cfg.seed, step, info.rank, device)
             with _autocast(cfg, device):
                 loss, metrics = world_model_loss(train_model, latents, actions, rewards, terminations, generator=generator,
@@ -544,12 +557,10 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
                     now = time.perf_counter()
                     rate = (step - step_log) / max(now - t_log, 1e-9)
                     t_log, step_log = now, step
-                    writer.add_scalar("train/loss", losses[-1][1], step)
-                    for k, v in means.items():
+                    scalars = {"loss": losses[-1][1], **means, "lr": optimizer.param_groups[0]["lr"],
+                               "grad_norm": grad_norm.item(), "steps_per_second": rate}
+                    for k, v in scalars.items():
                         writer.add_scalar(f"train/{k}", v, step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                    writer.add_scalar("train/grad_norm", grad_norm.item(), step)
-                    writer.add_scalar("train/steps_per_second", rate, step)
                     bar.set_postfix(loss=f"{losses[-1][1]:.4f}", steps_s=f"{rate:.2f}")
             if info.is_main:
                 bar.update(1)

@@ -20,12 +20,12 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def diverged(what: str, value: float, step: int, last_checkpoint: Any, lr: float) -> TrainingDiverged:
+def diverged(what: str, value: float, step: int, last_checkpoint: Any, lr: float, stopped: str = "training stopped") -> TrainingDiverged:
     """The error for a non-finite `what` (loss, gradient norm) at `step` (1-based: the step being taken)."""
     where = str(last_checkpoint) if last_checkpoint is not None else "none (no checkpoint written yet)"
     return TrainingDiverged(
-        f"non-finite {what} ({value}) at step {step}; last good checkpoint: {where}. Resume from it with a "
-        f"lower learning rate (now {lr:.3g}) or a smaller grad_clip, or check the data."
+        f"non-finite {what} ({value}) at step {step}; {stopped}. Last good checkpoint: {where}. Resume from it "
+        f"with a lower learning rate (now {lr:.3g}) or a smaller grad_clip, or check the data."
     )
 
 
