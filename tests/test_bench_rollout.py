@@ -1,4 +1,5 @@
-"""`worldsim bench rollout` end to end at tiny sizes, and the consistency of its numbers."""
+"""`worldsim bench rollout` end to end at tiny sizes (a random tiny model, and the bundled model it
+measures by default), and the consistency of its numbers."""
 
 import json
 
@@ -11,8 +12,8 @@ from worldsim.bench.rollout import RolloutBenchConfig, advance, format_table, ra
 from worldsim.commands.bench import bench_app
 from worldsim.rollout.session import RolloutSession
 
-TINY = dict(horizons=(8, 32), timed_frames=2, sampler_steps=1, batches=(1, 2), dream_steps=2, real_steps=10,
-            long_steps=12, rss_every=4, threads=1)
+TINY = dict(preset="tiny", horizons=(8, 32), timed_frames=2, sampler_steps=1, batches=(1, 2), dream_steps=2,
+            breakdown_steps=2, real_steps=10, long_steps=12, rss_every=4, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,22 @@ def test_state_bytes_flat_for_lssvwm_and_growing_for_causal(results):
     assert ratio == pytest.approx(rows["lssvwm", 32]["ms_median"] / rows["lssvwm", 8]["ms_median"])
 
 
+def check_breakdown(results):
+    """The per-frame breakdown adds up: phases + other = total, frames/s and dream/real follow."""
+    real = results["real"]
+    assert [r["batch"] for r in results["breakdown"]] == list(results["config"]["batches"])
+    for r in results["breakdown"]:
+        assert min(r["denoise_ms"], r["commit_ms"], r["decode_ms"]) > 0 and r["other_ms"] > -1e-6
+        assert r["denoise_ms"] + r["commit_ms"] + r["decode_ms"] + r["other_ms"] == pytest.approx(r["total_ms"])
+        assert r["total_ms"] == pytest.approx(1e3 * r["seconds"] / r["steps"])
+        assert r["frames_per_s"] == pytest.approx(r["batch"] * r["steps"] / r["seconds"])
+        assert r["vs_real"] == pytest.approx(r["frames_per_s"] / real["steps_per_s"])
+        assert r["vs_real_cpu"] == pytest.approx(r["frames_per_cpu_s"] / real["steps_per_cpu_s"])
+    assert real["ms_per_step"] == pytest.approx(1e3 * real["seconds"] / real["steps"])
+    table = format_table(results)
+    assert "Per-frame breakdown" in table and "real env" in table
+
+
 def test_dream_real_and_long_rollout_figures(results):
     assert [d["batch"] for d in results["dream"]] == [1, 2]
     real, real_cpu = results["real"]["steps_per_s"], results["real"]["steps_per_cpu_s"]
@@ -50,6 +67,30 @@ def test_dream_real_and_long_rollout_figures(results):
     table = format_table(results)
     assert "lssvwm: latency 32/8" in table and "dream/real" in table and "NaN steps: 0" in table
     assert "state 0.34 MiB after reset -> 0.34 MiB at the end (identical)" in table
+    assert "preset tiny" in table and "random weights" in table
+    check_breakdown(results)
+
+
+def test_bundled_model_by_default(monkeypatch):
+    """Without a preset the bench measures the shipped model (its own variant, real context clips);
+    the causal baseline next to it is the bundle's config as that variant, with random weights."""
+    from worldsim.bundled import PACKAGE_BUNDLE_DIR, is_bundle, load_bundled
+
+    monkeypatch.delenv("WORLDSIM_BUNDLE_DIR", raising=False)
+    if not is_bundle(PACKAGE_BUNDLE_DIR):
+        pytest.skip(f"no bundled model in this checkout ({PACKAGE_BUNDLE_DIR})")
+    bundle = load_bundled()
+    assert RolloutBenchConfig().preset == "bundled"
+    cfg = {**TINY, "horizons": (4, 8), "batches": (1, 3), "long_steps": 4}
+    del cfg["preset"]
+    results = run(RolloutBenchConfig(**cfg))
+    assert results["model"] == {"variant": bundle.model.cfg.variant, "parameters": bundle.model.num_parameters()}
+    rows = {(r["variant"], r["horizon"]): r for r in results["horizons"]}
+    assert rows["lssvwm", 4]["state_bytes"] == rows["lssvwm", 8]["state_bytes"]
+    assert results["state_constant"] == {"lssvwm": True, "causal_full": False}  # its KV cache grows
+    assert results["long"]["nan_steps"] == 0
+    check_breakdown(results)
+    assert "the bundled model (lssvwm, 2.3M parameters) and its codec" in format_table(results)
 
 
 def test_filled_kv_cache_matches_a_streamed_one():
@@ -70,12 +111,21 @@ def test_filled_kv_cache_matches_a_streamed_one():
 
 
 def test_cli_json_without_real_env():
-    out = CliRunner().invoke(bench_app, ["rollout", "--horizons", "4,8", "--timed-frames", "1", "--sampler-steps", "1",
-                                         "--batches", "1", "--dream-steps", "1", "--no-real-env", "--long-steps", "2",
+    out = CliRunner().invoke(bench_app, ["rollout", "--preset", "tiny", "--horizons", "4,8", "--timed-frames", "1",
+                                         "--sampler-steps", "1", "--batches", "1", "--dream-steps", "1",
+                                         "--breakdown-steps", "1", "--no-real-env", "--long-steps", "2",
                                          "--rss-every", "1", "--no-long-decode", "--variants", "lssvwm",
                                          "--threads", "1", "--json"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert data["real"] is None and data["dream_vs_real"] == {"1": None} and data["dream_vs_real_cpu"] == {"1": None}
+    assert data["config"]["preset"] == "tiny" and data["breakdown"][0]["vs_real"] is None
     assert [r["horizon"] for r in data["horizons"]] == [4, 8] and data["long"]["steps"] == 2
     assert data["long"]["decode"] is False and data["long"]["nan_steps"] == 0
+
+
+def test_cli_without_a_bundle_says_so_in_one_line():
+    from worldsim.cli import app
+
+    out = CliRunner().invoke(app, ["bench", "rollout", "--no-real-env", "--threads", "1"])
+    assert out.exit_code == 1 and "error: no bundled model at" in out.output

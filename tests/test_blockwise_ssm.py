@@ -60,6 +60,28 @@ def test_streaming_equals_parallel(grid, block, dtype):
     torch.testing.assert_close(y_stream, y, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("n_groups,d_conv", [(1, 4), (2, 4), (1, 1), (4, 2)])
+def test_one_frame_step_shares_its_frame_and_equals_parallel(n_groups, d_conv):
+    """Denoising-style calls on one frame (commit=False) share `begin_step`, leave the cache as it
+    was, and the committing call continues the parallel pass; grouped B/C and other conv lengths."""
+    grid, block, T, P = (4, 4), (2, 2), 6, 3
+    layer = make_layer(grid, block, torch.float64, n_groups=n_groups, d_conv=d_conv, head_dim=4)
+    x = make_tokens(2, T, grid, torch.float64)
+    probe = make_tokens(2, 1, grid, torch.float64, seed=5)[:, 0]
+    with torch.no_grad():
+        y = layer(x)
+        cache = layer.allocate_cache(2)
+        layer(x[:, :P], cache)
+        for t in range(P, T):
+            frame = layer.begin_step(cache)
+            state, conv = cache.ssm_state, cache.conv_state
+            first = layer.step(probe, cache, commit=False, frame=frame)
+            assert torch.equal(first, layer.step(probe, cache, commit=False, frame=frame))
+            assert cache.ssm_state is state and cache.conv_state is conv  # read, never written
+            torch.testing.assert_close(first, layer.step(probe, cache.clone()), rtol=0, atol=1e-12)
+            torch.testing.assert_close(layer.step(x[:, t], cache, frame=frame), y[:, t], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_prefill_then_step_equals_full_forward(dtype):
     grid, block = (4, 6), (2, 2)

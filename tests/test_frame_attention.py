@@ -202,6 +202,35 @@ def test_streaming_steps_equal_parallel(window):
     assert cache.frames_seen == T and cache.next_frame == T
 
 
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_one_frame_step_shares_its_frame_and_equals_parallel(qk_norm):
+    """Denoising-style calls on one frame (commit=False) share `begin_step`'s buffers and tables,
+    leave the cache as it was, and the committing call equals the parallel pass over the clip; with
+    non-trivial q/k norm weights (folded into the RoPE tables) and without qk-norm."""
+    T, N, P = 7, 6, 4
+    torch.manual_seed(0)
+    layer = FrameLocalAttention(D_MODEL, HEADS, N, (2, 3), 3, backend="chunked", qk_norm=qk_norm).double()
+    if qk_norm:
+        with torch.no_grad():
+            layer.q_norm.weight.normal_(1, 0.5)
+            layer.k_norm.weight.normal_(1, 0.5)
+    x = frames(2, T, N)
+    probe = torch.randn(2, N, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        ref = layer(x)
+        cache = layer.allocate_cache(2)
+        layer(x[:, :P], cache=cache)
+        for t in range(P, T):
+            frame = layer.begin_step(cache)
+            first = layer.step(probe, cache, commit=False, frame=frame)
+            again = layer.step(probe, cache, commit=False, frame=frame)  # the buffer's last slot is overwritten
+            assert torch.equal(first, again) and cache.frames_seen == t
+            torch.testing.assert_close(first, layer.step(probe, cache.clone()), rtol=0, atol=1e-12)
+            out = layer.step(x[:, t], cache, frame=frame)  # commit
+            torch.testing.assert_close(out, ref[:, t], rtol=0, atol=1e-12)
+    assert cache.frames_seen == T
+
+
 @pytest.mark.parametrize("window,prefill", [(3, 2), (3, 5), (None, 4), (0, 3)])
 def test_prefill_then_step_and_chunks_equal_full_forward(window, prefill):
     """Prefill a context clip, step a few frames, then feed a multi-frame clip through the (wrapped) ring."""

@@ -217,3 +217,19 @@ def test_step_without_decoding_dreams_the_same_latents():
         assert torch.equal(with_frames.latents, without.latents)
         assert torch.equal(with_frames.rewards, without.rewards)
         assert torch.equal(with_frames.terminated, without.terminated)
+
+
+def test_step_timings_add_up_per_phase_and_change_nothing():
+    model, codec = tiny_pair()
+    frames, actions = context(2, 3)
+    timed, plain = RolloutSession(model, codec, batch=2), RolloutSession(model, codec, batch=2)
+    timed.reset(frames, actions, seeds=[5, 6])
+    plain.reset(frames, actions, seeds=[5, 6])
+    timings: dict[str, float] = {}
+    for a in ([1, 2], [3, 0]):
+        out = timed.step(a, timings=timings)
+        assert torch.equal(out.latents, plain.step(a).latents)
+    assert set(timings) == {"denoise", "commit", "decode"} and min(timings.values()) > 0
+    before = dict(timings)
+    timed.step([0, 0], decode=False, timings=timings)
+    assert timings["denoise"] > before["denoise"] and timings["decode"] - before["decode"] < 1e-3

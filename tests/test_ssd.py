@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from worldsim.model import ssd
-from worldsim.model.ssd import resolve_backend, run_fla, segment_sum, ssd_chunked, ssd_chunked_torch
+from worldsim.model.ssd import resolve_backend, run_fla, segment_sum, ssd_chunked, ssd_chunked_torch, ssd_one_chunk
 from worldsim.model.ssd_reference import ssd_quadratic, ssd_recurrent
 
 
@@ -132,6 +132,40 @@ def test_segment_sum():
         [[0, inf, inf, inf], [2, 0, inf, inf], [6, 4, 0, inf], [14, 12, 8, 0]], dtype=torch.float64
     )
     assert torch.equal(s, expected)
+
+
+def test_segment_sum_equals_masked_fills_bit_for_bit():
+    """The 0/1 and 0/-inf mask form computes exactly what masked fills of a cumsum would (the
+    training scan uses it: a pure refactor must not change a bit)."""
+    a = -torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 4
+    q = a.shape[-1]
+    rows = a[..., :, None].expand(*a.shape, q).masked_fill(~torch.ones(q, q, dtype=torch.bool).tril(-1), 0.0)
+    expected = rows.cumsum(dim=-2).masked_fill(~torch.ones(q, q, dtype=torch.bool).tril(), float("-inf"))
+    assert torch.equal(segment_sum(a), expected)
+
+
+# (batch, length, heads, head_dim, groups, d_state): a streamed frame's block tokens (4 of a 2x2
+# block, 16 of a 4x4 grid), one token, grouped B/C.
+ONE_CHUNK_SIZES = [(4, 4, 4, 32, 1, 16), (2, 16, 4, 8, 1, 5), (3, 1, 2, 3, 1, 4), (2, 6, 6, 4, 3, 5),
+                   (1, 5, 4, 2, 2, 3)]
+
+
+@pytest.mark.parametrize("size", ONE_CHUNK_SIZES, ids=lambda s: "b{}_L{}_h{}_p{}_g{}_n{}".format(*s))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_one_chunk_form_equals_the_chunked_scan(size, dtype, tol):
+    """The streaming step's scan: the same outputs and final state as the chunked scan from the
+    same initial state, and no final state when not asked for."""
+    batch, length, heads, head_dim, groups, d_state = size
+    x, dt, A, B, C, h0 = make_inputs(batch, length, heads, head_dim, groups, d_state, dtype=dtype)
+    y_ref, final_ref = ssd_chunked_torch(x, dt, A, B, C, 4, initial_state=h0)  # several chunks when L > 4
+    y, final = ssd_one_chunk(x, dt, A, B, C, h0)
+    assert y.dtype == dtype and final.shape == (batch, heads, head_dim, d_state)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(final, final_ref, rtol=tol, atol=tol)
+    y_only, none = ssd_one_chunk(x, dt, A, B, C, h0, final_state=False)
+    assert none is None and torch.equal(y_only, y)
+    bf16, final16 = ssd_one_chunk(*(t.bfloat16() for t in (x, dt, A, B, C)), h0.float())
+    assert bf16.dtype == torch.bfloat16 and final16.dtype == torch.float32
 
 
 def test_bad_shapes_raise_clear_errors():

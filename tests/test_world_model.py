@@ -537,3 +537,68 @@ def test_direct_path_starts_as_the_model_without_it():
 def test_prev_frames_must_not_be_negative():
     with pytest.raises(ValueError, match="prev_frames"):
         tiny_config("lssvwm", prev_frames=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One frame, several calls (FrameStep)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_frame_step_shares_one_frame_across_denoiser_calls(variant):
+    """begin_frame's denoise calls read the cache without changing it and equal `step` with
+    commit=False; its commit equals `step` and the parallel pass; a committed FrameStep refuses."""
+    cfg = tiny_config(variant, prev_frames=2)
+    model = perturbed_model(cfg, torch.float64)
+    B, T, P = 2, 7, 3
+    x, sigma, actions = random_inputs(cfg, B, T, torch.float64)
+    noisy = x + torch.randn_like(x)
+    with torch.no_grad():
+        parallel = model(x, sigma, actions)
+        cache = model.allocate_cache(B)
+        model(x[:, :P], sigma[:, :P], actions[:, :P], cache=cache)
+        for t in range(P, T):
+            frame = model.begin_frame(cache, actions[:, t])
+            for level in (5.0, 0.7):
+                level = torch.full((B,), level, dtype=torch.float64)
+                denoised = frame.denoise(noisy[:, t], level)
+                torch.testing.assert_close(denoised, model.step(noisy[:, t], level, actions[:, t], cache,
+                                                                commit=False).denoised, rtol=0, atol=1e-12)
+            assert cache.frames_seen == t
+            out = frame.commit(x[:, t], sigma[:, t])
+            assert_outputs_close(out, WorldModelOutput(*(getattr(parallel, f)[:, t] for f in
+                                                         ("denoised", "reward", "termination_logit"))), 1e-10)
+            assert cache.frames_seen == t + 1
+            with pytest.raises(RuntimeError, match="committed"):
+                frame.denoise(noisy[:, t], sigma[:, t])
+    with pytest.raises(ValueError, match=r"discrete actions must have shape \(2,\)"):
+        model.begin_frame(cache, actions[:1, 0])
+
+
+def test_bundled_model_streams_what_the_parallel_pass_computes(monkeypatch):
+    """The shipped model, float32: the one-frame path (FrameStep) against the parallel pass over the
+    context plus the noisy frame, at the dream sampler's noise levels: equal to float rounding."""
+    from worldsim.bundled import PACKAGE_BUNDLE_DIR, is_bundle, load_bundled
+
+    monkeypatch.delenv("WORLDSIM_BUNDLE_DIR", raising=False)
+    if not is_bundle(PACKAGE_BUNDLE_DIR):
+        pytest.skip(f"no bundled model in this checkout ({PACKAGE_BUNDLE_DIR})")
+    bundle = load_bundled()
+    model, codec = bundle.model, bundle.codec
+    frames = torch.as_tensor(bundle.clips.frames[:2])  # (2, T, 64, 64, 3)
+    acts = torch.as_tensor(bundle.clips.actions[:2])  # (2, T - 1)
+    B, T = frames.shape[:2]
+    n = model.cfg.n_actions
+    with torch.no_grad():
+        latents = codec.encode(frames)  # (B, T, C, h, w)
+        cond = torch.cat([torch.full((B, 1), n), acts], dim=1)  # frame 0 has no action
+        cache = model.allocate_cache(B)
+        model(latents[:, :-1], torch.zeros(B, T - 1), cond[:, :-1], cache=cache)
+        frame = model.begin_frame(cache, cond[:, -1])
+        g = torch.Generator().manual_seed(0)
+        for level in (20.0, 3.0, 0.5, 0.1):
+            noisy = latents[:, -1] + level * torch.randn(latents[:, -1].shape, generator=g)
+            sigma = torch.zeros(B, T)
+            sigma[:, -1] = level
+            parallel = model(torch.cat([latents[:, :-1], noisy[:, None]], 1), sigma, cond).denoised[:, -1]
+            torch.testing.assert_close(frame.denoise(noisy, sigma[:, -1]), parallel, rtol=0, atol=1e-5)

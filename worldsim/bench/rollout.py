@@ -1,6 +1,12 @@
-"""`worldsim bench rollout`: what one dreamed frame costs, and whether that cost stays flat.
+"""`worldsim bench rollout`: what one dreamed frame costs, where it goes, and whether it stays flat.
 
-Four measurements, in one run, on one machine:
+Five measurements, in one run, on one machine, of the bundled model by default (the model users
+get; `preset=` a preset name measures that preset with random weights instead):
+
+  * Where a dreamed frame's time goes (`RolloutSession.step`, batch sizes as for the dream env):
+    the sampler's denoiser calls, the committing call, the codec's decode, per frame; frames/s,
+    and the real Memory Maze env's step through our adapter in the same run, with the ratio of
+    the two (the figure that survives a busy machine).
 
   * Latency per frame at horizons (default 64, 512, 4096 frames) and the streaming state's bytes,
     for LSSVWM and the causal-attention baseline with its KV cache, side by side. Goal: LSSVWM's
@@ -17,11 +23,17 @@ Four measurements, in one run, on one machine:
   * On a GPU (device auto picks it) the same tables give batched and single-stream frames/s.
 
 Method:
-  * Models are the preset with random weights; cost does not depend on the weight values (every
-    op's shapes depend only on the config and the horizon). The zero-initialised adaLN gates are
-    opened (small random values) so the streamed state actually feeds each frame, which matters
-    for the NaN check, and the termination head is biased negative so random heads do not end
-    dream episodes (a restart would be timed instead of a step).
+  * preset "bundled": the shipped model and codec, dreaming from the bundle's real context clips;
+    the baselines it is compared with (variants other than its own, e.g. causal_full) are its
+    config turned into that variant with random weights. Any other preset: random weights.
+    Cost does not depend on the weight values (every op's shapes depend only on the config and
+    the horizon). In random models the zero-initialised adaLN gates are opened (small random
+    values) so the streamed state actually feeds each frame, which matters for the NaN check, and
+    the termination head is biased negative so random heads do not end dream episodes (a restart
+    would be timed instead of a step).
+  * Breakdown: after reset and one warm-up step, `breakdown_steps` steps are timed with the
+    session's phase timings (`RolloutSession.step(timings=)`); per-frame figures are means over
+    those steps (so the phases add up to the total), frames/s = batch / (seconds per step).
   * Latency at horizon h: the session is brought to h frames, then `timed_frames` real steps
     are timed one by one (sampler_steps denoiser calls that read the cache + the commit + the
     codec decode, `RolloutSession.step`); the median is reported. Getting to h: fixed-size
@@ -31,7 +43,7 @@ Method:
     cost depends on how many frames are held, not on their values. `advance="stream"` streams
     every variant for real.
   * Dream frames/s: after reset and one warm-up step, `dream_steps` vector steps are timed;
-    frames/s = batch * steps / seconds. Context clips are random frames (not timed).
+    frames/s = batch * steps / seconds. Context clips: the bundle's, else random frames (not timed).
   * Real env: our Gymnasium adapter (as `worldsim.bench.data.measure_adapter`), random actions.
   * Both also report frames per CPU-second of the process (`time.process_time`, which counts
     every thread, MuJoCo's renderer included): on a shared machine wall time also counts the
@@ -51,16 +63,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from worldsim.loading import BUNDLED
+
 # The termination head's bias for random models: logit ~ -10, far below the threshold 0.
 NO_TERMINATION_BIAS = -10.0
 
 
 @dataclass
 class RolloutBenchConfig:
-    preset: str = "tiny"
-    """World-model preset (worldsim.model.config.PRESETS): tiny or small on a CPU."""
+    preset: str = "bundled"
+    """"bundled": the shipped model and codec (what users get); or a world-model preset
+    (worldsim.model.config.PRESETS: tiny, small, cpu on a CPU) with random weights."""
     codec: str = "small"
-    """Codec preset; its latent (16, 8, 8) is the model presets' latent shape."""
+    """Codec preset for random-weight presets; its latent (16, 8, 8) is the presets' latent shape."""
     variants: tuple[str, ...] = ("lssvwm", "causal_full")
     """Variants timed side by side at each horizon."""
     horizons: tuple[int, ...] = (64, 512, 4096)
@@ -76,6 +91,8 @@ class RolloutBenchConfig:
     """Dream vector env batch sizes (add 256 to see where the per-frame cost levels off)."""
     dream_steps: int = 8
     """Timed vector steps per batch size (after one warm-up step)."""
+    breakdown_steps: int = 16
+    """Timed `RolloutSession.step` calls per batch size in the per-frame breakdown."""
     context_frames: int = 9
     """Context clip length for the dream env (the tiny/small attention window)."""
     real_env: bool = True
@@ -123,27 +140,62 @@ def in_use_rss_bytes() -> int:
     return rss_bytes()
 
 
-def random_parts(preset: str, variant: str, codec_preset: str, device: torch.device, seed: int = 0):
-    """(world model, codec) with random weights, shaped as the presets say (module doc)."""
-    from worldsim.codec.autoencoder import FrameCodec, preset as codec_config
-    from worldsim.model.config import make_config
+def _random_model(cfg, seed: int):
+    """A WorldModel of config `cfg` with random weights, opened up as the module doc says."""
     from worldsim.model.world_model import WorldModel
 
     torch.manual_seed(seed)
-    codec = FrameCodec(codec_config(codec_preset)).eval()
-    c, h, w = codec.config.latent_shape
-    model = WorldModel(make_config(preset, variant, latent_channels=c, latent_grid=(h, w))).eval()
+    model = WorldModel(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.abs().sum() == 0:  # adaLN-Zero gates and the final layer start at zero
                 p.normal_(0, 0.05)
         model.net.heads.mlp[-1].bias[1] = NO_TERMINATION_BIAS
+    return model
+
+
+def random_parts(preset: str, variant: str, codec_preset: str, device: torch.device, seed: int = 0):
+    """(world model, codec) with random weights, shaped as the presets say (module doc)."""
+    from worldsim.codec.autoencoder import FrameCodec, preset as codec_config
+    from worldsim.model.config import make_config
+
+    torch.manual_seed(seed)
+    codec = FrameCodec(codec_config(codec_preset)).eval()
+    c, h, w = codec.config.latent_shape
+    model = _random_model(make_config(preset, variant, latent_channels=c, latent_grid=(h, w)), seed)
     return model.to(device), codec.to(device)
 
 
-def _random_context(rng: np.random.Generator, batch: int, frames: int, n_actions: int):
-    return (rng.integers(0, 256, (batch, frames, 64, 64, 3), dtype=np.uint8),
-            rng.integers(0, n_actions, (batch, frames - 1)))
+@dataclass
+class Parts:
+    """What one variant is measured with: model, codec, and real context clips (None: random frames)."""
+
+    model: Any
+    codec: Any
+    clips: Any = None
+
+    def context(self, rng: np.random.Generator, batch: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """Context frames uint8 (batch, frames, 64, 64, 3) and actions (batch, frames - 1): the end of
+        the first bundled clip for every stream, else random ones (cost does not depend on them)."""
+        if self.clips is not None and self.clips.clip_frames >= frames:
+            f, a = self.clips.frames[0, -frames:], self.clips.actions[0, self.clips.clip_frames - frames:]
+            return np.repeat(f[None], batch, axis=0), np.repeat(a[None], batch, axis=0)
+        return (rng.integers(0, 256, (batch, frames, 64, 64, 3), dtype=np.uint8),
+                rng.integers(0, self.model.cfg.n_actions, (batch, frames - 1)))
+
+
+def load_parts(cfg: RolloutBenchConfig, variant: str | None, device: torch.device) -> Parts:
+    """The bundled model for its own variant (or variant None), its config as `variant` with random
+    weights for the baselines; random weights of `cfg.preset` otherwise (None: lssvwm)."""
+    if cfg.preset != BUNDLED:
+        return Parts(*random_parts(cfg.preset, variant or "lssvwm", cfg.codec, device, cfg.seed))
+    from worldsim.bundled import load_bundled
+    from worldsim.model.config import make_config
+
+    bundle = load_bundled(device=device)
+    if variant in (None, bundle.model.cfg.variant):
+        return Parts(bundle.model, bundle.codec, bundle.clips)
+    return Parts(_random_model(make_config(bundle.model.cfg, variant), cfg.seed).to(device), bundle.codec, bundle.clips)
 
 
 # ------------------------------------------------------------------------------ latency vs horizon
@@ -183,14 +235,14 @@ def advance(session, frames: int, mode: str, rng: np.random.Generator) -> str:
     return how
 
 
-def measure_horizons(cfg: RolloutBenchConfig, variant: str, device: torch.device) -> list[dict[str, Any]]:
+def measure_horizons(cfg: RolloutBenchConfig, parts: Parts, device: torch.device) -> list[dict[str, Any]]:
     """Per-frame latency and state bytes of one variant at each horizon (ascending)."""
     from worldsim.rollout.session import RolloutSession
 
-    model, codec = random_parts(cfg.preset, variant, cfg.codec, device, cfg.seed)
+    model, variant = parts.model, parts.model.cfg.variant
     rng = np.random.default_rng(cfg.seed)
-    session = RolloutSession(model, codec, batch=1, sampler_steps=cfg.sampler_steps, seed=cfg.seed)
-    session.reset(*_random_context(rng, 1, 1, model.cfg.n_actions))
+    session = RolloutSession(model, parts.codec, batch=1, sampler_steps=cfg.sampler_steps, seed=cfg.seed)
+    session.reset(*parts.context(rng, 1, 1))
     session.step(rng.integers(0, model.cfg.n_actions, 1))  # warm-up (first-call allocations)
     rows = []
     for h in sorted(cfg.horizons):
@@ -214,14 +266,13 @@ def measure_horizons(cfg: RolloutBenchConfig, variant: str, device: torch.device
 
 
 # ------------------------------------------------------------------------------ dream fps vs batch
-def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, device: torch.device) -> dict[str, Any]:
-    from worldsim.envs.dream import ClipContext
+def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict[str, Any]:
     from worldsim.envs.dream_vector import DreamVectorEnv
+    from worldsim.rollout.context import ClipContext
 
-    model, codec = random_parts(cfg.preset, "lssvwm", cfg.codec, device, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    frames, actions = _random_context(rng, 1, cfg.context_frames + 1, model.cfg.n_actions)
-    env = DreamVectorEnv(batch, model=model, codec=codec, context=ClipContext([frames[0]], [actions[0]]),
+    frames, actions = parts.context(rng, 1, cfg.context_frames)
+    env = DreamVectorEnv(batch, model=parts.model, codec=parts.codec, context=ClipContext([frames[0]], [actions[0]]),
                          context_frames=cfg.context_frames, horizon=10**9, sampler_steps=cfg.sampler_steps)
     env.reset(seed=cfg.seed)
     env.step(env.action_space.sample())  # warm-up
@@ -234,6 +285,32 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, device: torch.device)
     return {"batch": batch, "steps": cfg.dream_steps, "seconds": elapsed, "cpu_seconds": cpu,
             "frames_per_s": batch * cfg.dream_steps / elapsed, "frames_per_cpu_s": batch * cfg.dream_steps / cpu,
             "ms_per_step": 1e3 * elapsed / cfg.dream_steps}
+
+
+@torch.no_grad()
+def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict[str, Any]:
+    """Where a dreamed frame's time goes at `batch` streams: ms per step in the sampler's denoiser
+    calls, the commit and the decode (`RolloutSession.step(timings=)`), means over the timed steps."""
+    from worldsim.rollout.session import RolloutSession
+
+    model = parts.model
+    rng = np.random.default_rng(cfg.seed)
+    session = RolloutSession(model, parts.codec, batch=batch, sampler_steps=cfg.sampler_steps, seed=cfg.seed)
+    session.reset(*parts.context(rng, batch, cfg.context_frames))
+    actions = rng.integers(0, model.cfg.n_actions, (cfg.breakdown_steps + 1, batch))
+    session.step(actions[0])  # warm-up
+    timings: dict[str, float] = {}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for a in actions[1:]:
+        session.step(a, timings=timings)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    n = cfg.breakdown_steps
+    row = {"batch": batch, "steps": n, "seconds": elapsed, "cpu_seconds": cpu,
+           **{f"{phase}_ms": 1e3 * timings[phase] / n for phase in ("denoise", "commit", "decode")}}
+    row["total_ms"] = 1e3 * elapsed / n
+    row["other_ms"] = row["total_ms"] - row["denoise_ms"] - row["commit_ms"] - row["decode_ms"]  # actions in, results out
+    row["frames_per_s"], row["frames_per_cpu_s"] = batch * n / elapsed, batch * n / cpu
+    return row
 
 
 def measure_real_env(maze_size: int, steps: int, seed: int) -> dict[str, Any]:
@@ -252,19 +329,19 @@ def measure_real_env(maze_size: int, steps: int, seed: int) -> dict[str, Any]:
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     env.close()
     return {"steps": steps, "seconds": elapsed, "cpu_seconds": cpu, "steps_per_s": steps / elapsed,
-            "steps_per_cpu_s": steps / cpu}
+            "steps_per_cpu_s": steps / cpu, "ms_per_step": 1e3 * elapsed / steps}
 
 
 # ------------------------------------------------------------------------------ long rollout
 @torch.no_grad()
-def measure_long_rollout(cfg: RolloutBenchConfig, device: torch.device, progress: bool = False) -> dict[str, Any]:
+def measure_long_rollout(cfg: RolloutBenchConfig, parts: Parts, progress: bool = False) -> dict[str, Any]:
     """Stream `long_steps` real frames; RSS, state bytes and ms/frame sampled every `rss_every`."""
     from worldsim.rollout.session import RolloutSession
 
-    model, codec = random_parts(cfg.preset, "lssvwm", cfg.codec, device, cfg.seed)
+    model = parts.model
     rng = np.random.default_rng(cfg.seed)
-    session = RolloutSession(model, codec, batch=1, sampler_steps=cfg.long_sampler_steps, seed=cfg.seed)
-    session.reset(*_random_context(rng, 1, cfg.context_frames, model.cfg.n_actions))
+    session = RolloutSession(model, parts.codec, batch=1, sampler_steps=cfg.long_sampler_steps, seed=cfg.seed)
+    session.reset(*parts.context(rng, 1, cfg.context_frames))
     state_start, rss_start = session.state_nbytes(), in_use_rss_bytes()
     actions = rng.integers(0, model.cfg.n_actions, (cfg.long_steps, 1))
     every = max(1, min(cfg.rss_every, cfg.long_steps))
@@ -310,8 +387,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) -> dict[str, Any]:
     if cfg.advance not in ("auto", "stream"):
         raise ValueError(f"advance must be 'auto' or 'stream', got {cfg.advance!r}")
-    if min(cfg.horizons) < 2 or cfg.timed_frames < 1 or min(cfg.batches) < 1 or cfg.long_steps < 1:
-        raise ValueError("horizons must be >= 2 frames; timed_frames, batches and long_steps >= 1")
+    if min(cfg.horizons) < 2 or min(cfg.timed_frames, min(cfg.batches), cfg.long_steps, cfg.breakdown_steps) < 1:
+        raise ValueError("horizons must be >= 2 frames; timed_frames, batches, breakdown_steps and long_steps >= 1")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -321,11 +398,26 @@ def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) 
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
+    main = load_parts(cfg, None, device)  # the bundle (or the preset's lssvwm): every figure but the baselines'
+    results["model"] = {"variant": main.model.cfg.variant, "parameters": main.model.num_parameters()}
+    results["real"] = None
+    if cfg.real_env:
+        say("real Memory Maze steps/s", flush=True)
+        results["real"] = measure_real_env(cfg.maze_size, cfg.real_steps, cfg.seed)
+    real = results["real"]["steps_per_s"] if results["real"] else None
+    real_cpu = results["real"]["steps_per_cpu_s"] if results["real"] else None
+    results["breakdown"] = []
+    for b in cfg.batches:
+        say(f"per-frame breakdown: batch {b}", flush=True)
+        row = measure_breakdown(cfg, b, main)
+        row["vs_real"], row["vs_real_cpu"] = _ratio(row["frames_per_s"], real), _ratio(row["frames_per_cpu_s"], real_cpu)
+        results["breakdown"].append(row)
     lo, hi = min(cfg.horizons), max(cfg.horizons)
     results["horizons"], results["latency_ratio"], results["state_constant"] = [], {}, {}
     for variant in cfg.variants:
         say(f"latency vs horizon: {variant}", flush=True)
-        rows = measure_horizons(cfg, variant, device)
+        parts = main if variant == main.model.cfg.variant else load_parts(cfg, variant, device)
+        rows = measure_horizons(cfg, parts, device)
         results["horizons"] += rows
         by_h = {r["horizon"]: r for r in rows}
         results["latency_ratio"][variant] = _ratio(by_h[hi]["ms_median"], by_h[lo]["ms_median"])
@@ -333,17 +425,11 @@ def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) 
     results["dream"] = []
     for b in cfg.batches:
         say(f"dream env frames/s: batch {b}", flush=True)
-        results["dream"].append(measure_dream_fps(cfg, b, device))
-    results["real"] = None
-    if cfg.real_env:
-        say("real Memory Maze steps/s", flush=True)
-        results["real"] = measure_real_env(cfg.maze_size, cfg.real_steps, cfg.seed)
-    real = results["real"]["steps_per_s"] if results["real"] else None
-    real_cpu = results["real"]["steps_per_cpu_s"] if results["real"] else None
+        results["dream"].append(measure_dream_fps(cfg, b, main))
     results["dream_vs_real"] = {str(d["batch"]): _ratio(d["frames_per_s"], real) for d in results["dream"]}
     results["dream_vs_real_cpu"] = {str(d["batch"]): _ratio(d["frames_per_cpu_s"], real_cpu) for d in results["dream"]}
     say(f"long rollout: {cfg.long_steps} steps", flush=True)
-    results["long"] = measure_long_rollout(cfg, device, progress)
+    results["long"] = measure_long_rollout(cfg, main, progress)
     return results
 
 
@@ -358,10 +444,25 @@ def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
 def format_table(results: dict[str, Any]) -> str:
     cfg = results["config"]
     where = results["gpu"] or f"{results['device']} ({results['threads']} threads of {results['cpu_count']} cores)"
-    lines = [f"Rollout bench, preset {cfg['preset']} (random weights), codec {cfg['codec']}, on {where}",
-             f"Per-frame latency ({cfg['sampler_steps']} sampler steps + commit + decode; median of "
-             f"{cfg['timed_frames']} frames after the horizon)",
-             f"  {'variant':<12} {'horizon':>8} {'ms/frame':>9} {'min ms':>8} {'state':>12}  reached by"]
+    params = f"{results['model']['parameters'] / 1e6:.1f}M parameters"
+    what = (f"the bundled model ({results['model']['variant']}, {params}) and its codec" if cfg["preset"] == BUNDLED
+            else f"preset {cfg['preset']} ({params}, random weights), codec {cfg['codec']}")
+    real = results["real"]
+    lines = [f"Rollout bench, {what}, on {where}",
+             f"Per-frame breakdown (RolloutSession.step: {cfg['sampler_steps']} denoiser calls, commit, decode; "
+             f"ms per step, mean of {cfg['breakdown_steps']} steps; dream/real per CPU-second in brackets)",
+             f"  {'batch':>8} {'denoise':>8} {'commit':>8} {'decode':>8} {'other':>7} {'total':>8} {'frames/s':>9}  dream/real"]
+    for r in results["breakdown"]:
+        lines.append(f"  {r['batch']:>8} {r['denoise_ms']:>8.2f} {r['commit_ms']:>8.2f} {r['decode_ms']:>8.2f} "
+                     f"{r['other_ms']:>7.2f} {r['total_ms']:>8.2f} {r['frames_per_s']:>9.1f}  "
+                     f"{_fmt(r['vs_real'], '.2f', 'x')} ({_fmt(r['vs_real_cpu'], '.2f', 'x')})")
+    if real:
+        lines.append(f"  {'real env':>8} {'':>8} {'':>8} {'':>8} {'':>7} {real['ms_per_step']:>8.2f} "
+                     f"{real['steps_per_s']:>9.1f}  (Memory Maze {cfg['maze_size']}x{cfg['maze_size']}, env.step "
+                     "through the Gymnasium adapter)")
+    lines += [f"Per-frame latency ({cfg['sampler_steps']} sampler steps + commit + decode; median of "
+              f"{cfg['timed_frames']} frames after the horizon)",
+              f"  {'variant':<12} {'horizon':>8} {'ms/frame':>9} {'min ms':>8} {'state':>12}  reached by"]
     for r in results["horizons"]:
         lines.append(f"  {r['variant']:<12} {r['horizon']:>8} {r['ms_median']:>9.2f} {r['ms_min']:>8.2f} "
                      f"{_mib(r['state_bytes']):>12}  {r['advance']}")
@@ -370,9 +471,8 @@ def format_table(results: dict[str, Any]) -> str:
         same = "identical" if results["state_constant"][variant] else "growing"
         goal = "  (goal <= 1.05)" if variant == "lssvwm" else ""
         lines.append(f"  {variant}: latency {hi}/{lo} = {_fmt(ratio, '.3f')}{goal}; state bytes {same}")
-    lines.append(f"Dream env (DreamVectorEnv, lssvwm) frames/s vs batch, {cfg['sampler_steps']} sampler steps "
+    lines.append(f"Dream env (DreamVectorEnv, {results['model']['variant']}) frames/s vs batch, {cfg['sampler_steps']} sampler steps "
                  f"(wall clock; per CPU-second in brackets)")
-    real = results["real"]
     for d in results["dream"]:
         ratio = results["dream_vs_real"][str(d["batch"])]
         ratio_cpu = results["dream_vs_real_cpu"][str(d["batch"])]

@@ -74,7 +74,8 @@ def bench_train(
 
 @bench_app.command("rollout")
 def bench_rollout(
-    preset: str = typer.Option("tiny", help="Model preset (random weights: cost does not depend on them): tiny or small."),
+    preset: str = typer.Option("bundled", help="bundled: the shipped model and codec (what users get); or a model "
+                                               "preset with random weights (cost does not depend on them): tiny, small, cpu."),
     variants: str = typer.Option("lssvwm,causal_full", help="Variants side by side."),
     horizons: str = typer.Option("64,512,4096", help="Horizons (frames streamed before the timed window)."),
     timed_frames: int = typer.Option(16, help="Frames timed at each horizon."),
@@ -82,6 +83,7 @@ def bench_rollout(
     advance: str = typer.Option("auto", help="auto (fill causal_full's KV cache) or stream (every variant streams; O(h^2) for causal_full)."),
     batches: str = typer.Option("1,8,64", help="Dream vector env batch sizes (e.g. 1,8,64,256)."),
     dream_steps: int = typer.Option(8, help="Timed vector steps per batch size."),
+    breakdown_steps: int = typer.Option(16, help="Timed session steps per batch size in the per-frame breakdown."),
     real_env: bool = typer.Option(True, "--real-env/--no-real-env", help="Time the real Memory Maze env too."),
     maze_size: int = typer.Option(9, help="Memory Maze size for the real env."),
     real_steps: int = typer.Option(300, help="Timed real env steps."),
@@ -95,8 +97,9 @@ def bench_rollout(
     threads: int | None = typer.Option(None, help="torch CPU threads (1 for stable numbers on a shared machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Per-frame latency and state bytes vs horizon (LSSVWM vs causal KV cache), dream frames/s vs
-    batch next to the real env, and a long rollout's memory."""
+    """Where a dreamed frame's time goes (denoise, commit, decode) next to the real env's step,
+    per-frame latency and state bytes vs horizon (LSSVWM vs causal KV cache), dream frames/s vs
+    batch next to the real env, and a long rollout's memory. Measures the bundled model by default."""
     from worldsim.bench.rollout import RolloutBenchConfig, format_table, run
 
     cfg = RolloutBenchConfig(
@@ -108,6 +111,7 @@ def bench_rollout(
         advance=advance,
         batches=_int_list(batches),
         dream_steps=dream_steps,
+        breakdown_steps=breakdown_steps,
         real_env=real_env,
         maze_size=maze_size,
         real_steps=real_steps,

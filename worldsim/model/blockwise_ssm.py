@@ -11,6 +11,8 @@ Three entry points, as in Mamba2:
     forward(x, cache=None)  parallel over T frames (training; also prefill when given a cache)
     step(x_frame, cache)    one new frame, constant cost whatever the horizon (streaming)
     allocate_cache(...)     per-block SSM states + conv states; size fixed, independent of T
+`begin_step(cache)` prepares what several `step` calls on the same new frame share (the sampler's
+denoiser calls read the cache several times before one call commits the frame).
 
     layer = BlockwiseMamba2(128, grid=(8, 8), block=(2, 2))
     cache = layer.allocate_cache(batch=4)
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldsim.model.ssd import default_chunk_size, ssd_chunked
+from worldsim.model.ssd import default_chunk_size, ssd_chunked, ssd_one_chunk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +159,20 @@ class BlockwiseSSMCache:
         return self.ssm_state.nbytes + self.conv_state.nbytes
 
 
+@dataclass
+class SSMStepFrame:
+    """What the `step` calls on one new frame share, from `BlockwiseMamba2.begin_step(cache)`.
+    Valid until the cache advances (the committing step ends it)."""
+
+    cache: BlockwiseSSMCache
+    history: torch.Tensor
+    """(rows, d_conv - 1, conv_dim) the cache's last conv inputs, time-major like the new tokens."""
+    conv_taps: tuple[torch.Tensor, ...]
+    """d_conv tensors (conv_dim,): the depthwise kernel's weights of each tap."""
+    A: torch.Tensor
+    """(heads,) the decay rates -exp(A_log), at least float32."""
+
+
 def cache_nbytes(cache: BlockwiseSSMCache | Iterable[BlockwiseSSMCache]) -> int:
     """Bytes held by one layer's cache, or the sum over an iterable of them (a whole model)."""
     if isinstance(cache, BlockwiseSSMCache):
@@ -182,8 +198,10 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype
         gated = (y * F.silu(z)).to(torch.promote_types(dtype, torch.float32))  # no half-precision RMS
+        if gated.shape[-1] == self.group_size:  # one group (Mamba2's default): no regrouping views
+            return F.rms_norm(gated, (self.group_size,), eps=self.eps).to(dtype) * self.weight
         grouped = gated.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        grouped = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
+        grouped = F.rms_norm(grouped, (self.group_size,), eps=self.eps)  # x / sqrt(mean(x^2) + eps)
         return grouped.flatten(-2).to(dtype) * self.weight  # (..., dim)
 
 
@@ -321,23 +339,71 @@ class BlockwiseMamba2(nn.Module):
         y = self._mix(u, cache)  # (b * nb, T * bh*bw, D)
         return blocks_to_tokens(y, x.shape[0], self.grid, self.block)  # (b, T, H*W, D)
 
-    def step(self, x_frame: torch.Tensor, cache: BlockwiseSSMCache, commit: bool = True) -> torch.Tensor:
+    def begin_step(self, cache: BlockwiseSSMCache) -> SSMStepFrame:
+        """What every `step` on the next frame of `cache` shares (pass it as `frame=`)."""
+        if cache is None:
+            raise ValueError("step needs a cache; create one with allocate_cache(batch)")
+        self._check_cache(cache, cache.ssm_state.shape[0])
+        return SSMStepFrame(
+            cache=cache,
+            history=cache.conv_state.transpose(1, 2),  # (rows, d_conv - 1, conv_dim)
+            # contiguous rows: a strided (stride d_conv) operand makes the multiply-adds ~3x slower
+            conv_taps=self.conv1d.weight[:, 0].t().contiguous().unbind(0),  # d_conv x (conv_dim,)
+            A=-torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
+        )
+
+    def step(self, x_frame: torch.Tensor, cache: BlockwiseSSMCache, commit: bool = True,
+             frame: SSMStepFrame | None = None) -> torch.Tensor:
         """One new frame (batch, H*W, d_model) -> (batch, H*W, d_model); advances `cache`
         (commit=False: reads it and leaves it as it was, e.g. for a denoising step).
+        `frame`: `begin_step(cache)`, shared by the calls on one frame (made here when None).
 
-        It is the parallel path run on a one-frame sequence from the cached state (each block's
-        b_h*b_w tokens through the conv and a chunked scan), so streaming T frames computes the
-        same function as `forward` over all T.
+        The same function as `forward` on a one-frame sequence from the cached state, written for
+        it: each block's b_h*b_w tokens go through the conv as a few multiply-adds after the
+        cached inputs and through the scan as one chunk (`ssd_one_chunk`), and the new state is
+        only computed when committed. So streaming T frames equals `forward` over all T up to
+        float rounding (tests check both against each other).
         """
         if x_frame.dim() != 3:
             raise ValueError(f"step takes one frame (batch, H*W, d_model), got shape {tuple(x_frame.shape)}")
-        if cache is None:
-            raise ValueError("step needs a cache; create one with allocate_cache(batch)")
-        if not commit:
-            # The layer replaces the cache's tensors rather than writing into them, so a shallow
-            # copy takes the new state and the caller's cache keeps the old one, without a copy.
-            cache = BlockwiseSSMCache(cache.ssm_state, cache.conv_state, cache.n_blocks)
-        return self.forward(x_frame[:, None], cache)[:, 0]
+        frame = self.begin_step(cache) if frame is None else frame
+        if x_frame.shape[1:] != (self.grid[0] * self.grid[1], self.d_model) or (
+            x_frame.shape[0] * self.n_blocks != frame.history.shape[0]
+        ):
+            raise ValueError(
+                f"cache does not fit this layer and input: need (batch={frame.cache.batch_size}, "
+                f"H*W={self.grid[0] * self.grid[1]}, d_model={self.d_model}) tokens, got {tuple(x_frame.shape)}"
+            )
+        one_block = self.n_blocks == 1  # block = the grid: the frame's tokens are already the block's
+        u = x_frame if one_block else tokens_to_blocks(x_frame[:, None], self.grid, self.block)  # (rows, L, D)
+        rows, length, _ = u.shape
+        z, xbc, dt = F.linear(u, self.in_proj.weight).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+
+        # Depthwise causal conv along time, as multiply-adds over [cached inputs, new tokens]:
+        # output l = bias + sum_k w_k * input (l + k) of the padded sequence.
+        padded = torch.cat([frame.history.to(xbc.dtype), xbc], dim=1)  # (rows, d_conv - 1 + L, conv_dim)
+        taps = frame.conv_taps
+        conv = torch.addcmul(self.conv1d.bias, padded.narrow(1, 0, length), taps[0])
+        for k in range(1, self.d_conv):
+            conv = conv.addcmul_(padded.narrow(1, k, length), taps[k])
+        x, B, C = F.silu(conv).split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+
+        x = x.reshape(rows, length, self.n_heads, self.head_dim)  # (N, L, h, p)
+        B = B.reshape(rows, length, self.n_groups, self.d_state)  # (N, L, g, n)
+        C = C.reshape(rows, length, self.n_groups, self.d_state)  # (N, L, g, n)
+        dt = F.softplus(dt + self.dt_bias)  # (N, L, h)
+        cache = frame.cache
+        y, final = ssd_one_chunk(x, dt, frame.A, B, C, cache.ssm_state, final_state=commit)  # (N, L, h, p)
+        if commit:
+            # New tensors, not writes into the old ones: earlier clones and selections stay as they were.
+            cache.ssm_state = final.to(cache.ssm_state.dtype)
+            cache.conv_state = padded[:, length:].transpose(1, 2).to(cache.conv_state.dtype)  # (N, conv_dim, K - 1)
+        y = torch.addcmul(y, x, self.D[:, None].to(x.dtype))  # (N, L, h, p): the D skip
+        y = self.norm(y.reshape(rows, length, self.d_inner), z)  # (N, L, d_inner)
+        y = F.linear(y, self.out_proj.weight)  # (N, L, d_model)
+        if one_block:
+            return y  # (batch, H*W, d_model)
+        return blocks_to_tokens(y, x_frame.shape[0], self.grid, self.block)[:, 0]  # (batch, H*W, d_model)
 
     # -- the Mamba2 mixer over block sequences -------------------------------------------------
 

@@ -233,21 +233,22 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def make_config(preset: str, variant: str = "lssvwm", **overrides: Any) -> ModelConfig:
-    """A preset turned into `variant`, then `overrides` applied (any ModelConfig field).
+def make_config(preset: str | ModelConfig, variant: str = "lssvwm", **overrides: Any) -> ModelConfig:
+    """A preset (a name, or any config: e.g. a trained model's) turned into `variant`, then
+    `overrides` applied (any ModelConfig field).
 
     The variant sets its knobs (SSM blocks, attention window) unless they are overridden:
     causal_full -> window None, no SSM; causal_window -> window 16, no SSM; mamba_only -> SSM
     blocks of the preset, no attention; no_blockwise -> every block = the token grid.
     """
-    if preset not in PRESETS:
+    if not isinstance(preset, ModelConfig) and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
     if unknown:
         raise ValueError(f"unknown ModelConfig fields {unknown}")
-    base = PRESETS[preset]
+    base = preset if isinstance(preset, ModelConfig) else PRESETS[preset]
     knobs: dict[str, Any] = {"variant": variant}
     if variant in ("causal_full", "causal_window"):
         knobs["ssm_blocks"] = ()

@@ -549,6 +549,28 @@ def _check_assign_indices(idx: torch.Tensor, batch: int, n_new: int) -> None:
         raise ValueError(f"row indices {idx.tolist()} must be distinct")
 
 
+@dataclass
+class AttentionStepFrame:
+    """What the `step` calls on one new frame share, from `FrameLocalAttention.begin_step(cache)`.
+    Valid until the cache advances (the committing step ends it)."""
+
+    cache: FrameKVCache
+    keys: torch.Tensor
+    """(B, heads, (P + 1) N, head_dim): the P held frames' keys, then room for the new frame's.
+    Copied from the cache once per frame; each call writes its new keys into the last N rows, so
+    the calls do not concatenate the past again (order does not matter to a one-frame query)."""
+    values: torch.Tensor
+    """Same layout for the values."""
+    mask: torch.Tensor | None
+    """(B, 1, 1, (P + 1) N) bool, the keys each row holds; None when every row holds them all."""
+    cos: torch.Tensor
+    """(1 or B, N, 2, 1, head_dim) the new frame's RoPE cos, repeated for both halves of a head,
+    times the q (index 0) and k (1) RMSNorm weights: the norms' scale and the rotation in one
+    multiply ((1 or B, N, 1, 1, head_dim) without qk_norm). Broadcasts over (B, N, q/k, heads, D)."""
+    sin: torch.Tensor
+    """Same for sin, negated on the first half, times the weights with their halves swapped."""
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +629,7 @@ class FrameLocalAttention(nn.Module):
         self.backend = backend
         self.flex_compiled = flex_compiled
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.qk_norm = qk_norm
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.out = nn.Linear(d_model, d_model, bias=bias)
@@ -705,31 +728,79 @@ class FrameLocalAttention(nn.Module):
         )
         return self._merge_heads(y, T)
 
-    def step(self, x: torch.Tensor, cache: FrameKVCache, commit: bool = True) -> torch.Tensor:
-        """One new frame x (B, N, d_model) -> (B, N, d_model); attends to the cache and itself.
-
-        Every held frame is inside the window, so this is one SDPA over (cached + 1) frames, with
-        no mask unless some row holds fewer frames than others (a restarted row); the cache is then
-        updated in place, unless commit=False (a denoising step: the frame is not recorded).
-        """
-        self._check_input(x, 3)
-        self._check_cache(cache, x)
-        B, N, _ = x.shape
-        q, k, v = self._qkv(x[:, None], cache.next_frames)  # (B, H, N, D) each
+    def begin_step(self, cache: FrameKVCache) -> AttentionStepFrame:
+        """What every `step` on the next frame of `cache` shares (pass it as `frame=`): the held
+        keys and values, their mask and the frame's RoPE table, built once."""
+        have = (cache.keys.shape[1], cache.keys.shape[3], cache.keys.shape[4])
+        if cache.window != self.window or have != (self.n_heads, self.tokens_per_frame, self.head_dim):
+            raise ValueError(
+                f"cache (window={cache.window}, heads/N/head_dim={have}) does not match this layer "
+                f"(window={self.window}, {(self.n_heads, self.tokens_per_frame, self.head_dim)})"
+            )
+        B, H, N, D = cache.batch_size, self.n_heads, self.tokens_per_frame, self.head_dim
         past_k, past_v, held = cache.past(in_order=False)  # (B, H, P N, D); key order does not matter here
-        keys = torch.cat([past_k.to(k.dtype), k], dim=2)  # (B, H, (P + 1) N, D)
-        values = torch.cat([past_v.to(v.dtype), v], dim=2)
+        PN = past_k.shape[2]
+        dtype = self.qkv.weight.dtype
+        keys = past_k.new_empty(B, H, PN + N, D, dtype=dtype)
+        values = past_v.new_empty(B, H, PN + N, D, dtype=dtype)
+        keys[:, :, :PN], values[:, :, :PN] = past_k, past_v
         mask = None
         if held is not None:
             seen = torch.cat([held, held.new_ones(B, 1)], dim=1)  # (B, P + 1): the new frame is always seen
             mask = seen.repeat_interleave(N, dim=1)[:, None, None]  # (B, 1, 1, (P + 1) N)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, N, D)
+
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        starts = cache.next_frames.tolist()
+        if len(set(starts)) == 1:  # the usual case: one table for the batch
+            cos, sin = self.rope.cos_sin(starts[0], 1, keys.device, table_dtype)  # (N, D / 2)
+            cos, sin = cos[None], sin[None]  # (1, N, D / 2)
+        else:  # rows at different frames: one table per row
+            cos, sin = self.rope.cos_sin_rows(starts, 1, keys.device, table_dtype)  # (B, N, D / 2)
+        # RoPE in its rotate-half form: rotate(x) = x * [cos, cos] + swap_halves(x) * [-sin, sin].
+        cos = torch.cat([cos, cos], dim=-1)[:, :, None, None]  # (1 or B, N, 1, 1, D)
+        sin = torch.cat([-sin, sin], dim=-1)[:, :, None, None]
+        if self.qk_norm:  # rotate(x * w) = x * (w cos) + swap_halves(x) * (swap_halves(w) sin)
+            weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None].to(cos.dtype)  # (2, 1, D)
+            cos, sin = cos * weight, sin * weight.roll(D // 2, dims=-1)  # (1 or B, N, 2, 1, D)
+        return AttentionStepFrame(cache=cache, keys=keys, values=values, mask=mask, cos=cos, sin=sin)
+
+    def step(self, x: torch.Tensor, cache: FrameKVCache, commit: bool = True,
+             frame: AttentionStepFrame | None = None) -> torch.Tensor:
+        """One new frame x (B, N, d_model) -> (B, N, d_model); attends to the cache and itself.
+        `frame`: `begin_step(cache)`, shared by the calls on one frame (made here when None).
+
+        Every held frame is inside the window, so this is one SDPA over (held + 1) frames, with
+        no mask unless some row holds fewer frames than others (a restarted row); the cache is then
+        updated in place, unless commit=False (a denoising step: the frame is not recorded).
+        The same function as `forward` on a one-frame clip, written for it: q and k are normed and
+        rotated together, by RoPE in its rotate-half form (x cos + swap_halves(x) sin').
+        """
+        self._check_input(x, 3)
+        frame = self.begin_step(cache) if frame is None else frame
+        B, N, C = x.shape
+        H, D = self.n_heads, self.head_dim
+        if B != frame.keys.shape[0]:
+            raise ValueError(f"input batch {B} does not match the cache's {frame.keys.shape[0]} rows")
+        if frame.keys.device != x.device:
+            raise ValueError(f"cache is on {frame.keys.device}, input on {x.device}")
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, N, 3, H, D)
+        qk = qkv[:, :, :2]  # (B, N, 2, H, D)
+        if self.qk_norm:  # the norms' weights are in the RoPE tables
+            qk = F.rms_norm(qk, (D,), eps=self.q_norm.eps)
+        # RoPE in at least float32 (as `apply_rotary`), both halves in one multiply-add.
+        rot = qk.to(frame.cos.dtype)
+        rot = torch.addcmul(rot * frame.cos, rot.roll(D // 2, dims=-1), frame.sin).to(qkv.dtype)  # (B, N, 2, H, D)
+        q = rot[:, :, 0].transpose(1, 2)  # (B, H, N, D)
+        PN = frame.keys.shape[2] - N
+        new_k, new_v = frame.keys[:, :, PN:], frame.values[:, :, PN:]  # (B, H, N, D) views into the buffers
+        new_k.copy_(rot[:, :, 1].transpose(1, 2))
+        new_v.copy_(qkv[:, :, 2].transpose(1, 2))
+        y = F.scaled_dot_product_attention(q.to(frame.keys.dtype), frame.keys, frame.values,
+                                           attn_mask=frame.mask)  # (B, H, N, D)
         if commit:
-            cache.append(
-                k.view(B, self.n_heads, 1, N, self.head_dim),  # (B, H, 1, N, D)
-                v.view(B, self.n_heads, 1, N, self.head_dim),
-            )
-        return self._merge_heads(y, 1)[:, 0]
+            frame.cache.append(new_k.view(B, H, 1, N, D), new_v.view(B, H, 1, N, D))
+        y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return F.linear(y, self.out.weight, self.out.bias)
 
     def allocate_cache(
         self,

@@ -41,19 +41,27 @@ _logged_paths: set[str] = set()
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)
+def _segment_masks(q: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, Q) masks of `segment_sum`, built once per size (every layer and call asks for the same):
+    1 strictly below the diagonal and 0 elsewhere; 0 on and below it and -inf above. Never modify them."""
+    ones = torch.ones(q, q, dtype=torch.bool, device=device)
+    below = ones.tril(-1).to(dtype)
+    above = torch.zeros(q, q, dtype=dtype, device=device).masked_fill(~ones.tril(), float("-inf"))
+    return below, above
+
+
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
     """out[..., t, s] = a[..., s+1] + ... + a[..., t] for s <= t (0 on the diagonal), -inf above.
 
-    a: (..., Q) -> (..., Q, Q). exp(out) is the lower-triangular decay matrix of a scan whose
-    per-step log decay is `a`.
+    a: (..., Q) finite -> (..., Q, Q). exp(out) is the lower-triangular decay matrix of a scan
+    whose per-step log decay is `a`.
     """
-    q = a.shape[-1]
-    strictly_lower = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
-    lower = torch.ones(q, q, dtype=torch.bool, device=a.device).tril()
-    # Row t, column s holds a[t] where t > s; a cumsum down the rows then adds exactly the
-    # steps s+1..t, with no subtraction of large partial sums.
-    rows = a[..., :, None].expand(*a.shape, q).masked_fill(~strictly_lower, 0.0)  # (..., Q, Q)
-    return rows.cumsum(dim=-2).masked_fill(~lower, float("-inf"))  # (..., Q, Q)
+    below, above = _segment_masks(a.shape[-1], a.device, a.dtype)
+    # Row t, column s holds a[t] where t > s (times 1; 0 elsewhere); a cumsum down the rows then
+    # adds exactly the steps s+1..t, with no subtraction of large partial sums. Multiplying by the
+    # 0/1 mask and adding the 0/-inf one give what masked fills would, in two cheap ops.
+    return (a[..., :, None] * below).cumsum(dim=-2) + above  # (..., Q, Q)
 
 
 def _check_shapes(x, dt, A, B, C, initial_state) -> None:
@@ -152,6 +160,57 @@ def ssd_chunked_torch(
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(batch, n_chunks * q, n_heads, head_dim)[:, :length]  # (b, L, h, p)
     return y.to(out_dtype), final.reshape(batch, n_heads, head_dim, d_state)  # (b, h, p, n)
+
+
+def ssd_one_chunk(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor,
+    final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`ssd_chunked_torch` on sequences taken as one chunk, from a given state: the streaming step's
+    scan (a streamed frame's few block tokens). Same formulas, so the same result up to float
+    rounding, in fewer ops: no padding, no pass across chunks, plain batched matmuls, and the final
+    state only when asked for (a denoising step reads the state and never writes it back).
+
+    x (b, L, h, p), dt (b, L, h), A (h,), B, C (b, L, g, n), initial_state (b, h, p, n) ->
+    y (b, L, h, p) in x's dtype, final (b, h, p, n) in at least float32 (None unless final_state).
+    The work is quadratic in L: meant for short sequences (L of a few tens of tokens).
+    """
+    out_dtype = x.dtype
+    cdt = torch.promote_types(x.dtype, torch.float32)  # as ssd_chunked_torch: no half-precision sums
+    x, dt, A, B, C = (t.to(cdt) for t in (x, dt, A, B, C))
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    j = h // g  # heads per group: heads g*j .. g*j+j-1 share B_g, C_g
+    h0 = initial_state.to(cdt)  # (b, h, p, n)
+
+    log_a = (dt * A).transpose(1, 2)  # (b, h, L)
+    decay = torch.exp(segment_sum(log_a))  # (b, h, L, s): decay from token s to token L
+    grow = torch.exp(log_a.cumsum(dim=-1))  # (b, h, L): decay from the state to token L
+    B = B.transpose(1, 2).reshape(b * g, L, n)  # (b g, L, n)
+    C = C.transpose(1, 2).reshape(b * g, L, n)
+
+    # Within the chunk: y_l = sum_{s<=l} (C_l . B_s) decay[l, s] x_s dt_s, one matmul per head.
+    scores = torch.bmm(C, B.transpose(1, 2)).view(b, g, 1, L, L) * decay.view(b, g, j, L, L)
+    xdt = (x * dt[..., None]).transpose(1, 2).reshape(b * h, L, p)  # (b h, L, p)
+    y = torch.bmm(scores.view(b * h, L, L), xdt).view(b, h, L, p).transpose(1, 2)  # (b, L, h, p)
+    # What the carried-in state adds: grow_l C_l . h0, for all heads of a group in one matmul.
+    carried = torch.bmm(C, h0.reshape(b * g, j * p, n).transpose(1, 2)).view(b, g, L, j, p)  # (b, g, L, j, p)
+    carried = carried.transpose(1, 2).reshape(b, L, h, p)  # (b, L, h, p)
+    y = torch.addcmul(y, carried, grow.transpose(1, 2)[..., None])  # (b, L, h, p)
+    if not final_state:
+        return y.to(out_dtype), None
+
+    # The state at the chunk's end: h0 decayed over it plus sum_s decay[L-1, s] dt_s x_s B_s^T.
+    weighted = x * (dt * decay[..., -1, :].transpose(1, 2))[..., None]  # (b, L, h, p)
+    weighted = weighted.view(b, L, g, j * p).transpose(1, 2).reshape(b * g, L, j * p)  # (b g, L, j p)
+    added = torch.bmm(B.transpose(1, 2), weighted).view(b, g, n, j, p)  # (b, g, n, j, p)
+    added = added.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # (b, h, p, n)
+    return y.to(out_dtype), torch.addcmul(added, h0, grow[..., -1, None, None])
 
 
 # ---------------------------------------------------------------------------------------------

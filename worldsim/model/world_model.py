@@ -32,6 +32,13 @@ Streaming protocol (the dream env's loop): per new frame, the sampler calls
 then `step(clean_frame, 0, action, cache)` commits the clean frame to the cache and returns the
 reward and termination of the transition that led to it. commit=False returns what committing
 to `cache.clone()` would, without copying the cache (the layers read it and write nothing).
+
+Those calls on one frame share a lot: the action, the cached past, its attention keys, the
+direct path's frames. `begin_frame(cache, action)` does that work once and returns a `FrameStep`
+whose `denoise(x, sigma)` is the sampler's denoiser and whose `commit(x)` ends the frame; `step`
+is a FrameStep used once. On a CPU a streamed frame of a small model is bound by per-op overhead,
+not arithmetic, so the one-frame path (`HybridBlock.step`, the layers' `step`) is written with
+few, fused ops; it computes what `forward` computes, up to float rounding (tests hold them equal).
 """
 
 from __future__ import annotations
@@ -44,10 +51,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from worldsim.diffusion.edm import EDMConfig, EDMPrecond
-from worldsim.model.blockwise_ssm import BlockwiseMamba2, BlockwiseSSMCache
+from worldsim.model.blockwise_ssm import BlockwiseMamba2, BlockwiseSSMCache, SSMStepFrame
 from worldsim.model.conditioning import ActionEmbedding, AdaLNZero, NoiseLevelEmbedding, modulate
 from worldsim.model.config import ModelConfig
-from worldsim.model.frame_attention import FrameKVCache, FrameLocalAttention
+from worldsim.model.frame_attention import AttentionStepFrame, FrameKVCache, FrameLocalAttention
 
 # ---------------------------------------------------------------------------------------------
 # Primitives
@@ -94,12 +101,19 @@ class LayerCache:
     kv: FrameKVCache | None
 
 
+@dataclass
+class LayerStepFrame:
+    """What the step calls of one new frame share in one block (the layers' `begin_step`)."""
+
+    ssm: SSMStepFrame | None
+    attn: AttentionStepFrame | None
+
+
 class HybridBlock(nn.Module):
     """[SSM] + [frame-local attention] + MLP, each an adaLN-Zero residual branch (module doc).
 
-    forward(x (B, T, N, d), c (B, T, d), cache) runs T frames in parallel; with `one_frame` it takes
-    x (B, N, d), c (B, d) and uses the layers' `step` (cache required). Caches advance in both,
-    except a one-frame call with commit=False, which reads the cache and leaves it as it was.
+    forward(x (B, T, N, d), c (B, T, d), cache) runs T frames in parallel (the cache advances);
+    step(x (B, N, d), silu(c) (B, d), frame, commit) runs one new frame through the layers' `step`.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -123,11 +137,8 @@ class HybridBlock(nn.Module):
         self.n_branches = 1 + (self.ssm is not None) + (self.attn is not None)
         self.modulation = AdaLNZero(d, d, 3 * self.n_branches)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: LayerCache | None = None,
-                one_frame: bool = False, commit: bool = True) -> torch.Tensor:
-        if one_frame and cache is None:
-            raise ValueError("one_frame needs a cache")
-        mods = self.modulation(c)  # 3 per branch, each (B, T, d) or (B, d)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        mods = self.modulation(c)  # 3 per branch, each (B, T, d)
         branches = []
         if self.ssm is not None:
             branches.append((self.ssm, None if cache is None else cache.ssm))
@@ -137,14 +148,40 @@ class HybridBlock(nn.Module):
         for i, (layer, layer_cache) in enumerate(branches):
             shift, scale, gate = mods[3 * i : 3 * i + 3]
             h = modulate(self.norm(x), shift, scale)
-            if layer is self.mlp:
-                h = layer(h)
-            elif one_frame:
-                h = layer.step(h, layer_cache, commit=commit)
-            else:
-                h = layer(h, layer_cache)
+            h = layer(h) if layer is self.mlp else layer(h, layer_cache)
             x = x + gate.unsqueeze(-2) * h  # gate broadcast over the N tokens
         return x
+
+    def begin_step(self, cache: LayerCache) -> LayerStepFrame:
+        return LayerStepFrame(None if self.ssm is None else self.ssm.begin_step(cache.ssm),
+                              None if self.attn is None else self.attn.begin_step(cache.kv))
+
+    def step(self, x: torch.Tensor, c_act: torch.Tensor, frame: LayerStepFrame, commit: bool) -> torch.Tensor:
+        """`forward` for one new frame: x (B, N, d), c_act = silu(c) (B, d) (shared by every block).
+
+        Same math with fewer ops: one view of the modulation for all branches, modulate and the
+        gated residual as one multiply-add each (x * (1 + scale) + shift, x + gate * h).
+        """
+        B, N, d = x.shape
+        mods = F.linear(c_act, self.modulation.linear.weight, self.modulation.linear.bias)
+        mods = mods.view(B, 3 * self.n_branches, 1, d)
+        mods[:, 1::3] += 1  # 1 + scale
+        mods = mods.unbind(1)  # (shift, 1 + scale, gate) per branch, each (B, 1, d)
+        branches = []
+        if self.ssm is not None:
+            branches.append((self.ssm, frame.ssm))
+        if self.attn is not None:
+            branches.append((self.attn, frame.attn))
+        for i, (layer, layer_frame) in enumerate(branches):
+            shift, scale, gate = mods[3 * i : 3 * i + 3]
+            h = torch.addcmul(shift, F.layer_norm(x, (d,), eps=self.norm.eps), scale)
+            h = layer.step(h, layer_frame.cache, commit=commit, frame=layer_frame)
+            x = torch.addcmul(x, gate, h)
+        shift, scale, gate = mods[-3:]
+        h = torch.addcmul(shift, F.layer_norm(x, (d,), eps=self.norm.eps), scale)
+        h = F.linear(F.gelu(F.linear(h, self.mlp.fc1.weight, self.mlp.fc1.bias), approximate="tanh"),
+                     self.mlp.fc2.weight, self.mlp.fc2.bias)
+        return torch.addcmul(x, gate, h)
 
 
 def create_block(cfg: ModelConfig, layer_idx: int) -> HybridBlock:
@@ -254,6 +291,74 @@ class WorldModelCache:
         return total
 
 
+class FrameStep:
+    """One new frame of every stream of a cache: the work its denoiser calls and its commit share,
+    done once (module doc). From `WorldModel.begin_frame(cache, action)`; inference only.
+
+        frame = model.begin_frame(cache, action)
+        latent = sample_next_frames(frame.denoise, ...)   # D(x; sigma) per call, cache untouched
+        out = frame.commit(latent)                         # advances the cache; the frame is done
+
+    Shared: the action embedding; the direct path's projection of the cached clean frames, with
+    patch_in's bias and the token positions folded in; each attention layer's held keys and values
+    (copied once into a buffer with room for the new frame's) and RoPE table; each SSM layer's
+    conv history. It holds until the cache changes: after `commit`, or after the cache advances
+    by other means, calls raise; other changes to the cache (`assign`) are not detected, so begin
+    a new frame after them.
+    """
+
+    def __init__(self, model: WorldModel, cache: WorldModelCache, action: torch.Tensor,
+                 no_action: torch.Tensor | None = None):
+        net, cfg = model.net, model.cfg
+        self.model, self.cache = model, cache
+        self.frames_seen = cache.frames_seen
+        B, N = cache.batch_size, cfg.tokens_per_frame
+        dtype = net.patch_in.weight.dtype
+        bias = net.patch_in.bias + net.pos  # (N, d)
+        if net.prev_in is not None:
+            prev = cache.recent.to(dtype).reshape(B, 1, -1, *cfg.latent_grid)  # (B, 1, K C, h, w)
+            bias = bias + net.prev_in(patchify(prev, cfg.patch)[:, 0])  # (B, N, d)
+        self.token_bias = bias.expand(B, N, cfg.d_model).reshape(B * N, cfg.d_model)
+        """(B N, d) what every call adds to patch_in's matmul of the new frame's tokens."""
+        self.action_emb = net.action_emb(action[:, None], None if no_action is None else no_action[:, None])[:, 0]
+        """(B, d) the action's part of the conditioning vector."""
+        self.layers = [block.begin_step(layer_cache) for block, layer_cache in zip(net.blocks, cache.layers)]
+
+    def denoise(self, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(x_noisy; sigma) (B, C, h, w) for x_noisy (B, C, h, w), sigma (B,): the sampler's
+        denoiser. Reads the cache, writes nothing, skips the reward / termination heads."""
+        # Inference mode skips autograd's per-op bookkeeping, a tenth of a small model's call; the
+        # clone hands back an ordinary tensor (an inference tensor refuses later in-place use).
+        with torch.inference_mode():
+            denoised = self.run(x_noisy, sigma, commit=False, heads=False).denoised
+        return denoised.clone()
+
+    def commit(self, x_clean: torch.Tensor, sigma: torch.Tensor | None = None) -> WorldModelOutput:
+        """Commit the new frame (sigma = 0 unless given): the cache advances by it, and the output
+        carries the reward and termination of the transition into it. Ends this FrameStep."""
+        if sigma is None:
+            sigma = x_clean.new_zeros(x_clean.shape[0])
+        return self.run(x_clean, sigma, commit=True)
+
+    def run(self, x_noisy: torch.Tensor, sigma: torch.Tensor, commit: bool, heads: bool = True) -> WorldModelOutput:
+        """`WorldModel.step` on this frame. heads=False leaves reward and termination_logit None."""
+        cache = self.cache
+        if cache.frames_seen != self.frames_seen:
+            raise RuntimeError("this FrameStep's frame was committed (the cache has moved on); "
+                               "begin the next frame with model.begin_frame(cache, action)")
+        self.model._check_latents(x_noisy, sigma, (cache.batch_size,))
+        heads_out: dict[str, torch.Tensor] | None = {} if heads else None
+        denoised = self.model.precond(x_noisy[:, None], sigma[:, None],  # (B, 1, ...): a one-frame clip
+                                      frame=self, commit=commit, heads_out=heads_out)[:, 0]
+        if commit:
+            cache.frames_seen += 1
+            if cache.recent is not None:  # the committed frame is clean (sigma = 0): it joins the direct path
+                cache.recent = torch.cat([cache.recent[:, 1:], x_noisy[:, None].to(cache.recent)], dim=1)
+        if not heads:
+            return WorldModelOutput(denoised, None, None)
+        return WorldModelOutput(denoised, heads_out["reward"][:, 0], heads_out["termination_logit"][:, 0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Output layers
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +378,14 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(c)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+    def step(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+        """`forward` for one frame: x (B, N, d), c_act = silu(c) (B, d) (see `HybridBlock.step`)."""
+        B, N, d = x.shape
+        mods = F.linear(c_act, self.modulation.linear.weight, self.modulation.linear.bias)
+        shift, scale = mods.view(B, 2, 1, d).unbind(1)  # (B, 1, d) each
+        h = torch.addcmul(shift, F.layer_norm(x, (d,), eps=self.norm.eps), scale + 1)
+        return F.linear(h, self.linear.weight, self.linear.bias)
 
 
 class RewardTerminationHead(nn.Module):
@@ -325,20 +438,22 @@ class WorldModelNet(nn.Module):
         self,
         x_in: torch.Tensor,
         c_noise: torch.Tensor,
-        actions: torch.Tensor,
+        actions: torch.Tensor | None = None,
         no_action: torch.Tensor | None = None,
         cache: WorldModelCache | None = None,
-        one_frame: bool = False,
         heads_out: dict[str, torch.Tensor] | None = None,
-        commit: bool = True,
         prev: torch.Tensor | None = None,
+        frame: FrameStep | None = None,
+        commit: bool = True,
     ) -> torch.Tensor:
         """x_in (B, T, C, h, w), c_noise (B, T), actions (B, T[, D]) -> F (B, T, C, h, w).
 
-        one_frame: T must be 1 and the blocks use their streaming `step` (cache required);
-        with commit=False they read the cache without advancing it.
         prev (B, T, K, C, h, w): the clean latents of the K frames before each frame (K = cfg.prev_frames).
+        frame: one new frame (T = 1) of a `FrameStep`, which holds the actions, cache and previous
+        frames (`step` below); commit=False leaves the cache as it was.
         """
+        if frame is not None:
+            return self.step(x_in, c_noise, frame, commit, heads_out)
         cfg = self.cfg
         dtype = self.patch_in.weight.dtype
         tokens = patchify(x_in.to(dtype), cfg.patch)  # (B, T, N, C p p)
@@ -348,16 +463,31 @@ class WorldModelNet(nn.Module):
             stacked = prev.to(dtype).reshape(B, T, -1, *cfg.latent_grid)  # (B, T, K C, h, w)
             x = x + self.prev_in(patchify(stacked, cfg.patch))  # (B, T, N, d)
         c = self.noise_emb(c_noise) + self.action_emb(actions, no_action)  # (B, T, d)
-        if one_frame:
-            x, c = x[:, 0], c[:, 0]  # (B, N, d), (B, d)
         for i, block in enumerate(self.blocks):
-            x = block(x, c, None if cache is None else cache.layers[i], one_frame, commit)
-        if one_frame:
-            x, c = x[:, None], c[:, None]  # (B, 1, N, d), (B, 1, d)
+            x = block(x, c, None if cache is None else cache.layers[i])
         if heads_out is not None:
             heads_out["reward"], heads_out["termination_logit"] = self.heads(x)  # (B, T) each
         out = self.final(x, c)  # (B, T, N, C p p)
         return unpatchify(out, cfg.latent_channels, cfg.token_grid, cfg.patch)  # (B, T, C, h, w)
+
+    def step(self, x_in: torch.Tensor, c_noise: torch.Tensor, frame: FrameStep, commit: bool,
+             heads_out: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`forward` for one new frame, x_in (B, 1, C, h, w), c_noise (B, 1), through the blocks'
+        `step`, with what the frame's calls share taken from `frame` (module doc)."""
+        cfg = self.cfg
+        B = x_in.shape[0]
+        tokens = patchify(x_in.to(self.patch_in.weight.dtype), cfg.patch)  # (B, 1, N, C p p)
+        # patch_in(tokens) + pos + prev_in(previous frames), the last two folded into frame.token_bias
+        x = torch.addmm(frame.token_bias, tokens.reshape(B * cfg.tokens_per_frame, -1), self.patch_in.weight.t())
+        x = x.view(B, cfg.tokens_per_frame, -1)  # (B, N, d)
+        c_act = F.silu(self.noise_emb(c_noise[:, 0]) + frame.action_emb)  # (B, d): every adaLN reads silu(c)
+        for block, layer_frame in zip(self.blocks, frame.layers):
+            x = block.step(x, c_act, layer_frame, commit)
+        x = x[:, None]  # (B, 1, N, d)
+        if heads_out is not None:
+            heads_out["reward"], heads_out["termination_logit"] = self.heads(x)  # (B, 1) each
+        out = self.final.step(x[:, 0], c_act)[:, None]  # (B, 1, N, C p p)
+        return unpatchify(out, cfg.latent_channels, cfg.token_grid, cfg.patch)  # (B, 1, C, h, w)
 
 
 @dataclass
@@ -397,8 +527,7 @@ class WorldModel(nn.Module):
 
     # -- input checks --------------------------------------------------------------------------
 
-    def _check_inputs(self, x_noisy: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
-                      no_action: torch.Tensor | None, cache: WorldModelCache | None, lead: tuple[int, ...]) -> None:
+    def _check_latents(self, x_noisy: torch.Tensor, sigma: torch.Tensor, lead: tuple[int, ...]) -> None:
         cfg = self.cfg
         frame = (cfg.latent_channels, *cfg.latent_grid)
         if tuple(x_noisy.shape) != (*lead, *frame):
@@ -406,13 +535,22 @@ class WorldModel(nn.Module):
             raise ValueError(f"x_noisy must be {names} with (C, h, w) = {frame}, got {tuple(x_noisy.shape)}")
         if tuple(sigma.shape) != lead:
             raise ValueError(f"sigma must have shape {lead} (one noise level per frame), got {tuple(sigma.shape)}")
-        if not sigma.dtype.is_floating_point or (sigma < 0).any() or not torch.isfinite(sigma).all():
+        # sigma >= 0 is False for NaN, sigma < inf for inf: one check for "finite, non-negative"
+        if not sigma.dtype.is_floating_point or not bool(((sigma >= 0) & (sigma < float("inf"))).all()):
             raise ValueError("sigma must be finite, non-negative floats (0 = clean context frame)")
+
+    def _check_actions_and_cache(self, actions: torch.Tensor, no_action: torch.Tensor | None,
+                                 cache: WorldModelCache | None, lead: tuple[int, ...]) -> None:
         self.net.action_emb.check(actions, lead, no_action)
         if cache is not None and cache.batch_size != lead[0]:
             raise ValueError(f"cache holds {cache.batch_size} streams, input has batch {lead[0]}")
-        if cache is not None and len(cache.layers) != cfg.n_layers:
-            raise ValueError(f"cache has {len(cache.layers)} layers, model has {cfg.n_layers}")
+        if cache is not None and len(cache.layers) != self.cfg.n_layers:
+            raise ValueError(f"cache has {len(cache.layers)} layers, model has {self.cfg.n_layers}")
+
+    def _check_inputs(self, x_noisy: torch.Tensor, sigma: torch.Tensor, actions: torch.Tensor,
+                      no_action: torch.Tensor | None, cache: WorldModelCache | None, lead: tuple[int, ...]) -> None:
+        self._check_latents(x_noisy, sigma, lead)
+        self._check_actions_and_cache(actions, no_action, cache, lead)
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -469,20 +607,18 @@ class WorldModel(nn.Module):
         """
         if cache is None:
             raise ValueError("step needs a cache; create one with allocate_cache(batch)")
-        B = x_noisy.shape[0]
-        self._check_inputs(x_noisy, sigma, action, no_action, cache, (B,))
-        heads: dict[str, torch.Tensor] = {}
-        prev = None if cache.recent is None else cache.recent[:, None]  # (B, 1, K, C, h, w)
-        denoised = self.precond(
-            x_noisy[:, None], sigma[:, None], action[:, None],  # (B, 1, ...): one-frame clips
-            no_action=None if no_action is None else no_action[:, None],
-            cache=cache, one_frame=True, heads_out=heads, commit=commit, prev=prev,
-        )
-        if commit:
-            cache.frames_seen += 1
-            if cache.recent is not None:  # the committed frame is clean (sigma = 0): it joins the direct path
-                cache.recent = torch.cat([cache.recent[:, 1:], x_noisy[:, None].to(cache.recent)], dim=1)
-        return WorldModelOutput(denoised[:, 0], heads["reward"][:, 0], heads["termination_logit"][:, 0])
+        self._check_inputs(x_noisy, sigma, action, no_action, cache, (x_noisy.shape[0],))
+        return FrameStep(self, cache, action, no_action).run(x_noisy, sigma, commit)
+
+    def begin_frame(self, cache: WorldModelCache, action: torch.Tensor,
+                    no_action: torch.Tensor | None = None) -> FrameStep:
+        """The next frame of `cache`'s streams under action (B,) | (B, D): a `FrameStep` whose
+        `denoise` and `commit` are `step` with commit=False / True, sharing their common work.
+        Use it when one frame takes several calls (the sampler); inference only."""
+        if cache is None:
+            raise ValueError("begin_frame needs a cache; create one with allocate_cache(batch)")
+        self._check_actions_and_cache(action, no_action, cache, (cache.batch_size,))
+        return FrameStep(self, cache, action, no_action)
 
     def allocate_cache(self, batch: int, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> WorldModelCache:

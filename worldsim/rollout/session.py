@@ -24,6 +24,7 @@ generator state was copied reproduces its parent's future exactly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,24 @@ def _copy_generator(g: torch.Generator) -> torch.Generator:
     out = torch.Generator(device=g.device)
     out.set_state(g.get_state())
     return out
+
+
+class _PhaseClock:
+    """Adds the seconds since the previous lap to timings[name]; does nothing without a dict.
+    On a GPU it synchronises first, so a phase is charged for its own kernels."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+        self.last = time.perf_counter() if timings is not None else 0.0
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 class RolloutSession:
@@ -186,34 +205,34 @@ class RolloutSession:
         return self.codec.decode(last, as_uint8=True).cpu()
 
     @torch.no_grad()
-    def step(self, actions, decode: bool = True) -> StepResult:
+    def step(self, actions, decode: bool = True, timings: dict[str, float] | None = None) -> StepResult:
         """One new frame per stream for actions (B,) int or (B, D) float.
 
         decode=False leaves the frames undecoded (`StepResult.frames` is None), for planners that
         score latents, rewards and terminations: on a CPU the codec's decoder is a large share of
         a dreamed step (more than the world model itself with one sampler call per frame).
+        timings: a dict to which the seconds of the step's phases are added, "denoise" (the
+        sampler's calls, with the frame's shared work), "commit" (the committing call) and
+        "decode" (0 without decoding); `worldsim bench rollout` reads them.
         """
         self._require_reset()
+        clock = _PhaseClock(timings, self.device)
         a = self._actions(actions, (self.batch,))
-        cache = self.cache
-        model = self.model
-
-        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return model.step(x, sigma, a, cache, commit=False).denoised
-
+        # The sampler's denoiser calls and the commit share the frame's common work (FrameStep).
+        frame = self.model.begin_frame(self.cache, a)
         shape = (self.batch, *self.latents.shape[1:])
-        latent = sample_next_frames(denoise, shape, self.generators, self.sampler_steps,
+        latent = sample_next_frames(frame.denoise, shape, self.generators, self.sampler_steps,
                                     device=self.device, **self.sampler_kwargs)
-        out = model.step(latent, torch.zeros(self.batch, device=self.device), a, cache)  # commit
+        clock.lap("denoise")
+        out = frame.commit(latent)
         self.latents = latent
         logits = out.termination_logit.float().cpu()
-        return StepResult(
-            frames=self.codec.decode(latent, as_uint8=True).cpu() if decode else None,
-            rewards=out.reward.float().cpu(),
-            terminated=logits > 0,
-            termination_logits=logits,
-            latents=latent,
-        )
+        rewards = out.reward.float().cpu()
+        clock.lap("commit")
+        frames = self.codec.decode(latent, as_uint8=True).cpu() if decode else None
+        clock.lap("decode")
+        return StepResult(frames=frames, rewards=rewards, terminated=logits > 0, termination_logits=logits,
+                          latents=latent)
 
     # -- forking ---------------------------------------------------------------------------------
 
