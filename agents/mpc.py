@@ -7,7 +7,7 @@ prefill a batch-1 `RolloutSession` with those REAL frames. Then, each decision:
 
     plan in imagination from the live session (the planner forks it; the session is not advanced)
     execute the plan's first action in the real env
-    commit the REAL next frame to the session (`teacher_forced_step`), so the model's state always
+    commit the REAL next frame to the session (`RolloutSession.observe`), so the model's state always
     holds the real past, never its own dreams
 
 `planner=None` is the random baseline through the same loop (same context, same real frames fed
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from worldsim.agents.planners import Planner
-from worldsim.evaluation.prediction import teacher_forced_step
 from worldsim.rollout.session import RolloutSession
 
 
@@ -63,7 +62,7 @@ def run_mpc(env, model, codec, planner: Planner | None, episodes: int = 1, steps
     _check_args(env, model, episodes, steps, context_frames)
     rng = np.random.default_rng(seed)
     # The live session only commits real frames; its own sampler runs once per step inside
-    # teacher_forced_step, so give it the planner's (cheap) sampler setting.
+    # observe, so give it the planner's (cheap) sampler setting.
     sampler_steps = planner.config.sampler_steps if planner is not None else 1
     n_actions = model.cfg.n_actions
     returns, lengths, plan_seconds = [], [], []
@@ -88,8 +87,7 @@ def run_mpc(env, model, codec, planner: Planner | None, episodes: int = 1, steps
             total += float(reward)
             if terminated or truncated:
                 break
-            real = codec.encode(torch.as_tensor(obs)[None].to(session.device))  # (1, C, h, w)
-            teacher_forced_step(session, torch.tensor([action], device=session.device), real)
+            session.observe([action], frames=np.asarray(obs)[None])  # the real frame, not the dream
         returns.append(total)
         lengths.append(t)
     return {

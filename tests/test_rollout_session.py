@@ -233,3 +233,52 @@ def test_step_timings_add_up_per_phase_and_change_nothing():
     before = dict(timings)
     timed.step([0, 0], decode=False, timings=timings)
     assert timings["denoise"] > before["denoise"] and timings["decode"] - before["decode"] < 1e-3
+
+
+def test_observe_predicts_like_step_and_then_continues_from_the_real_frame():
+    model, codec = tiny_pair()
+    frames, actions = context(2, 6, seed=3)
+    forced = RolloutSession(model, codec, batch=2)
+    forced.reset(frames[:, :4], actions[:, :3], seeds=[5, 6])
+    free = forced.select([0, 1])  # same cache and generator states
+    predicted = forced.observe(actions[:, 3], frames=frames[:, 4], decode=True)
+    dreamed = free.step(actions[:, 3])
+    torch.testing.assert_close(predicted.latents, dreamed.latents)  # the prediction is step's sample
+    assert torch.equal(predicted.frames, dreamed.frames)
+    # ... but the state now holds the real frame: as if the context had included it.
+    truth = RolloutSession(model, codec, batch=2)
+    truth.reset(frames[:, :5], actions[:, :4], seeds=[1, 2])
+    forced.generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    torch.testing.assert_close(forced.step(actions[:, 4]).latents, truth.step(actions[:, 4]).latents, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="frames or as latents"):
+        forced.observe(actions[:, 4])
+
+
+def test_extend_in_chunks_leaves_the_state_of_one_prefill():
+    model, codec = tiny_pair()
+    frames, actions = context(2, 9, seed=4)
+    chunked = RolloutSession(model, codec, batch=2)
+    chunked.reset(frames[:, :3], actions[:, :2], seeds=[7, 8])
+    chunked.extend(frames[:, 3:6], actions[:, 2:5])  # action i led to frame i + 1
+    chunked.extend(frames[:, 6:], actions[:, 5:])
+    whole = RolloutSession(model, codec, batch=2)
+    whole.reset(frames, actions, seeds=[7, 8])
+    torch.testing.assert_close(chunked.latents, whole.latents)
+    step = np.array([1, 4])
+    torch.testing.assert_close(chunked.step(step).latents, whole.step(step).latents, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"discrete actions must have shape \(2, 2\)"):
+        chunked.extend(frames[:, :2], actions[:, :1])
+
+
+def test_commit_advances_like_a_step_that_sampled_those_latents():
+    model, codec = tiny_pair()
+    frames, actions = context(1, 4, seed=5)
+    sampled = RolloutSession(model, codec, batch=1)
+    sampled.reset(frames, actions, seeds=[3])
+    committed = sampled.select([0])
+    first = sampled.step([2])
+    out = committed.commit([2], first.latents)
+    torch.testing.assert_close(out.rewards, first.rewards)
+    for session in (sampled, committed):  # commit draws no noise: give both the same generator state
+        session.generators = [torch.Generator().manual_seed(4)]
+    torch.testing.assert_close(sampled.step([1]).latents, committed.step([1]).latents)

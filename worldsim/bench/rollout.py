@@ -214,12 +214,9 @@ def _fill_kv(session, frames: int) -> None:
 @torch.no_grad()
 def _stream_commits(session, frames: int, rng: np.random.Generator) -> None:
     """Commit-only steps: the state at the horizon exactly as a rollout leaves it (no sampler)."""
-    model, device = session.model, session.device
     shape = (session.batch, *session.latents.shape[1:])
-    zero = torch.zeros(session.batch, device=device)
     for _ in range(frames):
-        a = torch.as_tensor(rng.integers(0, model.cfg.n_actions, session.batch), device=device)
-        model.step(torch.randn(shape, device=device), zero, a, session.cache)
+        session.commit(rng.integers(0, session.model.cfg.n_actions, session.batch), torch.randn(shape))
 
 
 def advance(session, frames: int, mode: str, rng: np.random.Generator) -> str:

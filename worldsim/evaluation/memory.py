@@ -238,11 +238,6 @@ def select_targets(candidates: list[Target], episode_steps: np.ndarray, gap: int
 
 
 # ------------------------------------------------------------------------------ predictions
-def _model_actions(model, actions: np.ndarray) -> torch.Tensor:
-    a = torch.as_tensor(actions).to(next(model.parameters()).device)
-    return a.long() if model.cfg.action_kind == "discrete" else a.float()
-
-
 @torch.no_grad()
 def prefill_session(model, codec, frames: np.ndarray, actions: np.ndarray, seeds: list[int],
                     sampler_steps: int, chunk: int):
@@ -256,10 +251,7 @@ def prefill_session(model, codec, frames: np.ndarray, actions: np.ndarray, seeds
     session.reset(frames[:, :first], actions[:, : first - 1], seeds=seeds)
     for a in range(first, C, chunk):
         b = min(a + chunk, C)
-        latents = codec.encode(torch.as_tensor(frames[:, a:b]).to(session.device))  # (B, b - a, C, h, w)
-        sigma = torch.zeros(latents.shape[:2], device=session.device)
-        model(latents, sigma, _model_actions(model, actions[:, a - 1 : b - 1]), cache=session.cache)  # action i led to frame i + 1
-        session.latents = latents[:, -1]
+        session.extend(frames[:, a:b], actions[:, a - 1 : b - 1])  # action i led to frame i + 1
     return session
 
 

@@ -42,7 +42,6 @@ import torch
 
 from worldsim.codec.autoencoder import psnr
 from worldsim.data.episode_store import EpisodeStore
-from worldsim.diffusion.sampler import sample_next_frames
 from worldsim.loading import load_dream_model
 from worldsim.rollout.session import RolloutSession
 from worldsim.train.distributed import resolve_device
@@ -158,16 +157,7 @@ def teacher_forced_step(session, actions: torch.Tensor, real_latents: torch.Tens
     `RolloutSession.step` does), then commit the REAL next latent instead, so the next prediction
     again starts from the real past. Returns the predicted latents (B, C, h, w)."""
 
-    model, cache = session.model, session.cache
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return model.step(x, sigma, actions, cache, commit=False).denoised
-
-    predicted = sample_next_frames(denoise, real_latents.shape, session.generators, session.sampler_steps,
-                                   device=session.device, **session.sampler_kwargs)
-    model.step(real_latents, torch.zeros(len(real_latents), device=session.device), actions, cache)  # commit
-    session.latents = real_latents  # the session's "last committed frame" stays truthful
-    return predicted
+    return session.observe(actions, latents=real_latents).latents
 
 
 @torch.no_grad()

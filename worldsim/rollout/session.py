@@ -10,6 +10,13 @@ attention KV ring) for B streams and runs the dream loop of `worldsim.model.worl
                                               commit the clean latent (which also yields the
                                               reward and termination of that transition), decode
                                               it to pixels (decode=False skips that: planners)
+    observe(actions, frames | latents)        teacher forcing: sample the next frame as step does
+                                              (the prediction is returned), then commit the REAL
+                                              next frame instead (evaluation, MPC on a real env)
+    extend(frames, actions)                   commit more real frames in one parallel forward
+                                              (long contexts in chunks: the same state as one
+                                              prefill of them all)
+    commit(actions, latents)                  commit given latents, no sampling (benchmarks)
     fork(n) / select(indices)                 new sessions over copied streams (planners)
     reset_streams(indices, ...)               re-seed some streams only (vector-env auto-reset)
 
@@ -215,6 +222,27 @@ class RolloutSession:
         sampler's calls, with the frame's shared work), "commit" (the committing call) and
         "decode" (0 without decoding); `worldsim bench rollout` reads them.
         """
+        return self._advance(actions, decode, timings)
+
+    @torch.no_grad()
+    def observe(self, actions, frames=None, *, latents: torch.Tensor | None = None, decode: bool = False,
+                timings: dict[str, float] | None = None) -> StepResult:
+        """Teacher forcing: predict each stream's next frame as `step` would (the result's latents,
+        frames, reward and termination are the prediction's), then commit the REAL next frame,
+        given as uint8 `frames` (B, H, W, 3) or as their `latents` (B, C, h, w), so the next
+        prediction again starts from the real past. The generators advance as in `step`."""
+        if (frames is None) == (latents is None):
+            raise ValueError("observe takes the real next frame as frames or as latents (one of them)")
+        if latents is None:
+            latents = self._encode(frames, (self.batch,))
+        cfg = self.model.cfg
+        shape = (self.batch, cfg.latent_channels, *cfg.latent_grid)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"observed latents must have shape {shape}, got {tuple(latents.shape)}")
+        return self._advance(actions, decode, timings, observed=latents.to(self.device))
+
+    def _advance(self, actions, decode: bool, timings: dict[str, float] | None,
+                 observed: torch.Tensor | None = None) -> StepResult:
         self._require_reset()
         clock = _PhaseClock(timings, self.device)
         a = self._actions(actions, (self.batch,))
@@ -224,8 +252,9 @@ class RolloutSession:
         latent = sample_next_frames(frame.denoise, shape, self.generators, self.sampler_steps,
                                     device=self.device, **self.sampler_kwargs)
         clock.lap("denoise")
-        out = frame.commit(latent)
-        self.latents = latent
+        committed = latent if observed is None else observed
+        out = frame.commit(committed)
+        self.latents = committed  # the last committed frame: the real one under teacher forcing
         logits = out.termination_logit.float().cpu()
         rewards = out.reward.float().cpu()
         clock.lap("commit")
@@ -233,6 +262,45 @@ class RolloutSession:
         clock.lap("decode")
         return StepResult(frames=frames, rewards=rewards, terminated=logits > 0, termination_logits=logits,
                           latents=latent)
+
+    @torch.no_grad()
+    def extend(self, frames, actions) -> None:
+        """Commit real frames uint8 (B, n, H, W, 3) that follow each stream's last frame, with the
+        actions that led to them, (B, n) int or (B, n, D) float (actions[:, j] was taken at the
+        frame before frames[:, j]), in one parallel forward at sigma 0. reset(context[:, :k]) then
+        extend(context[:, k:]) leaves the state reset(context) would, in less memory."""
+        self._require_reset()
+        frames = torch.as_tensor(frames)
+        if frames.ndim != 5 or frames.shape[0] != self.batch:
+            raise ValueError(f"frames must be ({self.batch}, n, H, W, 3) uint8, got {tuple(frames.shape)}")
+        n = frames.shape[1]
+        acts = self._actions(actions, (self.batch, n))
+        latents = self._encode(frames, (self.batch, n))  # (B, n, C, h, w)
+        sigma = torch.zeros(self.batch, n, device=self.device)
+        self.model(latents, sigma, acts, cache=self.cache)
+        self.latents = latents[:, -1]
+
+    @torch.no_grad()
+    def commit(self, actions, latents: torch.Tensor) -> StepResult:
+        """Advance every stream by the given latents (B, C, h, w), no sampling: the state a rollout
+        that produced them leaves (benchmarks that need a long history fast). Frames not decoded."""
+        self._require_reset()
+        a = self._actions(actions, (self.batch,))
+        out = self.model.begin_frame(self.cache, a).commit(latents.to(self.device))
+        self.latents = latents.to(self.device)
+        logits = out.termination_logit.float().cpu()
+        return StepResult(frames=None, rewards=out.reward.float().cpu(), terminated=logits > 0,
+                          termination_logits=logits, latents=self.latents)
+
+    def _encode(self, frames, lead: tuple[int, ...]) -> torch.Tensor:
+        """uint8 frames (*lead, H, W, 3) -> latents (*lead, C, h, w) on the session's device."""
+        frames = torch.as_tensor(frames)
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"frames must be uint8, got {frames.dtype}")
+        s = self.codec.config.image_size
+        if tuple(frames.shape) != (*lead, s, s, 3):
+            raise ValueError(f"frames must have shape {(*lead, s, s, 3)}, got {tuple(frames.shape)}")
+        return self.codec.encode(frames.to(self.device))
 
     # -- forking ---------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from worldsim.train import checkpoint as ckpt
 from worldsim.train import distributed as ddp
 from worldsim.train import latent_cache
 from worldsim.train.ema import EMA
+from worldsim.rollout.session import RolloutSession
 from worldsim.utils import training
 from worldsim.utils.training import TrainingDiverged, setting_differences, warmup_cosine  # noqa: F401 (TrainingDiverged re-exported)
 from worldsim.codec.checkpoint import codec_fingerprint, codec_matches
@@ -290,39 +291,25 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 @torch.no_grad()
 def rollout_samples(model, codec, batch: dict[str, torch.Tensor], context: int, denoise_steps: int, seed: int) -> torch.Tensor:
     """Open-loop rollout: real frames [0, context), then the model generates the rest of the window
-    from the data's actions. Returns uint8 (N, 2, T, H, W, 3): the real window over the rollout.
-
-    A private generator keeps the global RNG streams (and hence training) untouched.
+    from the data's actions (a `RolloutSession`, seeded per stream). Returns uint8
+    (N, 2, T, H, W, 3): the real window over the rollout, whose first `context` frames are the
+    codec's reconstructions of the real ones.
     """
-    from worldsim.diffusion.sampler import sample_next_frame
-    from worldsim.rollout.session import DREAM_SAMPLER
-    from worldsim.model.conditioning import shift_actions
-
-    device = next(model.parameters()).device
-    frames = batch["frames"].to(device)  # (N, T, H, W, 3) uint8
-    actions = batch["actions"].to(device)
+    frames = batch["frames"]  # (N, T, H, W, 3) uint8
+    actions = batch["actions"]
     if model.cfg.action_kind == "continuous":
-        actions = actions.flatten(2).float()
-    latents = codec.encode(frames)  # (N, T, C, h, w)
-    cond, no_action = shift_actions(actions, model.cfg)  # frame t conditioned on a_{t-1}
-    N, T = latents.shape[:2]
-    cache = model.allocate_cache(N, device=device)
-    # Prefill: the context frames, clean (sigma = 0), advance the cache.
-    sigma0 = torch.zeros(N, context, device=device)
-    model(latents[:, :context], sigma0, cond[:, :context], cache=cache, no_action=no_action[:, :context])
-    generator = torch.Generator(device=device).manual_seed(seed)
-    generated = [latents[:, t] for t in range(context)]
-    for t in range(context, T):
-        a, na = cond[:, t], no_action[:, t]
-
-        def denoise(x, sigma, a=a, na=na):
-            return model.step(x, sigma, a, cache, no_action=na, commit=False).denoised
-
-        frame = sample_next_frame(denoise, latents[:, t].shape, denoise_steps, generator, device=device, **DREAM_SAMPLER)
-        model.step(frame, torch.zeros(N, device=device), a, cache, no_action=na)  # commit it
-        generated.append(frame)
-    rollout = codec.decode(torch.stack(generated, dim=1), as_uint8=True)  # (N, T, H, W, 3)
-    return torch.stack([frames, rollout], dim=1).cpu()
+        actions = actions.flatten(2).float()  # (N, T, D)
+    N, T = frames.shape[:2]
+    was_training = model.training
+    model.eval()
+    session = RolloutSession(model, codec, batch=N, sampler_steps=denoise_steps)
+    session.reset(frames[:, :context], actions[:, : context - 1], seeds=[seed + i for i in range(N)])
+    device = session.device
+    seen = codec.decode(codec.encode(frames[:, :context].to(device)), as_uint8=True)  # (N, context, H, W, 3)
+    dreamed = [session.step(actions[:, t - 1]).frames.to(device) for t in range(context, T)]  # a_{t-1} led to t
+    model.train(was_training)
+    rollout = torch.cat([seen, *(f[:, None] for f in dreamed)], dim=1)  # (N, T, H, W, 3)
+    return torch.stack([frames.to(device), rollout], dim=1).cpu()
 
 
 def write_samples(videos: torch.Tensor, step: int, run_dir: Path, writer) -> None:
