@@ -6,6 +6,10 @@ import json
 
 import typer
 
+from worldsim.model.config import PRESETS, VARIANTS  # torch-free: --help stays fast
+
+PRESET_NAMES = ", ".join(PRESETS)
+
 bench_app = typer.Typer(help="Benchmarks that print figures and ratios.", no_args_is_help=True)
 
 
@@ -45,8 +49,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 @bench_app.command("train")
 def bench_train(
-    preset: str = typer.Option("tiny", help="Model preset: tiny, small or base."),
-    variants: str = typer.Option("lssvwm,causal_full", help="Variants side by side."),
+    preset: str = typer.Option("tiny", help=f"Model preset: {PRESET_NAMES}."),
+    variants: str = typer.Option("lssvwm,causal_full", help=f"Variants side by side, from {', '.join(VARIANTS)}."),
     windows: str = typer.Option("16,32,64,128,256", help="Window lengths T, comma-separated."),
     batch: int = typer.Option(1, help="Samples per training step."),
     steps: int = typer.Option(3, help="Timed steps per point (after a warm-up step)."),
@@ -75,8 +79,8 @@ def bench_train(
 @bench_app.command("rollout")
 def bench_rollout(
     preset: str = typer.Option("bundled", help="bundled: the shipped model and codec (what users get); or a model "
-                                               "preset with random weights (cost does not depend on them): tiny, small, cpu."),
-    variants: str = typer.Option("lssvwm,causal_full", help="Variants side by side."),
+                                               f"preset with random weights (cost does not depend on them): {PRESET_NAMES}."),
+    variants: str = typer.Option("lssvwm,causal_full", help=f"Variants side by side, from {', '.join(VARIANTS)}."),
     horizons: str = typer.Option("64,512,4096", help="Horizons (frames streamed before the timed window)."),
     timed_frames: int = typer.Option(16, help="Frames timed at each horizon."),
     sampler_steps: int = typer.Option(4, help="Denoiser calls per dreamed frame."),

@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from worldsim.model.config import PRESETS, VARIANTS  # torch-free: --help stays fast
+
 
 def _parse_overrides(items: list[str]) -> dict:
     """["n_layers=4", "attn_window=null"] -> {"n_layers": 4, "attn_window": None} (values are JSON,
@@ -50,9 +52,9 @@ def train(
         ..., help="Frame codec checkpoint folder or `worldsim train-codec` run folder."
     ),
     run_dir: Path = typer.Option(Path("runs/world-model"), help="Run folder (checkpoints, TensorBoard)."),
-    preset: str = typer.Option("tiny", help="Model size: tiny, small, cpu (small's speed-up for CPU training) or base."),
+    preset: str = typer.Option("tiny", help=f"Model size: {', '.join(PRESETS)} (cpu: small made fast to train on a CPU)."),
     variant: str = typer.Option(
-        "lssvwm", help="lssvwm, or a baseline: causal_full, causal_window, mamba_only, no_blockwise."
+        "lssvwm", help=f"{VARIANTS[0]}, or a baseline: {', '.join(VARIANTS[1:])}."
     ),
     set_: list[str] = typer.Option(
         [], "--set", help="Override a model config field, KEY=VALUE (JSON value), e.g. --set n_layers=4."
