@@ -282,3 +282,33 @@ def test_commit_advances_like_a_step_that_sampled_those_latents():
     for session in (sampled, committed):  # commit draws no noise: give both the same generator state
         session.generators = [torch.Generator().manual_seed(4)]
     torch.testing.assert_close(sampled.step([1]).latents, committed.step([1]).latents)
+
+
+def test_fold_commit_saves_a_call_and_dreams_the_same_first_frame():
+    model, codec = tiny_pair(prev_frames=2)
+    frames, actions = context(2, 4, seed=6)
+    plain = RolloutSession(model, codec, batch=2, sampler_steps=3, fold_commit=False)
+    folded = RolloutSession(model, codec, batch=2, sampler_steps=3, fold_commit=True)
+    for session in (plain, folded):
+        session.reset(frames, actions, seeds=[1, 2])
+    calls = {"n": 0}
+    forward = model.precond.forward
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return forward(*args, **kwargs)
+
+    model.precond.forward = counting
+    try:
+        first_plain, n_plain = plain.step([0, 3]), calls["n"]
+        first_folded = folded.step([0, 3])
+    finally:
+        del model.precond.forward
+    assert (n_plain, calls["n"] - n_plain) == (4, 3)  # 3 denoiser calls + a commit, or 3 in all
+    # The last call denoises the same input either way: the same first frame.
+    torch.testing.assert_close(first_folded.latents, first_plain.latents, atol=1e-5, rtol=1e-4)
+    assert folded.cache.frames_seen == plain.cache.frames_seen
+    torch.testing.assert_close(folded.cache.recent[:, -1], first_folded.latents)  # the direct path gets the clean frame
+    assert folded.step([1, 1]).latents.shape == (2, 4, 16, 16)
+    with pytest.raises(ValueError, match="fold_commit needs a solver"):
+        RolloutSession(model, codec, batch=1, fold_commit=True, sampler_kwargs={"solver": "heun"})

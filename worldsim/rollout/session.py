@@ -40,7 +40,7 @@ import torch
 
 from worldsim.codec.autoencoder import FrameCodec
 from worldsim.diffusion.sampler import sample_next_frames
-from worldsim.model.world_model import WorldModel, WorldModelCache
+from worldsim.model.world_model import WorldModel, WorldModelCache, WorldModelOutput
 
 
 @dataclass
@@ -69,6 +69,11 @@ bundled before this change: the one-call prediction from 5 had a latent MSE of 0
 last frame: 0.247), from 20 0.118; four dpm2m calls from 5 gave 0.262, from 20 0.185 and frames
 with about twice the image-gradient energy. Much higher levels (80), rarely seen in training, do
 worse again."""
+
+
+FOLD_COMMIT = False
+"""Default of `RolloutSession(fold_commit=...)`: commit each dreamed frame with the sampler's last
+denoiser call (at sigma_min) instead of an extra call on the clean result."""
 
 
 def _copy_generator(g: torch.Generator) -> torch.Generator:
@@ -107,6 +112,7 @@ class RolloutSession:
         sampler_steps: int = 4,
         seed: int | None = None,
         sampler_kwargs: dict | None = None,
+        fold_commit: bool | None = None,
     ) -> None:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
@@ -123,6 +129,9 @@ class RolloutSession:
         self.batch = batch
         self.sampler_steps = sampler_steps
         self.sampler_kwargs = {**DREAM_SAMPLER, **(sampler_kwargs or {})}
+        self.fold_commit = FOLD_COMMIT if fold_commit is None else fold_commit
+        if self.fold_commit and self.sampler_kwargs.get("solver", "dpm2m") == "heun":
+            raise ValueError("fold_commit needs a solver with one denoiser call per step (dpm2m or euler), not heun")
         self.device = next(model.parameters()).device
         self._seeds = np.random.default_rng(seed)  # default per-stream seeds when reset gets none
         self.cache: WorldModelCache | None = None
@@ -249,11 +258,31 @@ class RolloutSession:
         # The sampler's denoiser calls and the commit share the frame's common work (FrameStep).
         frame = self.model.begin_frame(self.cache, a)
         shape = (self.batch, *self.latents.shape[1:])
-        latent = sample_next_frames(frame.denoise, shape, self.generators, self.sampler_steps,
+        fold = self.fold_commit and observed is None
+        folded: list[WorldModelOutput] = []
+        calls = 0
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if not (fold and calls == self.sampler_steps):
+                return frame.denoise(x, sigma)
+            # The last call (at sigma_min) commits the nearly clean frame it denoises: one network
+            # call fewer per frame; later frames see this one's tokens from sigma_min, a noise
+            # level diffusion forcing trained them to read.
+            folded.append(frame.commit(x, sigma))
+            return folded[0].denoised
+
+        latent = sample_next_frames(denoise, shape, self.generators, self.sampler_steps,
                                     device=self.device, **self.sampler_kwargs)
         clock.lap("denoise")
         committed = latent if observed is None else observed
-        out = frame.commit(committed)
+        if folded:
+            out = folded[0]
+            if self.cache.recent is not None:  # the direct path shows later frames the clean latent
+                self.cache.recent[:, -1] = latent.to(self.cache.recent)
+        else:
+            out = frame.commit(committed)
         self.latents = committed  # the last committed frame: the real one under teacher forcing
         logits = out.termination_logit.float().cpu()
         rewards = out.reward.float().cpu()
