@@ -611,13 +611,18 @@ class WorldModel(nn.Module):
         return FrameStep(self, cache, action, no_action).run(x_noisy, sigma, commit)
 
     def begin_frame(self, cache: WorldModelCache, action: torch.Tensor,
-                    no_action: torch.Tensor | None = None) -> FrameStep:
+                    no_action: torch.Tensor | None = None, *, actions_checked: bool = False) -> FrameStep:
         """The next frame of `cache`'s streams under action (B,) | (B, D): a `FrameStep` whose
         `denoise` and `commit` are `step` with commit=False / True, sharing their common work.
-        Use it when one frame takes several calls (the sampler); inference only."""
+        Use it when one frame takes several calls (the sampler); inference only.
+        actions_checked: the caller has validated the actions already (`RolloutSession` does, on
+        the host), so the value-range check, a device sync on a GPU, is skipped here."""
         if cache is None:
             raise ValueError("begin_frame needs a cache; create one with allocate_cache(batch)")
-        self._check_actions_and_cache(action, no_action, cache, (cache.batch_size,))
+        if not actions_checked:
+            self._check_actions_and_cache(action, no_action, cache, (cache.batch_size,))
+        elif cache.batch_size != action.shape[0]:
+            raise ValueError(f"cache holds {cache.batch_size} streams, actions have batch {action.shape[0]}")
         return FrameStep(self, cache, action, no_action)
 
     def allocate_cache(self, batch: int, device: torch.device | str | None = None,

@@ -256,7 +256,7 @@ class RolloutSession:
         clock = _PhaseClock(timings, self.device)
         a = self._actions(actions, (self.batch,))
         # The sampler's denoiser calls and the commit share the frame's common work (FrameStep).
-        frame = self.model.begin_frame(self.cache, a)
+        frame = self.model.begin_frame(self.cache, a, actions_checked=True)
         shape = (self.batch, *self.latents.shape[1:])
         fold = self.fold_commit and observed is None
         folded: list[WorldModelOutput] = []
@@ -315,7 +315,7 @@ class RolloutSession:
         that produced them leaves (benchmarks that need a long history fast). Frames not decoded."""
         self._require_reset()
         a = self._actions(actions, (self.batch,))
-        out = self.model.begin_frame(self.cache, a).commit(latents.to(self.device))
+        out = self.model.begin_frame(self.cache, a, actions_checked=True).commit(latents.to(self.device))
         self.latents = latents.to(self.device)
         logits = out.termination_logit.float().cpu()
         return StepResult(frames=None, rewards=out.reward.float().cpu(), terminated=logits > 0,
