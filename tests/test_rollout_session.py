@@ -312,3 +312,18 @@ def test_fold_commit_saves_a_call_and_dreams_the_same_first_frame():
     assert folded.step([1, 1]).latents.shape == (2, 4, 16, 16)
     with pytest.raises(ValueError, match="fold_commit needs a solver"):
         RolloutSession(model, codec, batch=1, fold_commit=True, sampler_kwargs={"solver": "heun"})
+
+
+def test_shape_caches_filled_while_dreaming_still_serve_training():
+    """Masks and RoPE tables are cached per shape; the dream's denoiser calls run in inference mode,
+    and an inference tensor in a cache would break the trainer's backward pass later in the same
+    process (it dreams sample videos mid-training)."""
+    from worldsim.model import frame_attention, ssd
+    from worldsim.model.rope import VideoRoPE
+
+    rope = VideoRoPE(head_dim=16, grid=(3, 3))
+    with torch.inference_mode():
+        cached = [*ssd._segment_masks(13, torch.device("cpu"), torch.float32),
+                  frame_attention._cached_band_mask(3, 5, 4, torch.device("cpu")),
+                  *rope.cos_sin(7, 2, "cpu"), *rope._spatial(torch.device("cpu"), torch.float32)]
+    assert not any(t.is_inference() for t in cached)

@@ -122,10 +122,11 @@ _BAND_CACHE_MAX = 1 << 22
 
 
 def _make_band_mask(chunk: int, back: int, tokens_per_frame: int, device: torch.device) -> torch.Tensor:
-    s = torch.arange(chunk, device=device)[:, None]  # (c, 1)
-    r = torch.arange(back + chunk, device=device)[None, :]  # (1, back + c)
-    frames = (r >= s) & (r <= s + back)  # (c, back + c)
-    return frames.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+    with torch.inference_mode(False):  # a cached mask made during a dream must serve training too
+        s = torch.arange(chunk, device=device)[:, None]  # (c, 1)
+        r = torch.arange(back + chunk, device=device)[None, :]  # (1, back + c)
+        frames = (r >= s) & (r <= s + back)  # (c, back + c)
+        return frames.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
 _cached_band_mask = functools.lru_cache(maxsize=16)(_make_band_mask)

@@ -94,17 +94,21 @@ class VideoRoPE(nn.Module):
         """cos, sin of the (height, width) pairs: each (N, ph + pw)."""
         key = (device, dtype)
         if key not in self._spatial_cache:
-            H, W = self.grid
-            _, ph, pw = self.pairs
-            dev = _float64_device(device)
-            rows = torch.arange(H, dtype=torch.float64, device=dev).repeat_interleave(W)  # (N,)
-            cols = torch.arange(W, dtype=torch.float64, device=dev).repeat(H)  # (N,)
-            angles = torch.cat(
-                [rows[:, None] * _inv_freq(ph, self.theta_hw, dev), cols[:, None] * _inv_freq(pw, self.theta_hw, dev)],
-                dim=-1,
-            )  # (N, ph + pw)
-            self._spatial_cache[key] = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+            self._spatial_cache[key] = self._spatial_tables(device, dtype)
         return self._spatial_cache[key]
+
+    @torch.inference_mode(False)  # a cached table made during a dream's inference-mode call must serve training too
+    def _spatial_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        H, W = self.grid
+        _, ph, pw = self.pairs
+        dev = _float64_device(device)
+        rows = torch.arange(H, dtype=torch.float64, device=dev).repeat_interleave(W)  # (N,)
+        cols = torch.arange(W, dtype=torch.float64, device=dev).repeat(H)  # (N,)
+        angles = torch.cat(
+            [rows[:, None] * _inv_freq(ph, self.theta_hw, dev), cols[:, None] * _inv_freq(pw, self.theta_hw, dev)],
+            dim=-1,
+        )  # (N, ph + pw)
+        return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
     def cos_sin(
         self, start_frame: int, n_frames: int, device: torch.device | str, dtype: torch.dtype = torch.float32
@@ -132,6 +136,7 @@ class VideoRoPE(nn.Module):
             self._table_cache[key] = self._tables(*key)
         return self._table_cache[key]
 
+    @torch.inference_mode(False)  # cached too (cos_sin_rows): must serve training after a dream
     def _tables(
         self, start_frames: tuple[int, ...], n_frames: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:

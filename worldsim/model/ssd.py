@@ -45,9 +45,10 @@ _logged_paths: set[str] = set()
 def _segment_masks(q: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, Q) masks of `segment_sum`, built once per size (every layer and call asks for the same):
     1 strictly below the diagonal and 0 elsewhere; 0 on and below it and -inf above. Never modify them."""
-    ones = torch.ones(q, q, dtype=torch.bool, device=device)
-    below = ones.tril(-1).to(dtype)
-    above = torch.zeros(q, q, dtype=dtype, device=device).masked_fill(~ones.tril(), float("-inf"))
+    with torch.inference_mode(False):  # filled during a dream's inference-mode call, it must serve training too
+        ones = torch.ones(q, q, dtype=torch.bool, device=device)
+        below = ones.tril(-1).to(dtype)
+        above = torch.zeros(q, q, dtype=dtype, device=device).masked_fill(~ones.tril(), float("-inf"))
     return below, above
 
 
