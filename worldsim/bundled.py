@@ -36,7 +36,6 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from worldsim.codec import checkpoint as codec_ckpt
-from worldsim.data.windows import WindowDataset
 from worldsim.model.config import ModelConfig
 from worldsim.model.world_model import WorldModel
 from worldsim.rollout.context import ClipContext
@@ -307,6 +306,9 @@ def bundle_bytes(path: str | os.PathLike) -> int:
 def sample_clips(dataset, count: int, clip_frames: int, seed: int = 0) -> tuple[Clips, list[dict[str, Any]]]:
     """`count` clips of `clip_frames` frames from a Minari dataset (id or path), from distinct
     episodes while there are enough, chosen by `seed`; plus where each came from."""
+    # Here, not at the top: the GPU job reads and writes bundles on a machine without gymnasium.
+    from worldsim.data.windows import WindowDataset
+
     if count < 1 or clip_frames < 2:
         raise BundleError(f"need count >= 1 and clip_frames >= 2, got {count} and {clip_frames}")
     windows = WindowDataset(dataset, clip_frames)
