@@ -451,3 +451,21 @@ def test_measure_loader_reports_each_worker_count(loader_dataset):
         assert result["megabytes_per_s"][workers] == pytest.approx(
             result["windows_per_s"][workers] * T * 16 * 16 * 3 / 1e6
         )
+
+
+def test_bytes_changed_after_writing_stop_the_loader_naming_the_file(tmp_path):
+    episodes = make_episodes(2, LENGTHS, (16, 16, 3), DISCRETE)
+    path = write_worldsim(tmp_path, "test/flip-v0", episodes, image_space(), DISCRETE)
+    part = Path(path) / "data" / "2" / "part-0.arrow"
+    recorded = json.loads((part.parent / "metadata.json").read_text())["sha256"]
+    assert set(recorded) == {"part-0.arrow"}
+    data = bytearray(part.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    part.write_bytes(bytes(data))  # 4 KiB of noise inside the frames: still a readable Arrow file
+
+    ds = WindowDataset(path, T)
+    first = next(i for i in range(len(ds)) if ds.locate(i)[1] == 2)
+    with pytest.raises(DatasetError, match=r"2/part-0.arrow: corrupt \(its bytes changed"):
+        ds[first]
+    assert_window_matches(ds[0], episodes)  # the untouched episodes still read

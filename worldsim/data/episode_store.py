@@ -35,6 +35,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from worldsim.utils.atomic import sha256_file
+
 METADATA_FILE = "metadata.json"
 HDF5_FILE = "main_data.hdf5"
 STEP_COLUMNS = ("actions", "rewards", "terminations", "truncations")
@@ -205,6 +207,22 @@ class _ArrowEpisode:
     truncations: Any
 
 
+def _check_episode_hashes(folder: Path, files: list[Path]) -> None:
+    """DatasetError naming the file when an Arrow file's sha256 differs from the one its episode's
+    metadata.json recorded when it was written (nothing recorded: an older dataset, unchecked)."""
+    meta_file = folder / "metadata.json"
+    recorded = _read_json(meta_file).get("sha256") if meta_file.is_file() else None
+    if not isinstance(recorded, dict):
+        return
+    for file in files:
+        expected = recorded.get(file.name)
+        if expected is not None and sha256_file(file) != expected:
+            raise DatasetError(
+                f"{file}: corrupt (its bytes changed since the episode was written: the sha256 in "
+                f"{meta_file} no longer matches); restore the dataset from its source or re-collect it"
+            )
+
+
 def _natural_key(path: Path) -> list[Any]:
     # "part-10" after "part-2": the order pyarrow wrote the parts in.
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
@@ -217,6 +235,7 @@ class _ArrowEpisodes:
         self._store = store
         self._max_open = max_open
         self._open: OrderedDict[int, _ArrowEpisode] = OrderedDict()
+        self._verified: set[int] = set()
 
     def _episode(self, episode: int) -> _ArrowEpisode:
         if episode in self._open:
@@ -236,6 +255,9 @@ class _ArrowEpisodes:
         files = sorted(folder.glob("*.arrow"), key=_natural_key)
         if not files:
             raise DatasetError(f"{folder}: no .arrow file for episode {episode}")
+        if episode not in self._verified:  # once per process: hashing is ~10 ms per 600-frame episode
+            _check_episode_hashes(folder, files)
+            self._verified.add(episode)
         tables = []
         for file in files:
             try:

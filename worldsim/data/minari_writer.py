@@ -16,6 +16,10 @@ Commit protocol for one episode:
 A reader trusts only `total_episodes` from step 3, so a kill between steps leaves a folder that
 `DatasetWriter` deletes when it next opens the dataset; the dataset stays readable throughout.
 
+Integrity: each episode's metadata.json records the sha256 of its Arrow files as written; the
+window loader checks them the first time it opens the episode (episodes written before hashes were
+recorded are read unchecked).
+
 Provenance: a new dataset records `requirements` (the worldsim, gymnasium and minari versions that
 wrote it, which `MinariDataset.recover_environment` checks) and `code_permalink`: the writer's
 `code_permalink=`, else $WORLDSIM_CODE_PERMALINK, else the package's repository URL when its
@@ -34,9 +38,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from worldsim.utils.atomic import atomic_write_json, fsync_dir
+from worldsim.utils.atomic import atomic_write_json, fsync_dir, sha256_file
 
 METADATA_FILE = "metadata.json"
+EPISODE_SHA256_KEY = "sha256"  # an episode's metadata.json: {arrow file name: hex sha256 as written}
 NAMESPACE_FILE = "namespace_metadata.json"
 PERMALINK_ENV_VAR = "WORLDSIM_CODE_PERMALINK"
 
@@ -303,10 +308,12 @@ class DatasetWriter:
             ]
         )
         episode_path = self.staging_path / str(episode_id)
-        if episode.metadata:
-            ep_meta = _read_json(episode_path / METADATA_FILE)
-            ep_meta.update(episode.metadata)
-            atomic_write_json(episode_path / METADATA_FILE, ep_meta)
+        ep_meta = _read_json(episode_path / METADATA_FILE)
+        ep_meta.update(episode.metadata)
+        # Checked by the readers (`EpisodeStore`): bytes that change on disk after this point
+        # (a bad copy, a stray write) stop training with the file named instead of going unnoticed.
+        ep_meta[EPISODE_SHA256_KEY] = {f.name: sha256_file(f) for f in sorted(episode_path.glob("*.arrow"))}
+        atomic_write_json(episode_path / METADATA_FILE, ep_meta)
 
         target = self.data_path / str(episode_id)
         shutil.rmtree(target, ignore_errors=True)  # leftover of a crash between rename and commit
