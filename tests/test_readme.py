@@ -51,3 +51,42 @@ def test_window_loader_snippet(tmp_path, monkeypatch):
                           max_steps=40, seed=0, dataset_id="worldsim/mm9-revisit-v0", progress=False))
     scope = run(snippet("WindowDataset"))
     assert tuple(scope["batch"]["frames"].shape) == (8, 32, 64, 64, 3)
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `worldsim ...` command line of the README's bash blocks, as words (continuations
+    joined, comments dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("#")[0].split("&&"):
+                words = part.split()
+                for i, word in enumerate(words):
+                    if word.endswith("worldsim") and "/" not in word.replace(".venv/bin/", ""):
+                        commands.append(words[i + 1 :])
+                        break
+    return commands
+
+
+def test_readme_commands_name_real_subcommands_and_options():
+    """Each command of the README's bash blocks names a real subcommand and only options it has,
+    so a renamed flag cannot leave the front door pointing at nothing."""
+    import typer.main
+
+    from worldsim.cli import app
+
+    root = typer.main.get_command(app)
+    commands = readme_commands()
+    assert len(commands) >= 15, commands
+    checked = set()
+    for words in commands:
+        command, path = root, []
+        while words and hasattr(command, "commands") and words[0] in command.commands:
+            command = command.commands[words[0]]
+            path.append(words.pop(0))
+        assert path and not hasattr(command, "commands"), f"`worldsim {' '.join(path + words[:1])}` is not a command"
+        options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        used = {w.split("=")[0] for w in words if w.startswith("-") and w != "-"}
+        assert used <= options, f"`worldsim {' '.join(path)}` has no option {sorted(used - options)}"
+        checked.add(" ".join(path))
+    assert {"dream", "collect", "train", "train-codec", "eval prediction", "agent train", "pack"} <= checked
