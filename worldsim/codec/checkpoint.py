@@ -161,19 +161,20 @@ def codec_fingerprint(codec: torch.nn.Module) -> str:
     The decoder is left out on purpose: fine-tuning it (`worldsim train-codec --decoder-only`)
     changes how latents look as frames, not what they are, so the world models, runs and latent
     caches built on the codec stay valid with the sharper decoder."""
-    h = hashlib.sha256()
-    for name, t in sorted(codec.state_dict().items()):
-        if name.startswith("decoder."):
-            continue
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return _tensors_sha256(codec, skip_prefix="decoder.")
 
 
 def full_codec_fingerprint(codec: torch.nn.Module) -> str:
     """sha256 of every codec tensor: what runs written before 2026-11-26 recorded as the codec."""
+    return _tensors_sha256(codec)
+
+
+def _tensors_sha256(codec: torch.nn.Module, skip_prefix: str | None = None) -> str:
+    """sha256 over the names and bytes of the state_dict's tensors, in name order."""
     h = hashlib.sha256()
     for name, t in sorted(codec.state_dict().items()):
+        if skip_prefix is not None and name.startswith(skip_prefix):
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -33,7 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Sampler
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec, measure_latent_stats, preset, psnr
-from worldsim.codec.checkpoint import load_codec_into, save_codec
+from worldsim.codec.checkpoint import load_codec_into, read_config, save_codec
 from worldsim.utils.safetensors_io import open_safetensors
 from worldsim.data.windows import WindowDataset
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json
@@ -101,8 +101,6 @@ class CodecTrainConfig:
 
     def codec_config(self) -> CodecConfig:
         if self.init_from is not None:
-            from worldsim.codec.checkpoint import read_config
-
             return read_config(self.init_from)
         return self.codec if self.codec is not None else preset(self.preset)
 

@@ -35,7 +35,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from worldsim.utils.atomic import sha256_file
+from worldsim.utils.atomic import check_sha256
 
 METADATA_FILE = "metadata.json"
 HDF5_FILE = "main_data.hdf5"
@@ -215,12 +215,8 @@ def _check_episode_hashes(folder: Path, files: list[Path]) -> None:
     if not isinstance(recorded, dict):
         return
     for file in files:
-        expected = recorded.get(file.name)
-        if expected is not None and sha256_file(file) != expected:
-            raise DatasetError(
-                f"{file}: corrupt (its bytes changed since the episode was written: the sha256 in "
-                f"{meta_file} no longer matches); restore the dataset from its source or re-collect it"
-            )
+        check_sha256(file, recorded.get(file.name), DatasetError, recorded_by=str(meta_file),
+                     remedy="restore the dataset from its source or re-collect it")
 
 
 def _natural_key(path: Path) -> list[Any]:

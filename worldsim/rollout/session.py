@@ -76,6 +76,13 @@ FOLD_COMMIT = False
 denoiser call (at sigma_min) instead of an extra call on the clean result."""
 
 
+def _result(out: WorldModelOutput, latents: torch.Tensor) -> StepResult:
+    """A committed frame's StepResult, frames not decoded: rewards and terminations on the CPU."""
+    logits = out.termination_logit.float().cpu()
+    return StepResult(frames=None, rewards=out.reward.float().cpu(), terminated=logits > 0,
+                      termination_logits=logits, latents=latents)
+
+
 def _copy_generator(g: torch.Generator) -> torch.Generator:
     out = torch.Generator(device=g.device)
     out.set_state(g.get_state())
@@ -284,13 +291,11 @@ class RolloutSession:
         else:
             out = frame.commit(committed)
         self.latents = committed  # the last committed frame: the real one under teacher forcing
-        logits = out.termination_logit.float().cpu()
-        rewards = out.reward.float().cpu()
+        result = _result(out, latent)
         clock.lap("commit")
-        frames = self.codec.decode(latent, as_uint8=True).cpu() if decode else None
+        result.frames = self.codec.decode(latent, as_uint8=True).cpu() if decode else None
         clock.lap("decode")
-        return StepResult(frames=frames, rewards=rewards, terminated=logits > 0, termination_logits=logits,
-                          latents=latent)
+        return result
 
     @torch.no_grad()
     def extend(self, frames, actions) -> None:
@@ -315,11 +320,8 @@ class RolloutSession:
         that produced them leaves (benchmarks that need a long history fast). Frames not decoded."""
         self._require_reset()
         a = self._actions(actions, (self.batch,))
-        out = self.model.begin_frame(self.cache, a, actions_checked=True).commit(latents.to(self.device))
         self.latents = latents.to(self.device)
-        logits = out.termination_logit.float().cpu()
-        return StepResult(frames=None, rewards=out.reward.float().cpu(), terminated=logits > 0,
-                          termination_logits=logits, latents=self.latents)
+        return _result(self.model.begin_frame(self.cache, a, actions_checked=True).commit(self.latents), self.latents)
 
     def _encode(self, frames, lead: tuple[int, ...]) -> torch.Tensor:
         """uint8 frames (*lead, H, W, 3) -> latents (*lead, C, h, w) on the session's device."""

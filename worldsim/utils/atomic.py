@@ -74,15 +74,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def check_sha256(path: str | os.PathLike, expected: str | None, error: type[Exception] = ValueError) -> None:
-    """Raise `error` naming `path` when its sha256 is not `expected` (one recorded when the file was
-    written); None (nothing recorded: an older checkpoint) checks nothing."""
+def check_sha256(path: str | os.PathLike, expected: str | None, error: type[Exception] = ValueError, *,
+                 recorded_by: str = "the checkpoint", remedy: str = "restore it or use another checkpoint") -> None:
+    """Raise `error` naming `path` when its sha256 is not `expected` (one `recorded_by` recorded when
+    the file was written); None (nothing recorded: an older checkpoint or dataset) checks nothing."""
     if expected is None:
         return
     actual = sha256_file(path)
     if actual != expected:
-        raise error(f"{path}: corrupt (its sha256 is {actual[:16]}..., the checkpoint recorded {expected[:16]}... "
-                    "when writing it): the file changed on disk or in a copy; restore it or use another checkpoint")
+        raise error(f"{path}: corrupt (its sha256 is {actual[:16]}..., {recorded_by} recorded {expected[:16]}... "
+                    f"when writing it): the file changed on disk or in a copy; {remedy}")
 
 
 def pid_alive(pid: int) -> bool:
