@@ -540,6 +540,60 @@ def test_prev_frames_must_not_be_negative():
 
 
 # ---------------------------------------------------------------------------------------------
+# The local head (a conv net at latent resolution on the token output)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,prev_frames", [("lssvwm", 2), ("lssvwm", 0), ("causal_window", 2)])
+def test_local_head_streams_what_the_parallel_pass_computes(variant, prev_frames):
+    """The head's share of the previous frames is computed once per frame (FrameStep); every
+    denoiser call and the commit equal the parallel pass over a clean past."""
+    cfg = tiny_config(variant, prev_frames=prev_frames, local_head=8)
+    model = perturbed_model(cfg, torch.float64)
+    B, T, P = 2, 6, 2
+    x, _, actions = random_inputs(cfg, B, T, torch.float64)
+    noisy = x + 0.7 * torch.randn_like(x)
+    zeros = torch.zeros(B, T, dtype=torch.float64)
+    with torch.no_grad():
+        cache = model.allocate_cache(B)
+        model(x[:, :P], zeros[:, :P], actions[:, :P], cache=cache)
+        for t in range(P, T):
+            inputs = torch.cat([x[:, :t], noisy[:, t : t + 1]], 1)
+            sigma = torch.cat([zeros[:, :t], torch.full((B, 1), 0.7, dtype=torch.float64)], 1)
+            parallel = model(inputs, sigma, actions[:, : t + 1], clean=x[:, : t + 1]).denoised[:, t]
+            frame = model.begin_frame(cache, actions[:, t])
+            torch.testing.assert_close(frame.denoise(noisy[:, t], sigma[:, t]), parallel, atol=1e-10, rtol=1e-10)
+            frame.commit(x[:, t])
+        # The head is used: without it the prediction changes.
+        model.net.local_head.conv_out.weight.zero_()
+        model.net.local_head.conv_out.bias.zero_()
+        without = model(inputs, sigma, actions, clean=x).denoised[:, -1]
+    assert not torch.allclose(without, parallel)
+
+
+def test_local_head_starts_as_the_model_without_it():
+    """conv_out is zero-initialised: a warm start from weights without the head (copy_weights
+    accepts the new field) computes what they computed, and the head still gets a gradient."""
+    from worldsim.train.weights import copy_weights
+
+    torch.manual_seed(0)
+    base = perturbed_model(tiny_config("lssvwm", prev_frames=2))
+    with_head = WorldModel(tiny_config("lssvwm", prev_frames=2, local_head=8))
+    report = copy_weights(with_head, base)
+    assert report["new"] and all(name.startswith("precond.net.local_head.") for name in report["new"])
+    x, sigma, actions = random_inputs(base.cfg, 2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(with_head(x, sigma, actions).denoised, base(x, sigma, actions).denoised)
+    rewards, terms = torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool)
+    loss, _ = world_model_loss(with_head, x, actions.clamp_max(with_head.cfg.n_actions - 1), rewards, terms,
+                               generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert with_head.net.local_head.conv_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="local_head"):
+        tiny_config("lssvwm", local_head=-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # One frame, several calls (FrameStep)
 # ---------------------------------------------------------------------------------------------
 

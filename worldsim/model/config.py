@@ -90,6 +90,10 @@ class ModelConfig:
     prev_frames: int = 0
     """Clean latents of the previous frames fed straight into each frame's tokens (a direct path,
     as DIAMOND stacks its context frames); 0 = none. See `world_model` on why it matters."""
+    local_head: int = 0
+    """Hidden channels of a small conv net at latent resolution that refines the network's output
+    from the frame's own noisy latents and the direct path's previous frames (`world_model.LocalHead`);
+    0 = none."""
     variant: str = "lssvwm"
     """"lssvwm" | "causal_full" | "causal_window" | "mamba_only" | "no_blockwise" (module doc)."""
 
@@ -158,6 +162,8 @@ class ModelConfig:
             raise ValueError(f"patch {self.patch} must divide the latent grid {self.latent_grid}")
         if self.prev_frames < 0:
             raise ValueError(f"prev_frames must be >= 0, got {self.prev_frames}")
+        if self.local_head < 0:
+            raise ValueError(f"local_head must be >= 0, got {self.local_head}")
         if min(self.d_model, self.n_layers, self.n_heads) < 1:
             raise ValueError("d_model, n_layers and n_heads must be >= 1")
         if self.d_model % self.n_heads:

@@ -27,6 +27,14 @@ trains exactly the inference case, at the cost of one small linear layer. DIAMON
 denoiser on stacked clean past frames for the same reason; the backbone still carries the long
 context. Frames before the start of a window or a stream are zeros.
 
+The local head (`cfg.local_head` = H > 0). The backbone sees a frame as tokens of p x p latent
+cells and emits each token's values from one d_model vector; the next frame of a maze differs from
+the last one mostly by small shifts and scalings of the view. A three-layer conv net at latent
+resolution, fed the backbone's output, the frame's noisy input and the direct path's previous
+frames (conditioned on noise level and action), adds that local, full-resolution detail, as the
+U-Net of DIAMOND does, for a few percent of a call's work. Its last conv is zero-initialised, so a
+model warm-started without it computes exactly what it did.
+
 Streaming protocol (the dream env's loop): per new frame, the sampler calls
 `step(x, sigma, action, cache, commit=False)` at each noise level (the cache is left as it was),
 then `step(clean_frame, 0, action, cache)` commits the clean frame to the cache and returns the
@@ -300,9 +308,9 @@ class FrameStep:
         out = frame.commit(latent)                         # advances the cache; the frame is done
 
     Shared: the action embedding; the direct path's projection of the cached clean frames, with
-    patch_in's bias and the token positions folded in; each attention layer's held keys and values
-    (copied once into a buffer with room for the new frame's) and RoPE table; each SSM layer's
-    conv history. It holds until the cache changes: after `commit`, or after the cache advances
+    patch_in's bias and the token positions folded in, and the local head's response to them;
+    each attention layer's held keys and values (copied once into a buffer with room for the new
+    frame's) and RoPE table; each SSM layer's conv history. It holds until the cache changes: after `commit`, or after the cache advances
     by other means, calls raise; other changes to the cache (`assign`) are not detected, so begin
     a new frame after them.
     """
@@ -323,6 +331,11 @@ class FrameStep:
         self.action_emb = net.action_emb(action[:, None], None if no_action is None else no_action[:, None])[:, 0]
         """(B, d) the action's part of the conditioning vector."""
         self.layers = [block.begin_step(layer_cache) for block, layer_cache in zip(net.blocks, cache.layers)]
+        self.local_prev_part = None
+        """(B, 1, H, h, w) | (H, 1, 1) the local head's response to the direct path's frames (+ bias)."""
+        if net.local_head is not None:
+            prev = None if cache.recent is None else cache.recent[:, None]  # (B, 1, K, C, h, w)
+            self.local_prev_part = net.local_head.prev_part(prev)
 
     def denoise(self, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """D(x_noisy; sigma) (B, C, h, w) for x_noisy (B, C, h, w), sigma (B,): the sampler's
@@ -388,6 +401,51 @@ class FinalLayer(nn.Module):
         return F.linear(h, self.linear.weight, self.linear.bias)
 
 
+class LocalHead(nn.Module):
+    """A residual conv net at latent resolution on top of the token output (module doc).
+
+    In: the output F_tok (B, T, C, h, w), the network's input c_in x (B, T, C, h, w), the direct
+    path's previous frames (B, T, K, C, h, w) or None, silu(c) (B, T, d). Out: F_tok + a 3-layer
+    conv refinement; the first hidden layer is shifted and scaled from the conditioning vector.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, K, H = cfg.latent_channels, cfg.prev_frames, cfg.local_head
+        self.own_channels = 2 * C  # F_tok and the input; the previous frames' K C follow
+        self.conv_in = nn.Conv2d(self.own_channels + K * C, H, 3, padding=1)
+        self.modulation = nn.Linear(cfg.d_model, 2 * H)
+        nn.init.zeros_(self.modulation.weight)  # starts as an unmodulated conv
+        nn.init.zeros_(self.modulation.bias)
+        self.conv_mid = nn.Conv2d(H, H, 3, padding=1)
+        self.conv_out = nn.Conv2d(H, C, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # the head adds nothing at init (warm starts are exact)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def prev_part(self, prev: torch.Tensor | None) -> torch.Tensor:
+        """conv_in's response to the previous frames (..., K, C, h, w), plus its bias: (..., H, h, w).
+        A frame's denoiser calls share it (`FrameStep`)."""
+        w, b = self.conv_in.weight, self.conv_in.bias
+        if prev is None:
+            return b[:, None, None]  # (H, 1, 1)
+        lead = prev.shape[:-4]
+        stacked = prev.reshape(-1, prev.shape[-4] * prev.shape[-3], *prev.shape[-2:])  # (L, K C, h, w)
+        out = F.conv2d(stacked.to(w.dtype), w[:, self.own_channels :], b, padding=1)  # (L, H, h, w)
+        return out.view(*lead, *out.shape[1:])
+
+    def forward(self, f_tok: torch.Tensor, x_in: torch.Tensor, prev_part: torch.Tensor,
+                c_act: torch.Tensor) -> torch.Tensor:
+        """prev_part: `prev_part(prev)` broadcastable to (B, T, H, h, w)."""
+        B, T, C, h, w = f_tok.shape
+        own = torch.cat([f_tok, x_in.to(f_tok.dtype)], dim=2).flatten(0, 1)  # (B T, 2 C, h, w)
+        weight = self.conv_in.weight[:, : self.own_channels]
+        hidden = F.conv2d(own, weight, padding=1).view(B, T, -1, h, w) + prev_part  # (B, T, H, h, w)
+        shift, scale = self.modulation(c_act).chunk(2, dim=-1)  # (B, T, H) each
+        hidden = F.silu(torch.addcmul(shift[..., None, None], hidden, 1 + scale[..., None, None]))
+        hidden = F.silu(self.conv_mid(hidden.flatten(0, 1)))  # (B T, H, h, w)
+        return f_tok + self.conv_out(hidden).view(B, T, C, h, w)
+
+
 class RewardTerminationHead(nn.Module):
     """Per frame: mean over its tokens -> LayerNorm -> MLP -> (reward, termination logit)."""
 
@@ -432,6 +490,7 @@ class WorldModelNet(nn.Module):
         self.action_emb = ActionEmbedding(cfg)
         self.blocks = nn.ModuleList(create_block(cfg, i) for i in range(cfg.n_layers))
         self.final = FinalLayer(d, cfg.token_channels)
+        self.local_head = LocalHead(cfg) if cfg.local_head else None
         self.heads = RewardTerminationHead(d)
 
     def forward(
@@ -468,7 +527,10 @@ class WorldModelNet(nn.Module):
         if heads_out is not None:
             heads_out["reward"], heads_out["termination_logit"] = self.heads(x)  # (B, T) each
         out = self.final(x, c)  # (B, T, N, C p p)
-        return unpatchify(out, cfg.latent_channels, cfg.token_grid, cfg.patch)  # (B, T, C, h, w)
+        out = unpatchify(out, cfg.latent_channels, cfg.token_grid, cfg.patch)  # (B, T, C, h, w)
+        if self.local_head is not None:
+            out = self.local_head(out, x_in, self.local_head.prev_part(prev), F.silu(c))
+        return out
 
     def step(self, x_in: torch.Tensor, c_noise: torch.Tensor, frame: FrameStep, commit: bool,
              heads_out: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -487,7 +549,10 @@ class WorldModelNet(nn.Module):
         if heads_out is not None:
             heads_out["reward"], heads_out["termination_logit"] = self.heads(x)  # (B, 1) each
         out = self.final.step(x[:, 0], c_act)[:, None]  # (B, 1, N, C p p)
-        return unpatchify(out, cfg.latent_channels, cfg.token_grid, cfg.patch)  # (B, 1, C, h, w)
+        out = unpatchify(out, cfg.latent_channels, cfg.token_grid, cfg.patch)  # (B, 1, C, h, w)
+        if self.local_head is not None:
+            out = self.local_head(out, x_in, frame.local_prev_part, c_act[:, None])
+        return out
 
 
 @dataclass

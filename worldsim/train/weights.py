@@ -11,7 +11,7 @@ import torch
 
 # Config fields a warm start may change: they add zero-initialised layers or choose kernels, so
 # the loaded weights still compute what they computed.
-WARM_START_FREE_FIELDS = ("prev_frames", "attn_backend", "ssm_backend", "ssm_chunk_size")
+WARM_START_FREE_FIELDS = ("prev_frames", "local_head", "attn_backend", "ssm_backend", "ssm_chunk_size")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
