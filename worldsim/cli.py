@@ -40,7 +40,7 @@ app = typer.Typer(
 # keeps train's signature and help; `torchrun -m worldsim.commands.train` runs train unchecked.
 @functools.wraps(train)
 def _train(*args, **kwargs):
-    check_model_overrides(kwargs.get("set_") or [])
+    check_model_overrides(kwargs.get("model_overrides") or [])
     return train(*args, **kwargs)
 
 

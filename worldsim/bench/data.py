@@ -37,6 +37,7 @@ class DataBenchConfig:
     loader_seconds: float = 4.0
     """Seconds each loader measurement runs."""
     seed: int = 0
+    """Seeds the mazes and the random actions."""
 
 
 def _random_actions(n: int, seed: int) -> np.ndarray:

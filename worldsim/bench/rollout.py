@@ -116,6 +116,7 @@ class RolloutBenchConfig:
     threads: int | None = None
     """torch CPU threads (None: torch's default). Use 1 for stable numbers on a shared machine."""
     seed: int = 0
+    """Seeds the random weights, the actions, the sampler noise and the real env."""
 
 
 # ------------------------------------------------------------------------------ helpers

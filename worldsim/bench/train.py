@@ -66,6 +66,7 @@ class TrainBenchConfig:
     threads: int | None = None
     """torch CPU threads in each point's process (None: torch's default)."""
     seed: int = 0
+    """Seeds the weights and the batches."""
 
 
 # Dense peak TFLOP/s (no sparsity) by (name fragment, precision), from the vendors' data sheets.

@@ -71,15 +71,23 @@ class CodecTrainConfig:
     stop_after: int | None = None
     """Checkpoint and stop at this step in this session (resume later to reach `steps`)."""
     batch_size: int = 32
+    """Frames per step."""
     lr: float = 1e-3
     """Peak AdamW learning rate, after a linear warmup; cosine decay to lr * min_lr_ratio."""
     min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr`."""
     warmup_steps: int = 200
+    """Linear warmup steps."""
     weight_decay: float = 1e-4
+    """AdamW weight decay."""
     grad_clip: float = 1.0
+    """Max global gradient norm."""
     l1_weight: float = 1.0
+    """Weight of the pixel L1 loss."""
     mse_weight: float = 1.0
+    """Weight of the pixel MSE loss."""
     edge_weight: float = 0.5
+    """Weight of the L1 loss on horizontal and vertical pixel differences (sharpens thin edges)."""
     hflip: bool = True
     """Mirror half the frames of each batch (a mirrored maze view is still a valid frame)."""
     val_episodes: int = 1
@@ -89,15 +97,21 @@ class CodecTrainConfig:
     stats_frames: int = 1024
     """Training frames the latent mean/std are measured on at each checkpoint."""
     eval_every: int = 500
+    """Steps between held-out PSNR evaluations."""
     checkpoint_every: int = 500
+    """Steps between checkpoints; one is always written at the end."""
     log_every: int = 20
+    """Steps between TensorBoard scalars (losses, lr, grad norm)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk."""
     seed: int = 0
+    """Seeds the weights, the batch order and the augmentation."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:1..."""
     num_workers: int = 0
     """DataLoader workers reading frames (0: in the training process)."""
     progress: bool = True
+    """Show a progress bar."""
 
     def codec_config(self) -> CodecConfig:
         if self.init_from is not None:

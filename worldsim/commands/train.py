@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 
+from worldsim.commands.options import config_options
 from worldsim.model.config import PRESETS, VARIANTS  # torch-free: --help stays fast
 
 
@@ -44,55 +44,23 @@ def _init_source(value: str | None) -> str | None:
     return str(folder)
 
 
+@config_options(
+    "worldsim.train.trainer", "TrainConfig",
+    choices={"preset": PRESETS, "variant": VARIANTS},
+    minimum={"window": 3, "batch_size": 1, "steps": 1, "stop_after": 1, "warmup_steps": 1, "seed": 0, "log_every": 1,
+             "checkpoint_every": 1, "sample_every": 0, "sample_count": 1, "sample_context": 1, "sample_steps": 1,
+             "keep_checkpoints": 1, "num_workers": 0},
+    helps={"init_from": "Warm start a new run from a bundle, checkpoint or run folder (EMA weights); 'bundled' is "
+                        "the shipped model. Layers it lacks (--set prev_frames=K) start fresh."},
+)  # fmt: skip
 def train(
-    dataset: list[str] = typer.Option(
+    datasets: list[str] = typer.Option(
         ..., "--dataset", "-d", help="Minari dataset id or folder; repeat for several datasets."
     ),
-    codec: Path = typer.Option(
-        ..., help="Frame codec checkpoint folder or `worldsim train-codec` run folder."
-    ),
-    run_dir: Path = typer.Option(Path("runs/world-model"), help="Run folder (checkpoints, TensorBoard)."),
-    preset: str = typer.Option("tiny", help=f"Model size: {', '.join(PRESETS)} (cpu: small made fast to train on a CPU)."),
-    variant: str = typer.Option(
-        "lssvwm", help=f"{VARIANTS[0]}, or a baseline: {', '.join(VARIANTS[1:])}."
-    ),
-    set_: list[str] = typer.Option(
+    model_overrides: list[str] = typer.Option(
         [], "--set", help="Override a model config field, KEY=VALUE (JSON value), e.g. --set n_layers=4."
     ),
-    window: int = typer.Option(16, min=3, help="Frames per training window."),
-    batch_size: int = typer.Option(8, min=1, help="Windows per step on each rank."),
-    steps: int = typer.Option(10_000, min=1, help="Total optimisation steps (the LR schedule spans them)."),
-    stop_after: Optional[int] = typer.Option(  # noqa: UP007 (typer needs Optional on Python 3.11)
-        None, min=1, help="Checkpoint and stop at this step in this session."
-    ),
-    lr: float = typer.Option(3e-4, help="Peak learning rate (warmup, then cosine decay)."),
-    min_lr_ratio: float = typer.Option(0.1, help="Final learning rate / peak."),
-    weight_decay: float = typer.Option(0.01, help="AdamW weight decay of matrices."),
-    warmup_steps: int = typer.Option(200, min=1, help="Linear warmup steps."),
-    grad_clip: float = typer.Option(1.0, help="Max gradient norm."),
-    ema_decay: float = typer.Option(0.999, help="EMA decay of the weights used for samples."),
-    noise_mean: float = typer.Option(0.3, help="Mean of ln(sigma) of the training noise levels."),
-    noise_std: float = typer.Option(1.2, help="Std of ln(sigma) of the training noise levels."),
-    p_long_context: float = typer.Option(0.5, help="Probability of a clean prefix (> half the window) per window."),
-    seed: int = typer.Option(0, min=0, help="Seeds weights, window order and noise."),
-    log_every: int = typer.Option(10, min=1, help="Steps between TensorBoard scalars."),
-    checkpoint_every: int = typer.Option(1000, min=1, help="Steps between checkpoints."),
-    sample_every: int = typer.Option(1000, min=0, help="Steps between rollout samples (0: none)."),
-    keep_checkpoints: int = typer.Option(3, min=1, help="Newest checkpoints kept."),
-    resume: bool = typer.Option(False, help="Continue the run in --run-dir from its latest checkpoint."),
-    init_from: Optional[str] = typer.Option(  # noqa: UP007
-        None, help="Warm start a new run from a bundle, checkpoint or run folder (EMA weights); "
-        "'bundled' is the shipped model. Layers it lacks (--set prev_frames=K) start fresh.",
-    ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (torchrun: each rank its LOCAL_RANK GPU)."),
-    bf16: bool = typer.Option(False, help="bf16 autocast (CUDA only)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA only)."),
-    num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
-    latent_cache: bool = typer.Option(
-        True, help="Encode each episode once into RUN_DIR/latents (keyed by the codec) and train on "
-        "those latents; --no-latent-cache encodes every batch's frames at every step.",
-    ),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    **fields: Any,
 ) -> None:
     """Train the world model on windows of Minari datasets, in the latent space of a frozen codec.
 
@@ -112,15 +80,8 @@ def train(
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
         handlers=[RichHandler(show_path=False)],
     )  # fmt: skip
-    config = TrainConfig(
-        datasets=tuple(dataset), codec=str(codec), run_dir=str(run_dir), preset=preset, variant=variant,
-        model_overrides=_parse_overrides(set_), window=window, batch_size=batch_size, steps=steps,
-        stop_after=stop_after, lr=lr, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
-        warmup_steps=warmup_steps, grad_clip=grad_clip, ema_decay=ema_decay, noise_mean=noise_mean, noise_std=noise_std, p_long_context=p_long_context, seed=seed,
-        log_every=log_every, checkpoint_every=checkpoint_every, sample_every=sample_every,
-        keep_checkpoints=keep_checkpoints, resume=resume, init_from=_init_source(init_from), device=device, bf16=bf16, compile=compile,
-        num_workers=num_workers, latent_cache=latent_cache, progress=progress and rank == 0,
-    )  # fmt: skip
+    fields.update(init_from=_init_source(fields["init_from"]), progress=fields["progress"] and rank == 0)
+    config = TrainConfig(datasets=tuple(datasets), model_overrides=_parse_overrides(model_overrides), **fields)
     try:
         summary = run_train(config)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # CheckpointErrors are ValueErrors

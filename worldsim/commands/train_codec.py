@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-
-class CodecPreset(str, Enum):
-    """`worldsim.codec.autoencoder.PRESETS` (a test keeps them equal; repeated here so that
-    `worldsim --help` does not import torch)."""
-
-    tiny = "tiny"
-    small = "small"
-    small_f4 = "small-f4"
-    base = "base"
+from worldsim.commands.options import choice_enum, config_options, dict_keys
 
 
+# The codec presets, read from worldsim.codec.autoencoder's source (importing it imports torch).
+CodecPreset = choice_enum("CodecPreset", dict_keys("worldsim.codec.autoencoder", "PRESETS"))
+
+
+@config_options(
+    "worldsim.codec.train", "CodecTrainConfig", skip=("codec",), choices={"preset": CodecPreset},
+    minimum={"steps": 1, "stop_after": 1, "batch_size": 1, "lr": 0.0, "val_episodes": 1, "val_frames": 1,
+             "stats_frames": 1, "eval_every": 1, "checkpoint_every": 1, "log_every": 1, "keep_checkpoints": 1,
+             "seed": 0, "num_workers": 0},
+    helps={"init_from": "Start from this codec (checkpoint, run folder, bundle folder, or 'bundled'); its config "
+                        "replaces --preset."},
+)  # fmt: skip
 def train_codec(
     datasets: Optional[list[str]] = typer.Argument(  # noqa: UP007
         None, show_default=False,
@@ -27,37 +30,14 @@ def train_codec(
     dataset_opts: Optional[list[str]] = typer.Option(  # noqa: UP007
         None, "--dataset", "-d", hidden=True, help="Same as the DATASETS arguments (the spelling `worldsim train` uses)."
     ),
-    out: Optional[Path] = typer.Option(  # noqa: UP007
+    run_dir: Optional[Path] = typer.Option(  # noqa: UP007
         None, "--out", "-o", show_default=False, help="Run folder: checkpoints, latest.json, tb/.  [required]"
     ),
-    run_dir: Optional[Path] = typer.Option(  # noqa: UP007
+    run_dir_alias: Optional[Path] = typer.Option(  # noqa: UP007
         None, "--run-dir", hidden=True, help="Same as --out (the spelling `worldsim train` uses)."
     ),
-    preset: CodecPreset = typer.Option(
-        CodecPreset.small, help="Codec size (small: 64x64x3 -> 8x8x16)."
-    ),
-    init_from: Optional[str] = typer.Option(  # noqa: UP007
-        None, "--init-from", show_default=False,
-        help="Start from this codec (checkpoint, run folder, bundle folder, or 'bundled'); its config replaces --preset.",
-    ),
-    decoder_only: bool = typer.Option(
-        False, "--decoder-only",
-        help="Train only the decoder (needs --init-from): the latent space, and world models trained on it, stay valid.",
-    ),
-    steps: int = typer.Option(20_000, min=1, help="Training steps (the LR schedule spans them)."),
-    stop_after: Optional[int] = typer.Option(  # noqa: UP007 (typer needs Optional on Python 3.11)
-        None, min=1, help="Checkpoint and stop at this step; --resume later to go on."
-    ),
-    batch_size: int = typer.Option(32, min=1, help="Frames per step."),
-    lr: float = typer.Option(1e-3, min=0.0, help="Peak AdamW learning rate."),
-    val_episodes: int = typer.Option(1, min=1, help="Episodes held out per dataset for PSNR."),
-    eval_every: int = typer.Option(500, min=1, help="Steps between held-out PSNR evaluations."),
-    checkpoint_every: int = typer.Option(500, min=1, help="Steps between checkpoints."),
-    seed: int = typer.Option(0, min=0, help="Seed of the weights, batch order and augmentation."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    **fields: Any,
 ) -> None:
     """Train the frame codec (autoencoder) on dataset frames and report held-out PSNR.
 
@@ -69,7 +49,7 @@ def train_codec(
     datasets = [*(datasets or []), *(dataset_opts or [])]
     if not datasets:
         raise typer.BadParameter("give at least one dataset id or folder", param_hint="DATASETS")
-    out = merge_alias(out, run_dir, None, "--out", "--run-dir")
+    out = merge_alias(run_dir, run_dir_alias, None, "--out", "--run-dir")
     if out is None:
         raise typer.BadParameter("missing: the run folder to write", param_hint="'--out' / '-o'")
 
@@ -78,21 +58,15 @@ def train_codec(
     from worldsim.codec.train import train_codec as run_training
     from worldsim.data.episode_store import DatasetError
 
-    if init_from == "bundled":
+    if fields["init_from"] == "bundled":
         from worldsim.bundled import bundled_model_dir
 
         found = bundled_model_dir()
         if found is None:
             typer.echo("error: --init-from bundled: no bundled model is installed", err=True)
             raise typer.Exit(code=1)
-        init_from = str(found)
-    config = CodecTrainConfig(
-        datasets=tuple(datasets), run_dir=str(out), preset=preset.value, steps=steps,
-        init_from=init_from, decoder_only=decoder_only,
-        stop_after=stop_after, batch_size=batch_size, lr=lr, val_episodes=val_episodes,
-        eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, device=device,
-        num_workers=num_workers, progress=progress,
-    )  # fmt: skip
+        fields["init_from"] = str(found)
+    config = CodecTrainConfig(datasets=tuple(datasets), run_dir=str(out), **fields)
     try:
         result = run_training(config, resume=resume)
     except (ValueError, DatasetError, CheckpointError, FileExistsError, FileNotFoundError) as e:

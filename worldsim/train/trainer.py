@@ -64,7 +64,7 @@ class TrainConfig:
     run_dir: str = "runs/world-model"
     """Folder for latest.json, checkpoints/, tb/ and samples/."""
     preset: str = "tiny"
-    """Model size preset (`worldsim.model.config.PRESETS`: tiny, small, cpu, base)."""
+    """Model size preset (`worldsim.model.config.PRESETS`; cpu: small made fast to train on a CPU)."""
     variant: str = "lssvwm"
     """lssvwm or a baseline (`worldsim.model.config.VARIANTS`)."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
