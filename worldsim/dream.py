@@ -33,7 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import gymnasium as gym
+import imageio.v2 as imageio
 import numpy as np
+import torch
+
+from worldsim.agents.agent_checkpoint import check_spaces
+from worldsim.bundled import bundle_location, bundled_model_dir, check_maze_size
+from worldsim.data.exploration import Navigator, RandomWalk
+from worldsim.envs.memory_maze import MemoryMazeEnv
+from worldsim.loading import BUNDLED, load_dream_model
+from worldsim.rollout.context import MinariContext
+from worldsim.rollout.session import RolloutSession
+from worldsim.utils.labels import label_panels
 
 MEMORY_MAZE = "memory-maze"
 NO_MODEL_HELP = (
@@ -110,9 +122,6 @@ def resolve_checkpoint_arg(checkpoint: str | os.PathLike | None, maze_size: int 
     bundled model (`worldsim.bundled`), else NoModelError.
 
     With the bundled model and a live maze of `maze_size`, the size must be the one it learned."""
-    from worldsim.bundled import bundle_location, bundled_model_dir, check_maze_size
-    from worldsim.loading import BUNDLED
-
     if checkpoint is not None and str(checkpoint) != BUNDLED:
         path = Path(checkpoint).expanduser()
         if not path.exists():
@@ -150,7 +159,7 @@ class SB3Policy:
 def load_sb3_agent(path: str | os.PathLike):
     """The agent in an SB3 zip. The zip does not name its algorithm, so the discrete-action ones
     are tried in turn: loading into the wrong class fails on its parameter names."""
-    try:
+    try:  # here: stable-baselines3 is an optional extra (worldsim[rl])
         from stable_baselines3 import A2C, DQN, PPO
     except ImportError:
         raise ImportError("an SB3 policy needs stable-baselines3: pip install 'worldsim[rl]'") from None
@@ -168,7 +177,7 @@ class AgentCheckpointPolicy:
     action for the frame it sees. No pickle is read."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        try:
+        try:  # here: loading an agent needs stable-baselines3, an optional extra (worldsim[rl])
             from worldsim.agents.agent_eval import load_agent
         except ImportError:
             raise ImportError("an agent policy needs stable-baselines3: pip install 'worldsim[rl]'") from None
@@ -177,10 +186,6 @@ class AgentCheckpointPolicy:
 
     def check_fits(self, n_actions: int) -> None:
         """ValueError naming both sides when the agent was trained on other frames or actions."""
-        import gymnasium as gym
-
-        from worldsim.agents.agent_checkpoint import check_spaces
-
         frames = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
         check_spaces(self.agent.meta, frames, gym.spaces.Discrete(n_actions), f"--policy {self.path}")
 
@@ -198,8 +203,6 @@ def is_agent_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def make_policy(name: str, live_env: bool) -> Policy:
-    from worldsim.data.exploration import Navigator, RandomWalk
-
     if name == "random":
         return RandomWalk()
     if name == "scripted":
@@ -248,8 +251,6 @@ class VideoWriter:
     crash never leaves a truncated video under the final name."""
 
     def __init__(self, path: Path, fps: int) -> None:
-        import imageio.v2 as imageio
-
         if path.suffix.lower() not in VIDEO_SUFFIXES:
             raise ValueError(f"--out must end in .mp4 or .gif, got {path.name}")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,8 +282,6 @@ class VideoWriter:
 def compose(dream_frame: np.ndarray, real_frame: np.ndarray | None, scale: int) -> np.ndarray:
     """(H, W, 3) dream, optional real -> real | dream, upscaled by `scale` (nearest neighbour),
     each panel labelled ("real" / "dream") in its top-left corner (worldsim.utils.labels)."""
-    from worldsim.utils.labels import label_panels
-
     frame = dream_frame if real_frame is None else np.concatenate([real_frame, dream_frame], axis=1)
     frame = np.ascontiguousarray(frame.repeat(scale, axis=0).repeat(scale, axis=1))
     return label_panels(frame, ["dream"] if real_frame is None else ["real", "dream"])
@@ -291,11 +290,6 @@ def compose(dream_frame: np.ndarray, real_frame: np.ndarray | None, scale: int) 
 # ------------------------------------------------------------------------------ the rollout
 def dream(cfg: DreamConfig, progress: bool = False) -> DreamResult:
     """Run the dream the config describes; see the module doc."""
-    import torch
-
-    from worldsim.loading import load_dream_model
-    from worldsim.rollout.session import RolloutSession
-
     for name in ("steps", "context_frames", "scale", "fps", "sampler_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -309,8 +303,6 @@ def dream(cfg: DreamConfig, progress: bool = False) -> DreamResult:
     # Before loading anything: bad arguments fail fast.
     clip_source = None
     if not live:
-        from worldsim.rollout.context import MinariContext
-
         try:
             clip_source = MinariContext(cfg.context, cfg.context_frames)
         except FileNotFoundError as e:
@@ -330,15 +322,11 @@ def dream(cfg: DreamConfig, progress: bool = False) -> DreamResult:
 
     real_env, info = None, {}
     if live:
-        from worldsim.envs.memory_maze import MemoryMazeEnv
-
         real_env = MemoryMazeEnv(size=cfg.maze_size)
         if real_env.action_space.n != model.cfg.n_actions:
             raise ValueError(f"the model takes {model.cfg.n_actions} actions, Memory Maze has {real_env.action_space.n}")
         frames, actions, real_obs, info = live_context(real_env, policy, cfg.context_frames, cfg.seed, rng)
     else:
-        import gymnasium as gym
-
         frames, actions = clip_source.sample(rng, cfg.context_frames)
         real_obs = None
         policy.reset(_SpaceOnly(gym.spaces.Discrete(model.cfg.n_actions)), info, rng)

@@ -19,6 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from worldsim.collect import CollectConfig, collect
+from worldsim.data.bench_loader import measure_loader
+from worldsim.envs.memory_maze import MemoryMazeEnv
+
 
 @dataclass
 class DataBenchConfig:
@@ -47,7 +51,7 @@ def _random_actions(n: int, seed: int) -> np.ndarray:
 def measure_bare_env(size: int, steps: int, seed: int) -> dict[str, float]:
     """Upstream memory_maze dm_env, stepped with random actions."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from memory_maze import tasks
+    from memory_maze import tasks  # here: after MUJOCO_GL is set (MuJoCo reads it when it loads)
 
     env = getattr(tasks, f"memory_maze_{size}x{size}")(seed=seed)
     env.reset()
@@ -63,8 +67,6 @@ def measure_bare_env(size: int, steps: int, seed: int) -> dict[str, float]:
 
 def measure_adapter(size: int, steps: int, seed: int) -> dict[str, float]:
     """Our Gymnasium adapter (with the extra state computed into `info` every step)."""
-    from worldsim.envs.memory_maze import MemoryMazeEnv
-
     env = MemoryMazeEnv(size=size)
     env.reset(seed=seed)
     actions = _random_actions(steps, seed)
@@ -80,8 +82,6 @@ def measure_adapter(size: int, steps: int, seed: int) -> dict[str, float]:
 
 def measure_collection(cfg: DataBenchConfig, root: Path) -> dict[str, Any]:
     """`worldsim collect` end to end, random-walk policy, timed from start to last commit."""
-    from worldsim.collect import CollectConfig, collect
-
     dataset_id = "bench/memory-maze-v0"
     collect_cfg = CollectConfig(
         env_id=f"worldsim/MemoryMaze-{cfg.maze_size}x{cfg.maze_size}-v0",
@@ -108,8 +108,6 @@ def measure_collection(cfg: DataBenchConfig, root: Path) -> dict[str, Any]:
 
 
 def run(cfg: DataBenchConfig) -> dict[str, Any]:
-    from worldsim.data.bench_loader import measure_loader
-
     results: dict[str, Any] = {"config": asdict(cfg), "cpu_count": os.cpu_count()}
     results["bare_env"] = measure_bare_env(cfg.maze_size, cfg.env_steps, cfg.seed)
     results["adapter"] = measure_adapter(cfg.maze_size, cfg.env_steps, cfg.seed)

@@ -64,6 +64,16 @@ import numpy as np
 import torch
 
 from worldsim.loading import BUNDLED
+from worldsim.bench.train import malloc_trim, rss_bytes
+from worldsim.bundled import load_bundled
+from worldsim.codec.autoencoder import FrameCodec
+from worldsim.codec.autoencoder import preset as codec_config
+from worldsim.envs.dream_vector import DreamVectorEnv
+from worldsim.envs.memory_maze import MemoryMazeEnv
+from worldsim.model.config import make_config
+from worldsim.model.world_model import WorldModel
+from worldsim.rollout.context import ClipContext
+from worldsim.rollout.session import RolloutSession
 
 # The termination head's bias for random models: logit ~ -10, far below the threshold 0.
 NO_TERMINATION_BIAS = -10.0
@@ -135,16 +145,12 @@ def _sync(device: torch.device) -> None:
 
 def in_use_rss_bytes() -> int:
     """Resident set after returning freed heap to the OS (so it counts what is in use)."""
-    from worldsim.bench.train import malloc_trim, rss_bytes
-
     malloc_trim()
     return rss_bytes()
 
 
 def _random_model(cfg, seed: int):
     """A WorldModel of config `cfg` with random weights, opened up as the module doc says."""
-    from worldsim.model.world_model import WorldModel
-
     torch.manual_seed(seed)
     model = WorldModel(cfg).eval()
     with torch.no_grad():
@@ -157,9 +163,6 @@ def _random_model(cfg, seed: int):
 
 def random_parts(preset: str, variant: str, codec_preset: str, device: torch.device, seed: int = 0):
     """(world model, codec) with random weights, shaped as the presets say (module doc)."""
-    from worldsim.codec.autoencoder import FrameCodec, preset as codec_config
-    from worldsim.model.config import make_config
-
     torch.manual_seed(seed)
     codec = FrameCodec(codec_config(codec_preset)).eval()
     c, h, w = codec.config.latent_shape
@@ -190,8 +193,6 @@ def load_parts(cfg: RolloutBenchConfig, variant: str | None, device: torch.devic
     weights for the baselines; random weights of `cfg.preset` otherwise (None: lssvwm)."""
     if cfg.preset != BUNDLED:
         return Parts(*random_parts(cfg.preset, variant or "lssvwm", cfg.codec, device, cfg.seed))
-    from worldsim.bundled import load_bundled
-    from worldsim.model.config import make_config
 
     bundle = load_bundled(device=device)
     if variant in (None, bundle.model.cfg.variant):
@@ -235,8 +236,6 @@ def advance(session, frames: int, mode: str, rng: np.random.Generator) -> str:
 
 def measure_horizons(cfg: RolloutBenchConfig, parts: Parts, device: torch.device) -> list[dict[str, Any]]:
     """Per-frame latency and state bytes of one variant at each horizon (ascending)."""
-    from worldsim.rollout.session import RolloutSession
-
     model, variant = parts.model, parts.model.cfg.variant
     rng = np.random.default_rng(cfg.seed)
     session = RolloutSession(model, parts.codec, batch=1, sampler_steps=cfg.sampler_steps, seed=cfg.seed)
@@ -265,9 +264,6 @@ def measure_horizons(cfg: RolloutBenchConfig, parts: Parts, device: torch.device
 
 # ------------------------------------------------------------------------------ dream fps vs batch
 def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict[str, Any]:
-    from worldsim.envs.dream_vector import DreamVectorEnv
-    from worldsim.rollout.context import ClipContext
-
     rng = np.random.default_rng(cfg.seed)
     frames, actions = parts.context(rng, 1, cfg.context_frames)
     env = DreamVectorEnv(batch, model=parts.model, codec=parts.codec, context=ClipContext([frames[0]], [actions[0]]),
@@ -289,8 +285,6 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
 def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict[str, Any]:
     """Where a dreamed frame's time goes at `batch` streams: ms per step in the sampler's denoiser
     calls, the commit and the decode (`RolloutSession.step(timings=)`), means over the timed steps."""
-    from worldsim.rollout.session import RolloutSession
-
     model = parts.model
     rng = np.random.default_rng(cfg.seed)
     session = RolloutSession(model, parts.codec, batch=batch, sampler_steps=cfg.sampler_steps, seed=cfg.seed)
@@ -314,8 +308,6 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
 def measure_real_env(maze_size: int, steps: int, seed: int) -> dict[str, Any]:
     """Real Memory Maze steps/s through our Gymnasium adapter, in wall and CPU time (creation and
     reset not timed; same loop as `worldsim.bench.data.measure_adapter`)."""
-    from worldsim.envs.memory_maze import MemoryMazeEnv
-
     env = MemoryMazeEnv(size=maze_size)
     env.reset(seed=seed)
     actions = np.random.default_rng(seed).integers(0, env.action_space.n, size=steps)
@@ -334,8 +326,6 @@ def measure_real_env(maze_size: int, steps: int, seed: int) -> dict[str, Any]:
 @torch.no_grad()
 def measure_long_rollout(cfg: RolloutBenchConfig, parts: Parts, progress: bool = False) -> dict[str, Any]:
     """Stream `long_steps` real frames; RSS, state bytes and ms/frame sampled every `rss_every`."""
-    from worldsim.rollout.session import RolloutSession
-
     model = parts.model
     rng = np.random.default_rng(cfg.seed)
     session = RolloutSession(model, parts.codec, batch=1, sampler_steps=cfg.long_sampler_steps, seed=cfg.seed)

@@ -31,6 +31,7 @@ Method:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import math
 import multiprocessing as mp
 import os
@@ -41,6 +42,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from worldsim.model.config import VARIANTS, make_config
+from worldsim.model.loss import world_model_loss
+from worldsim.model.world_model import WorldModel
 
 
 @dataclass
@@ -86,8 +93,6 @@ def rss_bytes() -> int:
 def malloc_trim() -> None:
     """Return freed heap pages to the OS (glibc), so the resident set is what is in use."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -95,9 +100,6 @@ def malloc_trim() -> None:
 
 def _attention_flop_counter():
     """A FlopCounterMode that also counts the CPU flash-attention kernel (not in torch's table)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     aten = torch.ops.aten
 
     def forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -114,11 +116,7 @@ def _attention_flop_counter():
 
 def measure_point(cfg_dict: dict[str, Any], variant: str, window: int) -> dict[str, Any]:
     """One (variant, T) point in this process: time per step, peak memory, FLOPs. Run it fresh."""
-    import torch
 
-    from worldsim.model.config import make_config
-    from worldsim.model.loss import world_model_loss
-    from worldsim.model.world_model import WorldModel
 
     cfg = TrainBenchConfig(**cfg_dict)
     if cfg.threads is not None:
@@ -228,8 +226,6 @@ def _run_isolated(cfg: TrainBenchConfig, variant: str, window: int) -> dict[str,
 
 def run(cfg: TrainBenchConfig = TrainBenchConfig(), progress: bool = True) -> dict[str, Any]:
     """Measure every (variant, window) point; returns points, fitted slopes and the goal check."""
-    from worldsim.model.config import VARIANTS
-
     unknown = [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected some of {VARIANTS}")

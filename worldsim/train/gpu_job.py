@@ -70,10 +70,26 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from worldsim.train import weights
-from worldsim.codec.checkpoint import codec_fingerprint
+from worldsim import bundled
+from worldsim.codec.checkpoint import codec_fingerprint, load_codec
+from worldsim.data.pack import PackError, open_pack, video_backend
+from worldsim.diffusion.forcing import ForcingConfig
+from worldsim.model import frame_attention as fa
+from worldsim.model import ssd
+from worldsim.model.config import ModelConfig, make_config
+from worldsim.model.loss import world_model_loss
+from worldsim.model.ssd_reference import ssd_recurrent
+from worldsim.model.world_model import WorldModel
+from worldsim.rollout.session import RolloutSession
+from worldsim.train import checkpoint as ckpt
+from worldsim.train import distributed, weights
+from worldsim.train.distributed import TrainView
+from worldsim.train.ema import EMA
 from worldsim.train.weights import parameter_groups
+from worldsim.utils.atomic import atomic_write_json, replace_dir
 
 log = logging.getLogger("worldsim.gpu_job")
 
@@ -222,8 +238,6 @@ class Job:
         return self.deadline - time.perf_counter()
 
     def write(self) -> None:
-        from worldsim.utils.atomic import atomic_write_json
-
         self.results["seconds"] = round(self.elapsed(), 2)
         self.results["forbidden_modules_loaded"] = forbidden_modules_loaded()
         atomic_write_json(self.out / RESULTS_FILE, self.results)
@@ -250,10 +264,8 @@ def setup_logging(out: Path) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """`worldsim.train.distributed.resolve_device`, with its refusal as the job's input error."""
-    from worldsim.train.distributed import resolve_device as resolve
-
     try:
-        return resolve(name)
+        return distributed.resolve_device(name)
     except ValueError as e:
         raise JobInputError(f"--device {name}: {e}") from None
 
@@ -313,8 +325,6 @@ def harmonize_flex_dtypes() -> None:
     (torch <= 2.11) refuses mixed dtypes instead. This wraps `frame_attention.flex_frame_attention`
     so that under autocast it gets what SDPA would: q, k, v in the autocast dtype. A no-op outside
     autocast (inference, the self-check's float32 comparisons) and when the dtypes already agree."""
-    from worldsim.model import frame_attention as fa
-
     if getattr(fa.flex_frame_attention, "_harmonized", False):
         return
     inner = fa.flex_frame_attention
@@ -354,9 +364,6 @@ def _worst(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, 
 
 def check_ssd(device: torch.device) -> Check:
     """Chunked SSD scan (the path `ssd_chunked` takes here) vs the token-by-token recurrence."""
-    from worldsim.model.ssd import default_chunk_size, resolve_backend, ssd_chunked
-    from worldsim.model.ssd_reference import ssd_recurrent
-
     g = torch.Generator().manual_seed(0)
     b, L, h, p, n = 2, (300 if device.type == "cuda" else 100), 4, 32, 16
     x = torch.randn(b, L, h, p, generator=g, dtype=torch.float64)
@@ -373,21 +380,18 @@ def check_ssd(device: torch.device) -> Check:
 
     xf = x.to(device, torch.float32).requires_grad_(True)
     args = [t.to(device, torch.float32) for t in (dt_, A, B, C)]
-    chunk = default_chunk_size(xf)
-    y, s = ssd_chunked(xf, *args, chunk, h0.to(device, torch.float32), backend="auto")
+    chunk = ssd.default_chunk_size(xf)
+    y, s = ssd.ssd_chunked(xf, *args, chunk, h0.to(device, torch.float32), backend="auto")
     (y * w.to(device, torch.float32)).sum().backward()
     worst, errs = _worst({"y": (y, y_ref), "final_state": (s, s_ref), "grad_x": (xf.grad, xr.grad)})
     tol = 1e-4
     return Check("ssd_scan", worst <= tol, worst, tol, detail={
-        "backend": resolve_backend(xf), "chunk": chunk, "length": L, "errors": errs})
+        "backend": ssd.resolve_backend(xf), "chunk": chunk, "length": L, "errors": errs})
 
 
 def check_attention(device: torch.device) -> Check:
     """Frame-local attention: the fast path `auto` picks here vs the dense masked reference,
     forward and backward, with 8 cached frames before 24 query frames (window 9)."""
-    from worldsim.model.frame_attention import (chunked_frame_attention, dense_frame_attention,
-                                                flex_frame_attention, resolve_backend)
-
     g = torch.Generator().manual_seed(1)
     B, H, D, N, Tq, P, window = 2, 4, 32, 16, 24, 8, 9
     q = torch.randn(B, H, Tq * N, D, generator=g, dtype=torch.float64)
@@ -401,9 +405,9 @@ def check_attention(device: torch.device) -> Check:
         (out.float() * w.to(dev, torch.float32)).sum().backward()
         return out, *(t.grad for t in ts)
 
-    ref = run(dense_frame_attention, torch.float64, torch.device("cpu"))
-    name = resolve_backend("auto", device, needs_grad=True)
-    fast = flex_frame_attention if name == "flex" else chunked_frame_attention
+    ref = run(fa.dense_frame_attention, torch.float64, torch.device("cpu"))
+    name = fa.resolve_backend("auto", device, needs_grad=True)
+    fast = fa.flex_frame_attention if name == "flex" else fa.chunked_frame_attention
     names = ("out", "grad_q", "grad_k", "grad_v")
     worst, errs = _worst(dict(zip(names, zip(run(fast, torch.float32, device), ref))))
     tol = 2e-3 if device.type == "cuda" else 1e-5
@@ -419,9 +423,6 @@ def check_attention(device: torch.device) -> Check:
 def check_streaming(device: torch.device) -> Check:
     """A tiny WorldModel (direct path on, perturbed zero-initialised layers): the parallel forward
     over 8 frames equals 8 streaming steps (the dream loop)."""
-    from worldsim.model.config import make_config
-    from worldsim.model.world_model import WorldModel
-
     cfg = make_config("tiny", latent_channels=4, latent_grid=(8, 8), attn_window=3, ssm_chunk_size=8, prev_frames=2)
     torch.manual_seed(0)
     model = WorldModel(cfg)
@@ -449,8 +450,6 @@ def check_streaming(device: torch.device) -> Check:
 
 def check_video(pack) -> Check:
     """Decode the first pack video: the manifest's frame count and shape."""
-    from worldsim.data.pack import PackError, video_backend
-
     t = time.perf_counter()
     try:
         frames = pack.frames(0)
@@ -566,10 +565,6 @@ def load_device_data(pack, codec, device: torch.device, cfg: JobConfig) -> Devic
 
 # ------------------------------------------------------------------------------ model
 def load_codec_for(cfg: JobConfig, init_from: str | None):
-    from worldsim import bundled
-    from worldsim.codec.checkpoint import load_codec
-    from worldsim.train import checkpoint as ckpt
-
     path = cfg.codec
     if path is None and init_from is not None:
         if bundled.is_bundle(init_from):
@@ -594,9 +589,6 @@ def load_codec_for(cfg: JobConfig, init_from: str | None):
 
 def build_model(cfg: JobConfig, init_from: str | None, codec_config, space: dict[str, Any]):
     """(WorldModel with the warm-start weights, warm-start report)."""
-    from worldsim.model.config import ModelConfig, make_config
-    from worldsim.model.world_model import WorldModel
-
     derived: dict[str, Any] = {"latent_channels": codec_config.latent_channels,
                                "latent_grid": [codec_config.latent_size] * 2}
     if space["type"] == "discrete":
@@ -639,9 +631,6 @@ def check_train_step(model, data: DeviceData, device: torch.device, cfg: JobConf
     """One training step's forward + backward on a real batch in the setup training will use:
     finite loss, finite gradients, and a gradient on the new direct-path layer. On CUDA a setup
     that raises is replaced by the next: bf16 + FlexAttention, bf16 + chunked SDPA, float32 (same two)."""
-    from worldsim.diffusion.forcing import ForcingConfig
-    from worldsim.model.loss import world_model_loss
-
     setups = [{"bf16": cfg.bf16 and device.type == "cuda", "attn_backend": "auto"}]
     if device.type == "cuda":
         setups += [{"bf16": True, "attn_backend": "chunked"}, {"bf16": False, "attn_backend": "auto"},
@@ -688,12 +677,6 @@ def export_checkpoint(folder: Path, out: Path) -> Path:
     the float32 file would exceed what the lent machine returns), point $OUT/latest.json at it,
     then delete older exported checkpoints. A kill at any moment leaves latest.json pointing at
     a complete folder."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from worldsim.train import checkpoint as ckpt
-    from worldsim.utils.atomic import atomic_write_json, replace_dir
-
     root = out / ckpt.CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{folder.name}.tmp"
@@ -728,9 +711,6 @@ def downsample(rows: list, limit: int = 1500) -> list:
 @torch.no_grad()
 def validation_loss(module, data: DeviceData, device: torch.device, cfg: JobConfig, bf16: bool) -> float | None:
     """Loss of `module` on the held-out windows with fixed noise (the same at every call)."""
-    from worldsim.diffusion.forcing import ForcingConfig
-    from worldsim.model.loss import world_model_loss
-
     if len(data.val_starts) == 0:
         return None
     forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context)
@@ -754,12 +734,6 @@ def validation_loss(module, data: DeviceData, device: torch.device, cfg: JobConf
 def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: torch.device, setup: dict[str, Any],
           work: Path) -> dict[str, Any]:
     """Train until the budget; returns the training report (also kept in job.results["train"])."""
-    from worldsim.diffusion.forcing import ForcingConfig
-    from worldsim.model.loss import world_model_loss
-    from worldsim.train import checkpoint as ckpt
-    from worldsim.train.distributed import TrainView
-    from worldsim.train.ema import EMA
-
     cfg = job.cfg
     bf16 = setup["bf16"]
     forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context)
@@ -945,8 +919,6 @@ def rollout_benchmark(model, codec, clip, device: torch.device, cfg: JobConfig, 
 
 
 def _bench_one(model, codec, frames, actions, b: int, device: torch.device, cfg: JobConfig, rng, deadline: float) -> dict[str, Any]:
-    from worldsim.rollout.session import RolloutSession
-
     n_actions = model.cfg.n_actions
     try:
         if device.type == "cuda":
@@ -980,8 +952,6 @@ def _bench_one(model, codec, frames, actions, b: int, device: torch.device, cfg:
 
 # ------------------------------------------------------------------------------ main
 def run(cfg: JobConfig) -> int:
-    from worldsim.data.pack import PackError, open_pack
-
     job = Job(cfg)
     out = job.out
     setup_logging(out)
@@ -1023,8 +993,6 @@ def run(cfg: JobConfig) -> int:
         # 2. model source, codec, data
         init_from = cfg.init_from
         if init_from is None:
-            from worldsim import bundled
-
             init_from = str(bundled.bundle_location())
         elif init_from.lower() == "none":
             init_from = None
