@@ -134,8 +134,11 @@ def test_evaluation_end_to_end_and_cli(setup):
     assert bad.exit_code != 0 and "FIRST-LAST" in bad.output
     tuned = CliRunner().invoke(eval_app, ["realism", "--checkpoint", str(run), "--dataset", str(data), "--steps", "3",
                                           "--streams", "1", "--context", "3", "--bucket", "1-3", "--reference-frames", "4",
-                                          "--sampler-steps", "2", "--sigma-max", "20", "--solver", "euler", "--json"])
+                                          "--sampler-steps", "2", "--sigma-max", "20", "--solver", "euler", "--churn", "0.5",
+                                          "--json"])
     assert tuned.exit_code == 0, tuned.output
-    assert json.loads(tuned.output)["config"]["sampler"] == {"sigma_max": 20.0, "solver": "euler"}
+    assert json.loads(tuned.output)["config"]["sampler"] == {"sigma_max": 20.0, "solver": "euler", "churn": 0.5}
+    negative = CliRunner().invoke(eval_app, ["realism", "--checkpoint", str(run), "--dataset", str(data), "--churn", "-1"])
+    assert negative.exit_code != 0 and "churn" in negative.output
     wrong = CliRunner().invoke(eval_app, ["realism", "--checkpoint", str(run), "--dataset", str(data), "--solver", "rk4"])
     assert wrong.exit_code != 0 and "rk4" in wrong.output

@@ -15,14 +15,19 @@ eval_app = typer.Typer(help="Measure a trained world model against real data.", 
 SIGMA_MAX = typer.Option(None, help="Sampler's starting noise level (default: the sampler's).")
 SIGMA_MIN = typer.Option(None, help="Sampler's last noise level before 0 (default: the sampler's).")
 SOLVER = typer.Option(None, help="dpm2m, euler or heun (default: the sampler's).")
+CHURN = typer.Option(None, help="Fresh noise re-added before each sampler step (EDM's S_churn; 0 = none; default: the dream's).")
 AS_JSON = typer.Option(False, "--json", help="Print the results as JSON.")
 
 
-def _sampler(sigma_max: float | None, sigma_min: float | None, solver: str | None) -> dict | None:
+def _sampler(sigma_max: float | None, sigma_min: float | None, solver: str | None,
+             churn: float | None = None) -> dict | None:
     """The sampler settings given on the command line (None: the sampler's defaults), checked."""
     from worldsim.diffusion.sampler import SOLVERS
 
-    out = {k: v for k, v in (("sigma_max", sigma_max), ("sigma_min", sigma_min), ("solver", solver)) if v is not None}
+    given = (("sigma_max", sigma_max), ("sigma_min", sigma_min), ("solver", solver), ("churn", churn))
+    out = {k: v for k, v in given if v is not None}
+    if churn is not None and not churn >= 0:
+        raise typer.BadParameter(f"must be >= 0, got {churn}", param_hint="--churn")
     if solver is not None and solver not in SOLVERS:
         raise typer.BadParameter(f"{solver!r} is not one of {', '.join(SOLVERS)}", param_hint="--solver")
     for name in ("sigma_max", "sigma_min"):
@@ -37,6 +42,7 @@ def eval_prediction(
     sigma_max: float | None = SIGMA_MAX,
     sigma_min: float | None = SIGMA_MIN,
     solver: str | None = SOLVER,
+    churn: float | None = CHURN,
     out_dir: str | None = typer.Option(None, help="Write prediction.json and prediction.png (PSNR vs step) here."),
     as_json: bool = AS_JSON,
     **fields: Any,
@@ -45,7 +51,7 @@ def eval_prediction(
     reconstruction ceiling and a copy-last-frame baseline."""
     from worldsim.evaluation.prediction import PredictionEvalConfig, evaluate_prediction, format_table, write_plot
 
-    cfg = PredictionEvalConfig(sampler=_sampler(sigma_max, sigma_min, solver), **fields)
+    cfg = PredictionEvalConfig(sampler=_sampler(sigma_max, sigma_min, solver, churn), **fields)
     try:
         results = evaluate_prediction(cfg, progress=not as_json)
     except ValueError as e:  # bad arguments or a dataset that does not fit the model: no traceback
@@ -102,6 +108,7 @@ def eval_realism(
     sigma_max: float | None = SIGMA_MAX,
     sigma_min: float | None = SIGMA_MIN,
     solver: str | None = SOLVER,
+    churn: float | None = CHURN,
     as_json: bool = AS_JSON,
     **fields: Any,
 ) -> None:
@@ -115,7 +122,7 @@ def eval_realism(
         if not sep or not lo.isdigit() or not hi.isdigit():
             raise typer.BadParameter(f"{spec!r} is not FIRST-LAST, e.g. 100-200", param_hint="--bucket")
         ranges.append((int(lo), int(hi)))
-    cfg = RealismEvalConfig(buckets=tuple(ranges), sampler=_sampler(sigma_max, sigma_min, solver), **fields)
+    cfg = RealismEvalConfig(buckets=tuple(ranges), sampler=_sampler(sigma_max, sigma_min, solver, churn), **fields)
     try:
         results = evaluate_realism(cfg, progress=not as_json)
     except ValueError as e:
