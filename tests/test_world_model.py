@@ -467,14 +467,12 @@ def test_bench_measure_point_and_table():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["lssvwm", "causal_window", "mamba_only"])
-def test_direct_path_trains_what_streaming_runs(variant):
-    """Training passes the clean latents behind a noisy window; at inference the cache keeps the
-    committed clean frames. Frame t denoised in parallel with a clean past (and clean=) equals the
-    streamed step on a cache that committed the clean frames 0..t-1."""
-    cfg = tiny_config(variant, prev_frames=2)
+def stream_against_parallel(cfg: ModelConfig, B: int = 2, T: int = 7, P: int = 2):
+    """A perturbed float64 model streams frames P..T-1 after a prefill of P clean frames: each
+    frame, noisy at sigma 0.7, is denoised by `step` (commit=False) and by the parallel pass over
+    the clean past (clean= for the direct path), which must agree; then the clean frame is
+    committed. Returns (model, cache, x, the last parallel inputs, sigma, actions, denoised)."""
     model = perturbed_model(cfg, torch.float64)
-    B, T, P = 2, 7, 2
     x, _, actions = random_inputs(cfg, B, T, torch.float64)
     noisy = x + 0.7 * torch.randn_like(x)
     zeros = torch.zeros(B, T, dtype=torch.float64)
@@ -488,8 +486,17 @@ def test_direct_path_trains_what_streaming_runs(variant):
             streamed = model.step(noisy[:, t], sigma[:, t], actions[:, t], cache, commit=False).denoised
             torch.testing.assert_close(streamed, parallel, atol=1e-10, rtol=1e-10)
             model.step(x[:, t], zeros[:, t], actions[:, t], cache)  # commit the clean frame
-        torch.testing.assert_close(cache.recent, x[:, -2:])
-        # The path is used: other previous frames give another prediction.
+    return model, cache, x, inputs, sigma, actions, parallel
+
+
+@pytest.mark.parametrize("variant", ["lssvwm", "causal_window", "mamba_only"])
+def test_direct_path_trains_what_streaming_runs(variant):
+    """Training passes the clean latents behind a noisy window; at inference the cache keeps the
+    committed clean frames. Frame t denoised in parallel with a clean past (and clean=) equals the
+    streamed step on a cache that committed the clean frames 0..t-1."""
+    model, cache, x, inputs, sigma, actions, parallel = stream_against_parallel(tiny_config(variant, prev_frames=2))
+    torch.testing.assert_close(cache.recent, x[:, -2:])
+    with torch.no_grad():  # the path is used: other previous frames give another prediction
         other = model(inputs, sigma, actions, clean=torch.cat([x[:, :-2] + 1, x[:, -2:]], 1)).denoised[:, -1]
     assert not torch.allclose(other, parallel)
 
@@ -547,24 +554,10 @@ def test_prev_frames_must_not_be_negative():
 @pytest.mark.parametrize("variant,prev_frames", [("lssvwm", 2), ("lssvwm", 0), ("causal_window", 2)])
 def test_local_head_streams_what_the_parallel_pass_computes(variant, prev_frames):
     """The head's share of the previous frames is computed once per frame (FrameStep); every
-    denoiser call and the commit equal the parallel pass over a clean past."""
+    denoiser call equals the parallel pass over a clean past."""
     cfg = tiny_config(variant, prev_frames=prev_frames, local_head=8)
-    model = perturbed_model(cfg, torch.float64)
-    B, T, P = 2, 6, 2
-    x, _, actions = random_inputs(cfg, B, T, torch.float64)
-    noisy = x + 0.7 * torch.randn_like(x)
-    zeros = torch.zeros(B, T, dtype=torch.float64)
-    with torch.no_grad():
-        cache = model.allocate_cache(B)
-        model(x[:, :P], zeros[:, :P], actions[:, :P], cache=cache)
-        for t in range(P, T):
-            inputs = torch.cat([x[:, :t], noisy[:, t : t + 1]], 1)
-            sigma = torch.cat([zeros[:, :t], torch.full((B, 1), 0.7, dtype=torch.float64)], 1)
-            parallel = model(inputs, sigma, actions[:, : t + 1], clean=x[:, : t + 1]).denoised[:, t]
-            frame = model.begin_frame(cache, actions[:, t])
-            torch.testing.assert_close(frame.denoise(noisy[:, t], sigma[:, t]), parallel, atol=1e-10, rtol=1e-10)
-            frame.commit(x[:, t])
-        # The head is used: without it the prediction changes.
+    model, _, x, inputs, sigma, actions, parallel = stream_against_parallel(cfg, T=6)
+    with torch.no_grad():  # the head is used: without it the prediction changes
         model.net.local_head.conv_out.weight.zero_()
         model.net.local_head.conv_out.bias.zero_()
         without = model(inputs, sigma, actions, clean=x).denoised[:, -1]
