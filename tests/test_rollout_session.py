@@ -327,3 +327,35 @@ def test_shape_caches_filled_while_dreaming_still_serve_training():
                   frame_attention._cached_band_mask(3, 5, 4, torch.device("cpu")),
                   *rope.cos_sin(7, 2, "cpu"), *rope._spatial(torch.device("cpu"), torch.float32)]
     assert not any(t.is_inference() for t in cached)
+
+
+def test_every_dream_default_takes_the_simulators_sampler_steps():
+    """DREAM_STEPS is the simulator's number of denoiser calls per dreamed frame. Every config,
+    env and command that takes sampler_steps with a default (written as a literal so `--help`
+    stays torch-free) must default to it, so changing it is one measured decision in one place."""
+    import dataclasses
+    import inspect
+
+    from worldsim.agents.imagination import AgentTrainConfig
+    from worldsim.bench.rollout import RolloutBenchConfig
+    from worldsim.commands.agent import agent_train
+    from worldsim.commands.dream import dream
+    from worldsim.commands.play import play
+    from worldsim.dream import DreamConfig
+    from worldsim.envs.dream import DreamEnv
+    from worldsim.envs.dream_vector import DreamVectorEnv
+    from worldsim.evaluation.memory import MemoryEvalConfig
+    from worldsim.evaluation.prediction import PredictionEvalConfig
+    from worldsim.evaluation.realism import RealismEvalConfig
+    from worldsim.rollout.session import DREAM_STEPS
+    from worldsim.train.gpu_job import JobConfig
+    from worldsim.viewer.app import ViewerConfig
+
+    defaults = {}
+    for config in (AgentTrainConfig, RolloutBenchConfig, DreamConfig, MemoryEvalConfig, PredictionEvalConfig,
+                   RealismEvalConfig, JobConfig, ViewerConfig):
+        defaults[config.__name__] = next(f.default for f in dataclasses.fields(config) if f.name == "sampler_steps")
+    for fn in (RolloutSession.__init__, DreamEnv.__init__, DreamVectorEnv.__init__, agent_train, dream, play):
+        default = inspect.signature(fn).parameters["sampler_steps"].default
+        defaults[fn.__qualname__] = getattr(default, "default", default)  # typer's OptionInfo holds it
+    assert defaults == dict.fromkeys(defaults, DREAM_STEPS)

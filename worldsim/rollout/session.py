@@ -57,6 +57,10 @@ class StepResult:
     """(B, C, h, w) the committed clean latents (model device)."""
 
 
+DREAM_STEPS = 4
+"""Denoiser calls per dreamed frame unless a caller asks for another number. The configs, envs and
+commands that take `sampler_steps` write this value as their literal default (a test holds them to it)."""
+
 DREAM_SAMPLER = {"sigma_max": 20.0}
 """Sampler settings of every dream unless a caller passes its own (`sampler_kwargs` add to and
 override these; the rest are `diffusion.sampler`'s defaults: 4 dpm2m steps down to sigma_min 0.1).
@@ -116,7 +120,7 @@ class RolloutSession:
         codec: FrameCodec,
         *,
         batch: int,
-        sampler_steps: int = 4,
+        sampler_steps: int = DREAM_STEPS,
         seed: int | None = None,
         sampler_kwargs: dict | None = None,
         fold_commit: bool | None = None,
