@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worldsim.model.ssd import default_chunk_size, ssd_chunked, ssd_one_chunk
+from worldsim.model.streams import stream_indices
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,15 +106,7 @@ class BlockwiseSSMCache:
         `cache.select([0] * 8)` forks stream 0 into 8 copies; `cache.select(best)` keeps the
         streams a planner picked. The result owns its memory.
         """
-        idx = torch.as_tensor(indices, device=self.ssm_state.device)
-        if idx.dim() != 1:
-            raise ValueError(f"indices must be 1-D (got shape {tuple(idx.shape)}); use [i] to keep one stream")
-        if idx.dtype == torch.bool and idx.numel() != self.batch_size:
-            raise ValueError(f"bool mask has {idx.numel()} entries for {self.batch_size} streams")
-        if idx.dtype != torch.bool:
-            idx = idx.long()
-            if idx.numel() and (idx.min() < -self.batch_size or idx.max() >= self.batch_size):
-                raise IndexError(f"stream index out of range for a cache of {self.batch_size} streams")
+        idx = stream_indices(indices, self.batch_size).to(self.ssm_state.device)
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             per_stream = t.reshape(self.batch_size, self.n_blocks, *t.shape[1:])  # (batch, nb, ...)
@@ -135,13 +128,7 @@ class BlockwiseSSMCache:
                 f"conv_state {tuple(other.conv_state.shape)} to one of {self.n_blocks} blocks, "
                 f"{tuple(self.ssm_state.shape)} and {tuple(self.conv_state.shape)}"
             )
-        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
-        if idx.numel() != other.batch_size:
-            raise ValueError(f"{idx.numel()} stream indices for a cache of {other.batch_size} streams; need one each")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
-            raise IndexError(f"stream indices {idx.tolist()} out of range for a cache of {self.batch_size} streams")
-        if len(set(idx.tolist())) != idx.numel():
-            raise ValueError(f"stream indices {idx.tolist()} must be distinct")
+        idx = stream_indices(indices, self.batch_size, incoming=other.batch_size)
 
         def put(t: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             out = t.reshape(self.batch_size, self.n_blocks, *t.shape[1:]).clone()  # (batch, nb, ...)

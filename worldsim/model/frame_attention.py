@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from worldsim.model.rope import VideoRoPE, apply_rotary
+from worldsim.model.streams import stream_indices
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +473,7 @@ class FrameKVCache:
 
     def select(self, indices: torch.Tensor | list[int]) -> FrameKVCache:
         """A new cache with the batch rows `indices` (copied), e.g. to keep the best plans."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.keys.device)
+        idx = stream_indices(indices, self.batch_size).to(self.keys.device)
         out = replace(self, keys=self.keys.index_select(0, idx), values=self.values.index_select(0, idx),
                       next_frames=self.next_frames[idx.cpu()], valid=self.valid[idx.cpu()])
         out._drop_unheld_slots()
@@ -488,7 +489,6 @@ class FrameKVCache:
         hold; the slots grow if `other` holds more frames than this cache has slots, and the
         leading slots no row holds any more are dropped.
         """
-        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
         if other.window != self.window or other.keys.shape[1:2] + other.keys.shape[3:] != (
             self.keys.shape[1:2] + self.keys.shape[3:]
         ):
@@ -496,7 +496,7 @@ class FrameKVCache:
                 f"cannot assign a cache (window={other.window}, shape {tuple(other.keys.shape)}) to one "
                 f"(window={self.window}, shape {tuple(self.keys.shape)}): heads, N, head_dim and window must match"
             )
-        _check_assign_indices(idx, self.batch_size, other.batch_size)
+        idx = stream_indices(indices, self.batch_size, incoming=other.batch_size)
         rows = idx.to(self.keys.device)
         new_k = other.keys.to(self.keys.device, self.keys.dtype)
         new_v = other.values.to(self.values.device, self.values.dtype)
@@ -538,16 +538,6 @@ class FrameKVCache:
         return replace(
             self, keys=self.keys.to(device=device, dtype=dtype), values=self.values.to(device=device, dtype=dtype)
         )
-
-
-def _check_assign_indices(idx: torch.Tensor, batch: int, n_new: int) -> None:
-    """Rows to overwrite: 1-D, distinct, in range, one per row of the incoming cache."""
-    if idx.numel() != n_new:
-        raise ValueError(f"{idx.numel()} row indices for a cache of {n_new} rows; need one per row")
-    if idx.numel() and (idx.min() < 0 or idx.max() >= batch):
-        raise IndexError(f"row indices {idx.tolist()} out of range for a cache of {batch} rows")
-    if len(set(idx.tolist())) != idx.numel():
-        raise ValueError(f"row indices {idx.tolist()} must be distinct")
 
 
 @dataclass

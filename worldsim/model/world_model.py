@@ -63,6 +63,7 @@ from worldsim.model.blockwise_ssm import BlockwiseMamba2, BlockwiseSSMCache, SSM
 from worldsim.model.conditioning import ActionEmbedding, AdaLNZero, NoiseLevelEmbedding, modulate
 from worldsim.model.config import ModelConfig
 from worldsim.model.frame_attention import AttentionStepFrame, FrameKVCache, FrameLocalAttention
+from worldsim.model.streams import stream_indices
 
 # ---------------------------------------------------------------------------------------------
 # Primitives
@@ -231,16 +232,7 @@ class WorldModelCache:
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> WorldModelCache:
         """Streams `indices` (1-D ints, repeats allowed, or a bool mask over the batch), copied."""
-        idx = torch.as_tensor(indices)
-        if idx.dtype == torch.bool:
-            if idx.shape != (self.batch_size,):
-                raise ValueError(f"bool mask has shape {tuple(idx.shape)} for {self.batch_size} streams")
-            idx = idx.nonzero().flatten()
-        if idx.dim() != 1:
-            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
-        idx = idx.long()
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
-            raise IndexError(f"stream index out of range for a cache of {self.batch_size} streams")
+        idx = stream_indices(indices, self.batch_size)
         return WorldModelCache(
             [LayerCache(None if l.ssm is None else l.ssm.select(idx),
                         None if l.kv is None else l.kv.select(idx.to(l.kv.keys.device))) for l in self.layers],
@@ -256,20 +248,8 @@ class WorldModelCache:
         two histories: the attention caches keep per-stream frame counters and masks (see
         `FrameKVCache.assign`). `frames_seen` stays the batch's count of frames written.
         """
-        idx = torch.as_tensor(indices)
-        if idx.dtype == torch.bool:
-            if idx.shape != (self.batch_size,):
-                raise ValueError(f"bool mask has shape {tuple(idx.shape)} for {self.batch_size} streams")
-            idx = idx.nonzero().flatten()
-        if idx.dim() != 1:
-            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
         # Checked here, before any layer changes, so a bad call leaves the cache as it was.
-        if idx.numel() != other.batch_size:
-            raise ValueError(f"{idx.numel()} stream indices for a cache of {other.batch_size} streams; need one each")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
-            raise IndexError(f"stream indices {idx.tolist()} out of range for a cache of {self.batch_size} streams")
-        if len(set(idx.tolist())) != idx.numel():
-            raise ValueError(f"stream indices {idx.tolist()} must be distinct")
+        idx = stream_indices(indices, self.batch_size, incoming=other.batch_size)
         structure = [(l.ssm is None, l.kv is None) for l in self.layers] + [self.recent is None]
         if structure != [(l.ssm is None, l.kv is None) for l in other.layers] + [other.recent is None]:
             raise ValueError("cannot assign a cache of a different model (its layers do not match)")
