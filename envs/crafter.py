@@ -31,6 +31,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from worldsim.envs.human_render import HumanRenderWindow, render_frame
+
 ACTION_NAMES = (
     "noop",
     "move_left",
@@ -207,8 +209,6 @@ class CrafterEnv(gym.Env[np.ndarray, np.int64]):
         self._closed = False
         self._window = None
         if render_mode == "human":
-            from worldsim.envs.human_render import HumanRenderWindow
-
             self._window = HumanRenderWindow("Crafter", fps=RENDER_FPS, scale=max(1, 512 // size))
 
     # ------------------------------------------------------------------ gymnasium API
@@ -256,18 +256,7 @@ class CrafterEnv(gym.Env[np.ndarray, np.int64]):
         return frame, float(reward), bool(terminated), truncated, info
 
     def render(self) -> np.ndarray | None:
-        if self.render_mode is None:
-            gym.logger.warn(
-                "CrafterEnv.render() called without a render_mode; "
-                "create the env with render_mode='rgb_array' or 'human'"
-            )
-            return None
-        if self._frame is None:
-            raise RuntimeError("CrafterEnv.render() called before reset()")
-        if self.render_mode == "rgb_array":
-            return self._frame.copy()
-        self._window.show(self._frame)
-        return None
+        return render_frame("CrafterEnv", self.render_mode, self._frame, self._window)
 
     def close(self) -> None:
         if self._window is not None:

@@ -32,6 +32,7 @@ from worldsim.loading import (  # noqa: F401 (re-exported: the envs' model loadi
     resolve_dream_checkpoint,
 )
 from worldsim.rollout.context import ClipContext, ContextSource, MinariContext, check_clip  # noqa: F401 (re-exported)
+from worldsim.envs.human_render import HumanRenderWindow, render_frame
 from worldsim.rollout.session import RolloutSession
 
 FRAME_SHAPE = (64, 64, 3)
@@ -189,19 +190,9 @@ class DreamEnv(gym.Env):
         return self._frame.copy(), float(out.rewards[0]), terminated, truncated, info
 
     def render(self):
-        if self.render_mode is None:
-            gym.logger.warn("render() called without a render_mode; pass render_mode='rgb_array' or 'human'")
-            return None
-        if self._frame is None:
-            raise RuntimeError("call reset() before render()")
-        if self.render_mode == "rgb_array":
-            return self._frame.copy()
-        if self._window is None:
-            from worldsim.envs.human_render import HumanRenderWindow
-
+        if self.render_mode == "human" and self._window is None:
             self._window = HumanRenderWindow("worldsim dream", self.metadata["render_fps"])
-        self._window.show(self._frame)
-        return None
+        return render_frame("DreamEnv", self.render_mode, self._frame, self._window)
 
     def close(self) -> None:
         if self._window is not None:

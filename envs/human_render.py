@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import time
 
+import gymnasium as gym
 import numpy as np
 
 
@@ -98,3 +99,19 @@ class PygameWindow:
         if self._screen is not None:
             self._pygame.display.quit()
             self._screen = None
+
+
+def render_frame(name: str, render_mode: str | None, frame: np.ndarray | None,
+                 window: HumanRenderWindow | None) -> np.ndarray | None:
+    """`Env.render()` of an env that keeps its last frame (`name` for the messages): a copy of it
+    for "rgb_array", shown in `window` for "human"; without a render mode a warning and None."""
+    if render_mode is None:
+        gym.logger.warn(f"{name}.render() called without a render_mode; "
+                        "create the env with render_mode='rgb_array' or 'human'")
+        return None
+    if frame is None:
+        raise RuntimeError(f"{name}.render() called before reset()")
+    if render_mode == "rgb_array":
+        return frame.copy()
+    window.show(frame)
+    return None

@@ -44,6 +44,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from worldsim.envs.human_render import HumanRenderWindow, render_frame
+
 # Headless machines: MuJoCo must render through EGL. Must be set before mujoco is imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -169,8 +171,6 @@ class MemoryMazeEnv(gym.Env[np.ndarray, np.int64]):
 
         self._window = None
         if render_mode == "human":  # before the slow MuJoCo build, so a missing pygame fails fast
-            from worldsim.envs.human_render import HumanRenderWindow
-
             self._window = HumanRenderWindow(f"Memory Maze {size}x{size}", fps=CONTROL_FPS)
 
         make_task = getattr(_upstream_tasks(), f"memory_maze_{size}x{size}")
@@ -227,18 +227,7 @@ class MemoryMazeEnv(gym.Env[np.ndarray, np.int64]):
         return frame, float(timestep.reward), terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
-        if self.render_mode is None:
-            gym.logger.warn(
-                "MemoryMazeEnv.render() called without a render_mode; "
-                "create the env with render_mode='rgb_array' or 'human'"
-            )
-            return None
-        if self._frame is None:
-            raise RuntimeError("MemoryMazeEnv.render() called before reset()")
-        if self.render_mode == "rgb_array":
-            return self._frame.copy()
-        self._window.show(self._frame)
-        return None
+        return render_frame("MemoryMazeEnv", self.render_mode, self._frame, self._window)
 
     def close(self) -> None:
         # Freeing the physics frees its MuJoCo data and the EGL rendering context.
