@@ -127,7 +127,7 @@ class DreamEnv(gym.Env):
         context: ContextSource,
         context_frames: int = 9,
         horizon: int | None = 1000,
-        sampler_steps: int = 4,
+        sampler_steps: int = 3,
         render_mode: str | None = None,
         action_low: float = -1.0,
         action_high: float = 1.0,

@@ -42,7 +42,7 @@ class DreamVectorEnv(VectorEnv):
         context: ContextSource,
         context_frames: int = 9,
         horizon: int = 1000,
-        sampler_steps: int = 4,
+        sampler_steps: int = 3,
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         action_low: float = -1.0,

@@ -86,7 +86,7 @@ class DreamConfig:
     """Video file: .mp4 or .gif."""
     seed: int = 0
     """Fixes the context (env reset / clip), the policy and the sampler noise."""
-    sampler_steps: int = 4
+    sampler_steps: int = 3
     """Denoiser calls per frame."""
     fps: int = 8
     """Playback rate of the video."""

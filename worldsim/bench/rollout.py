@@ -92,7 +92,7 @@ class RolloutBenchConfig:
     """Frames already streamed when the timed window starts."""
     timed_frames: int = 16
     """Frames timed at each horizon (median reported)."""
-    sampler_steps: int = 4
+    sampler_steps: int = 3
     """Denoiser calls per dreamed frame."""
     advance: str = "auto"
     """How a session gets to a horizon: "auto" (stream fixed-size variants, fill causal_full's

@@ -44,7 +44,7 @@ def agent_train(
     steps: int = typer.Option(10_000, help="Total env steps (a resumed run trains until it has this many)."),
     num_envs: int = typer.Option(8, help="Parallel dream streams (one model batch) or real mazes."),
     horizon: int = typer.Option(100, help="Training episode length in steps, dream and real alike."),
-    sampler_steps: int = typer.Option(4, help="Dream: denoiser calls per dreamed frame."),
+    sampler_steps: int = typer.Option(3, help="Dream: denoiser calls per dreamed frame."),
     context_frames: int = typer.Option(9, help="Dream: real frames prefilled before each dreamed episode."),
     context_mazes: int = typer.Option(8, help="Dream: real mazes randomly walked once for context clips."),
     eval_every: int = typer.Option(5_000, help="Evaluate in the real maze every N env steps (0: only at the end)."),

@@ -16,7 +16,7 @@ def dream(
     steps: int = typer.Option(100, help="Frames to dream."),
     out: str = typer.Option("dream.mp4", help="Video file, .mp4 or .gif."),
     seed: int = typer.Option(0, help="Fixes the context, the policy and the sampler noise."),
-    sampler_steps: int = typer.Option(4, help="Denoiser calls per frame."),
+    sampler_steps: int = typer.Option(3, help="Denoiser calls per frame."),
     fps: int = typer.Option(8, help="Video playback frames per second."),
     scale: int = typer.Option(4, help="Integer upscale of the 64x64 frames in the video."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -43,7 +43,7 @@ def play(
     fps: float = typer.Option(10.0, min=0, help="Frames (dream steps) per second at most; 0: no cap."),
     scale: int = typer.Option(6, min=1, help="Upscaling of the 64 px frames on screen and in videos."),
     context_frames: int = typer.Option(9, min=1, help="Real frames prefilled before the dream starts."),
-    sampler_steps: int = typer.Option(4, min=1, help="Denoiser calls per dreamed frame."),
+    sampler_steps: int = typer.Option(3, min=1, help="Denoiser calls per dreamed frame."),
     seed: int = typer.Option(0, min=0, help="Seeds the context clips and the sampler's noise."),
     device: str = typer.Option("auto", help="Device of the model: auto (cuda when available), cpu or cuda."),
 ) -> None:

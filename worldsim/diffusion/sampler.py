@@ -13,8 +13,9 @@ Solvers (N = steps):
   (tests/test_diffusion.py checks this).
 - "euler": EDM Algorithm 1 without the correction (= DDIM); N calls.
 - "heun": EDM Algorithm 1/2; 2N - 1 calls. Good with many steps, poor at <= 4 calls.
-Optional "churn" (EDM Algorithm 2) adds fresh noise before each step; it is off by default so a
-seeded stream is reproducible and the few steps go to the ODE.
+Optional "churn" (EDM Algorithm 2) adds fresh noise before each step, drawn from the same
+generator (a seeded stream still repeats); it is off by default here, the few steps going to the
+ODE. World-model dreams turn it on (`rollout.session.DREAM_SAMPLER` says why).
 
 World-model use: the streaming code owns the model and the cached past. It passes a closure
 `denoise_fn(x_noisy (B, C, h, w), sigma (B,)) -> x_denoised (B, C, h, w)` that runs the model on

@@ -94,7 +94,7 @@ class MemoryEvalConfig:
     """Retrieval: positions within this distance match (the infos' unit, grid cells in Memory Maze)."""
     dir_tol_deg: float = 30.0
     """Retrieval: headings within this angle match."""
-    sampler_steps: int = 4
+    sampler_steps: int = 3
     """Denoiser calls per dreamed frame."""
     seed: int = 0
     """Fixes the target subset and the sampler noise."""

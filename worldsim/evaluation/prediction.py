@@ -68,7 +68,7 @@ class PredictionEvalConfig:
     """Frames predicted after the context (H)."""
     starts_per_episode: int = 4
     """Random start points per episode (fewer when the episode has fewer windows)."""
-    sampler_steps: int = 4
+    sampler_steps: int = 3
     """Denoiser calls per predicted frame."""
     sampler: dict | None = None
     """Other sampler settings (sigma_max, sigma_min, rho, solver; `diffusion.sampler`); None: its defaults."""

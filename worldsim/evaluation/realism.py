@@ -131,7 +131,7 @@ class RealismEvalConfig:
     """Real frames in the reference pool, spread over the dataset's episodes."""
     border: int = 4
     """Pixels left out at each edge by the sharpness score (Memory Maze's target-colour frame)."""
-    sampler_steps: int = 4
+    sampler_steps: int = 3
     """Denoiser calls per dreamed frame."""
     sampler: dict | None = None
     """Other sampler settings (sigma_max, sigma_min, rho, solver; `diffusion.sampler`); None: its defaults."""

@@ -38,7 +38,7 @@ $OUT/results.json, rewritten after each phase, so a run cut short still reports 
    6 x parameters x tokens (forward + backward of every weight once per token; it leaves out the
    attention scores and the SSM scan, so the true MFU is somewhat higher).
 5. Rollout benchmark of the trained EMA model: dreamed frames/s at batch 1, 64 and 1024
-   (`RolloutSession`, 4 sampler calls per frame, frames decoded to pixels) and the single-stream
+   (`RolloutSession` with the dream's sampler, frames decoded to pixels) and the single-stream
    latency per frame.
 
 $OUT never holds more than 8 files (the lent machine returns at most 8): results.json, job.log,
@@ -149,7 +149,7 @@ class JobConfig:
     bench_batches: tuple[int, ...] = (1, 64, 1024)
     bench_steps: int = 16
     bench_context: int = 9
-    sampler_steps: int = 4
+    sampler_steps: int = 3
     device: str = "auto"
     bf16: bool = True
     compile: bool = True

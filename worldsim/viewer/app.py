@@ -49,7 +49,7 @@ NO_REAL = "no real side: it needs the live Memory Maze context"  # one overlay r
 class ViewerConfig:
     context_frames: int = 9
     """Real frames prefilled before the dream starts (and after each reset)."""
-    sampler_steps: int = 4
+    sampler_steps: int = 3
     """Denoiser calls per dreamed frame."""
     fps: float = 10.0
     """Loop rate cap (one dream step per frame while running); 0: as fast as the model goes."""
