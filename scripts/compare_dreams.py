@@ -20,12 +20,13 @@ import numpy as np
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True,
-                   help="LABEL=PATH[,sigma_max=X,sigma_min=Y] of a checkpoint or bundle, with optional sampler settings (repeat)")
+                   help="LABEL=PATH[,steps=N,churn=C,sigma_max=X,sigma_min=Y] of a checkpoint or bundle, with "
+                        "optional sampler settings (default: the dream's) (repeat)")
     p.add_argument("--frames", default="1,10,50,200,990",
                    help="dreamed frame numbers to show (a 9x9 maze episode ends at step 1000, context included)")
     p.add_argument("--context", type=int, default=9, help="real frames given to the models first")
     p.add_argument("--seed", type=int, default=7, help="maze, actions and sampler noise")
-    p.add_argument("--sampler-steps", type=int, default=4)
+    p.add_argument("--sampler-steps", type=int, default=None, help="denoiser calls per frame (default: the dream's)")
     p.add_argument("--scale", type=int, default=3, help="pixel upscaling in the PNG")
     p.add_argument("--out", type=Path, default=Path("dream_comparison.png"))
     return p.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import worldsim.envs  # noqa: F401 (registers the ids)
     from worldsim.loading import load_dream_model
     from worldsim.evaluation.realism import random_walk_actions
-    from worldsim.rollout.session import RolloutSession
+    from worldsim.rollout.session import DREAM_STEPS, RolloutSession
 
     args = parse_args(argv)
     shown = [int(f) for f in args.frames.split(",")]
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.model:
         label, _, rest = spec.partition("=")
         path, *settings = rest.split(",")
-        models.append((label, path, {k: float(v) for k, _, v in (item.partition("=") for item in settings)}))
+        sampler = {k: float(v) for k, _, v in (item.partition("=") for item in settings)}
+        steps_of_model = int(sampler.pop("steps", args.sampler_steps or DREAM_STEPS))
+        models.append((label, path, steps_of_model, sampler))
     rng = np.random.default_rng(args.seed)
     actions = random_walk_actions(6, 1, args.context - 1 + steps, 0.8, rng)[0]
 
@@ -62,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     real = np.stack(real)  # (context + steps, H, W, 3)
 
     rows = [("real", [real[args.context - 1 + f] for f in shown])]
-    for label, path, sampler in models:
+    for label, path, sampler_steps, sampler in models:
         model, codec = load_dream_model(path)
-        session = RolloutSession(model, codec, batch=1, sampler_steps=args.sampler_steps, sampler_kwargs=sampler)
+        session = RolloutSession(model, codec, batch=1, sampler_steps=sampler_steps, sampler_kwargs=sampler)
         session.reset(real[None, : args.context], actions[None, : args.context - 1], seeds=[args.seed])
         kept = {}
         with torch.no_grad():
