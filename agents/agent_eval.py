@@ -29,6 +29,7 @@ from worldsim.agents.agent_checkpoint import (
     check_spaces, load_policy_weights, read_agent_meta, resolve_agent, space_from_summary, space_summary,
 )
 from worldsim.envs import MEMORY_MAZE_IDS
+from worldsim.envs.memory_maze import ACTION_NAMES, FRAME_SHAPE
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "dqn": DQN}
 
@@ -56,8 +57,6 @@ def maze_size(env_id: str) -> int:
 
 def real_spaces() -> tuple[gym.Space, gym.Space]:
     """Memory Maze's spaces, known without building the (slow) MuJoCo env."""
-    from worldsim.envs.memory_maze import ACTION_NAMES, FRAME_SHAPE
-
     return gym.spaces.Box(0, 255, FRAME_SHAPE, np.uint8), gym.spaces.Discrete(len(ACTION_NAMES))
 
 

@@ -26,6 +26,7 @@ buffer restarts empty and RNG streams are not restored.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 import warnings
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from worldsim.agents.agent_checkpoint import (
     check_spaces, latest_agent, load_optimizer_state, load_policy_weights, read_agent_meta, save_agent, space_summary,
@@ -48,6 +50,13 @@ from worldsim.agents.agent_eval import (
     ALGORITHMS, Agent, RealMazeEvaluator, algorithm_class, compare_with_random, evaluate_agent, evaluate_random,
     format_comparison, load_agent, maze_env_id, maze_size, real_spaces,
 )
+from worldsim.bundled import WEIGHTS_FILE, is_bundle, read_manifest
+from worldsim.envs.dream import action_space_for
+from worldsim.envs.sb3_vec import DreamSB3VecEnv
+from worldsim.loading import load_dream_model, resolve_dream_checkpoint
+from worldsim.model.config import ModelConfig
+from worldsim.rollout.context import ClipContext, MinariContext
+from worldsim.train.checkpoint import EMA_FILE, read_sidecar, resolve_checkpoint
 from worldsim.utils.atomic import sha256_file
 from worldsim.utils.checkpoint_folders import TENSORBOARD_DIR
 
@@ -169,9 +178,6 @@ class AgentTrainConfig:
 # ------------------------------------------------------------------------------ training envs
 def world_model_identity(checkpoint) -> dict[str, Any]:
     """Path and sha256 of the weights a dream loads, so an agent names the exact model it learned in."""
-    from worldsim.bundled import WEIGHTS_FILE, is_bundle, read_manifest
-    from worldsim.train.checkpoint import EMA_FILE, resolve_checkpoint
-
     if is_bundle(checkpoint):
         manifest = read_manifest(checkpoint)
         return {"checkpoint": str(Path(checkpoint).resolve()), "sha256": manifest["files"].get(WEIGHTS_FILE)}
@@ -182,8 +188,6 @@ def world_model_identity(checkpoint) -> dict[str, Any]:
 def collect_context_pool(env: str | int, mazes: int, walk: int, seed: int = 0):
     """Real frames to start dreams from: `mazes` mazes (seeds seed, seed + 1, ...), each walked for
     `walk` uniformly random steps, as a `ClipContext` that cuts clips anywhere in these walks."""
-    from worldsim.rollout.context import ClipContext
-
     maze = gym.make(maze_env_id(env), disable_env_checker=True)
     rng = np.random.default_rng(seed)
     frames, actions = [], []
@@ -200,13 +204,6 @@ def collect_context_pool(env: str | int, mazes: int, walk: int, seed: int = 0):
 
 def make_dream_vec_env(cfg: AgentTrainConfig, device: torch.device) -> tuple[VecEnv, dict[str, Any]]:
     """(SB3 VecEnv of `num_envs` dream streams, world descriptor)."""
-    from stable_baselines3.common.vec_env import VecMonitor
-
-    from worldsim.loading import load_dream_model, resolve_dream_checkpoint
-
-    from worldsim.rollout.context import MinariContext
-    from worldsim.envs.sb3_vec import DreamSB3VecEnv
-
     size = maze_size(cfg.env_id)
     checkpoint = resolve_dream_checkpoint(cfg.checkpoint, size)  # None / "bundled": the bundled model
     model, codec = load_dream_model(checkpoint, cfg.codec, device=device)
@@ -226,9 +223,6 @@ def make_dream_vec_env(cfg: AgentTrainConfig, device: torch.device) -> tuple[Vec
 def make_real_vec_env(cfg: AgentTrainConfig) -> tuple[VecEnv, dict[str, Any]]:
     """`num_envs` real mazes in one process (MuJoCo renders on the CPU: extra processes only pay
     off with spare cores), episodes cut at `horizon` like the dream's."""
-    from stable_baselines3.common.monitor import Monitor
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
     def make() -> gym.Env:
         return Monitor(gym.make(cfg.env_id, max_episode_steps=cfg.horizon, disable_env_checker=True))
 
@@ -297,8 +291,6 @@ class AgentCheckpointCallback(BaseCallback):
 
 # ------------------------------------------------------------------------------ training
 def _tensorboard_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("tensorboard") is not None  # SB3 writes through torch's SummaryWriter
 
 
@@ -396,9 +388,6 @@ def train_agent(cfg: AgentTrainConfig, resume: bool = False) -> dict[str, Any]:
 
 def _check_dream_fits_maze(cfg: AgentTrainConfig, why: str) -> None:
     """ValueError when the world model's actions are not the real maze's (`why` says what breaks)."""
-    from worldsim.loading import resolve_dream_checkpoint
-    from worldsim.envs.dream import action_space_for
-
     checkpoint = resolve_dream_checkpoint(cfg.checkpoint, maze_size(cfg.env_id))
     dream_actions = action_space_for(_model_config(checkpoint))
     real_actions = real_spaces()[1]
@@ -408,9 +397,5 @@ def _check_dream_fits_maze(cfg: AgentTrainConfig, why: str) -> None:
 
 
 def _model_config(checkpoint):
-    from worldsim.bundled import is_bundle, read_manifest
-    from worldsim.model.config import ModelConfig
-    from worldsim.train.checkpoint import read_sidecar
-
     sidecar = read_manifest(checkpoint) if is_bundle(checkpoint) else read_sidecar(checkpoint)
     return ModelConfig.from_dict(sidecar["model_config"])
