@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
+from worldsim.envs.human_render import HumanRenderWindow, render_frame
 from worldsim.loading import (  # noqa: F401 (re-exported: the envs' model loading, as before)
     BUNDLED,
     NO_MODEL_HELP,
@@ -32,7 +33,6 @@ from worldsim.loading import (  # noqa: F401 (re-exported: the envs' model loadi
     resolve_dream_checkpoint,
 )
 from worldsim.rollout.context import ClipContext, ContextSource, MinariContext, check_clip  # noqa: F401 (re-exported)
-from worldsim.envs.human_render import HumanRenderWindow, render_frame
 from worldsim.rollout.session import RolloutSession
 
 FRAME_SHAPE = (64, 64, 3)

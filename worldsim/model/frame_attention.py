@@ -472,8 +472,9 @@ class FrameKVCache:
                        next_frames=self.next_frames.clone(), valid=self.valid.clone())
 
     def select(self, indices: torch.Tensor | list[int]) -> FrameKVCache:
-        """A new cache with the batch rows `indices` (copied), e.g. to keep the best plans."""
-        idx = stream_indices(indices, self.batch_size).to(self.keys.device)
+        """A new cache with the batch rows `indices` (copied), e.g. to keep the best plans. The
+        indices are not checked here: its one caller, `WorldModelCache.select`, checked them."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.keys.device)
         out = replace(self, keys=self.keys.index_select(0, idx), values=self.values.index_select(0, idx),
                       next_frames=self.next_frames[idx.cpu()], valid=self.valid[idx.cpu()])
         out._drop_unheld_slots()

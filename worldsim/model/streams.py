@@ -1,6 +1,7 @@
 """Stream indices for the streaming caches (`WorldModelCache`, `BlockwiseSSMCache`,
-`FrameKVCache`): one check of what their `select` and `assign` accept, so all three refuse bad
-indices alike, before any state changes."""
+`FrameKVCache`): one check of what their `select` and `assign` accept, so they refuse bad
+indices alike, before any state changes. (`FrameKVCache.select` is reached only through
+`WorldModelCache.select`, which checks first, so it does not check again.)"""
 
 from __future__ import annotations
 
