@@ -205,12 +205,18 @@ def test_step_matches_the_plain_reference_step(variant):
     assert fast.frames_seen == plain.frames_seen == 4 + 6
 
 
-def test_step_without_decoding_dreams_the_same_latents():
+def twin_sessions() -> tuple[RolloutSession, RolloutSession]:
+    """Two sessions of one tiny model reset from the same context and seeds: they dream alike."""
     model, codec = tiny_pair()
     frames, actions = context(2, 3)
-    pixels, latent_only = RolloutSession(model, codec, batch=2), RolloutSession(model, codec, batch=2)
-    pixels.reset(frames, actions, seeds=[5, 6])
-    latent_only.reset(frames, actions, seeds=[5, 6])
+    twins = RolloutSession(model, codec, batch=2), RolloutSession(model, codec, batch=2)
+    for session in twins:
+        session.reset(frames, actions, seeds=[5, 6])
+    return twins
+
+
+def test_step_without_decoding_dreams_the_same_latents():
+    pixels, latent_only = twin_sessions()
     for a in ([1, 2], [3, 0], [5, 5]):
         with_frames, without = pixels.step(a), latent_only.step(a, decode=False)
         assert without.frames is None and with_frames.frames.shape == (2, 64, 64, 3)
@@ -220,11 +226,7 @@ def test_step_without_decoding_dreams_the_same_latents():
 
 
 def test_step_timings_add_up_per_phase_and_change_nothing():
-    model, codec = tiny_pair()
-    frames, actions = context(2, 3)
-    timed, plain = RolloutSession(model, codec, batch=2), RolloutSession(model, codec, batch=2)
-    timed.reset(frames, actions, seeds=[5, 6])
-    plain.reset(frames, actions, seeds=[5, 6])
+    timed, plain = twin_sessions()
     timings: dict[str, float] = {}
     for a in ([1, 2], [3, 0]):
         out = timed.step(a, timings=timings)
