@@ -30,7 +30,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
+from worldsim.utils.safetensors_io import safetensors_bytes
 
 from worldsim.train.checkpoint import SHA256_KEY, optimizer_from_storage, optimizer_to_storage
 from worldsim.utils.safetensors_io import tensor_diff

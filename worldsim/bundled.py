@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
+from worldsim.utils.safetensors_io import safetensors_bytes
 
 from worldsim.codec import checkpoint as codec_ckpt
 from worldsim.model.config import ModelConfig

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--starts-per-episode", type=int, default=8)
     p.add_argument("--context", type=int, default=9)
     p.add_argument("--horizon", type=int, default=16)
-    p.add_argument("--sampler-steps", type=int, default=4)
+    p.add_argument("--sampler-steps", type=int, default=None, help="denoiser calls per frame (default: the dream's sampler, as users get it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="device of the evaluation (cpu, cuda, auto)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the evaluation (OMP_NUM_THREADS)")
@@ -84,8 +84,10 @@ def build_bundle(checkpoint: Path, out: Path, *, codec: Path, clips_dataset: str
 def evaluate(model: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "worldsim.cli", "eval", "prediction", "--checkpoint", str(model),
            "--dataset", args.heldout, "--context", str(args.context), "--horizon", str(args.horizon),
-           "--starts-per-episode", str(args.starts_per_episode), "--sampler-steps", str(args.sampler_steps),
+           "--starts-per-episode", str(args.starts_per_episode),
            "--seed", str(args.seed), "--device", args.device, "--json"]
+    if args.sampler_steps is not None:
+        cmd += ["--sampler-steps", str(args.sampler_steps)]
     if args.episodes is not None:
         cmd += ["--episodes", str(args.episodes)]
     return json.loads(run(cmd, args.threads))

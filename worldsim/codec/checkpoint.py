@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
+from worldsim.utils.safetensors_io import safetensors_bytes
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, check_sha256

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as safetensors_bytes
+from worldsim.utils.safetensors_io import safetensors_bytes
 from torch.utils.data import DataLoader, Sampler
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec, measure_latent_stats, preset, psnr

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
+from worldsim.utils.safetensors_io import safetensors_bytes
 from torch import nn
 
 from worldsim.train.ema import EMA

@@ -756,7 +756,9 @@ def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: tor
 
     call: Any = model
     if report["compile"]["asked"]:
-        call = torch.compile(model)
+        # Static shapes: every training step has the same shape, and on the H100 (torch 2.11) the
+        # dynamic-shape recompile Dynamo tries after a second shape failed in Inductor's scan codegen.
+        call = torch.compile(model, dynamic=False)
     view = TrainView(model, call)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     losses: list[list[float]] = []

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+from worldsim.utils.safetensors_io import safetensors_bytes
 from torch.utils.data import Dataset
 
 from worldsim.data.episode_store import EpisodeStore

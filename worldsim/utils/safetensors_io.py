@@ -5,11 +5,18 @@ safetensors reports a truncated file, an empty one or a pickled torch file given
 name as a bare `SafetensorError: Error while deserializing header: ...` that names no file.
 `open_safetensors` is `safe_open` with that error (and any error reading a tensor later) turned
 into one message naming the file and what it probably is.
+
+`safetensors_bytes` is `safetensors.torch.save` with the header's metadata in a fixed order:
+safetensors keeps metadata in a Rust hash map, so the same weights came out as different bytes
+(and a different sha256) from one save to the next, and a re-bundled unchanged codec went into the
+history again.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +24,23 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as _save
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of `tensors`, byte for byte the same for the same tensors and metadata."""
+    data = _save(tensors, metadata=metadata)
+    if not metadata:
+        return data
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    # The tensor entries come sorted (by dtype alignment, then name) already; only metadata moves,
+    # so the header keeps its length and the data offsets stay valid.
+    fixed = json.dumps(header, separators=(",", ":")).encode()
+    if len(fixed) > size:  # pragma: no cover - would mean safetensors changed its header layout
+        return data
+    return data[:8] + fixed.ljust(size, b" ") + data[8 + size:]
 
 
 def describe(file: str | os.PathLike, error: BaseException) -> str:
