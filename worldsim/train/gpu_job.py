@@ -129,7 +129,8 @@ class JobConfig:
     preset: str = "cpu"
     """Model preset when training from scratch (--init-from none)."""
     prev_frames: int = 2
-    window: int = 16
+    window: int = 32
+    """Frames per training window: the shipped model's (docs/gpu.md says why not 16)."""
     batch_size: int = 512
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
