@@ -60,6 +60,30 @@ def test_real_side_replays_the_same_actions(checkpoint, tmp_path):
     assert not np.array_equal(va[1, :, :64], va[-1, :, :64])  # the real env moved
 
 
+def test_dream_runs_on_its_threads_and_gives_the_callers_back(checkpoint, tmp_path):
+    """One torch thread while dreaming by default (faster for one stream), the caller's after."""
+    seen = []
+    original = torch.Tensor.numpy
+
+    def numpy_noting_threads(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "numpy", numpy_noting_threads)
+            dream(DreamConfig(checkpoint=str(checkpoint), steps=2, out=str(tmp_path / "a.gif"), sampler_steps=1, scale=1))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="--threads must be >= 1"):
+            dream(DreamConfig(checkpoint=str(checkpoint), threads=0, out=str(tmp_path / "b.gif")))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_video_is_real_left_dream_right_and_labelled(checkpoint, tmp_path):
     """Frame 0's left half is the real env's frame after the context (a separate env driven the
     same way), apart from the "real" label; the right half is the dream, labelled "dream"."""

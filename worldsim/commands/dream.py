@@ -20,6 +20,7 @@ def dream(
     fps: int = typer.Option(8, help="Video playback frames per second."),
     scale: int = typer.Option(4, help="Integer upscale of the 64x64 frames in the video."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: int = typer.Option(1, help="torch CPU threads (1: one stream's ops are too small to share out; measured faster than 2)."),
 ) -> None:
     """Dream with a world model from real context and write the video (real env side by side when
     there is one); prints frames/s and per-step latency."""
@@ -31,7 +32,7 @@ def dream(
 
     cfg = DreamConfig(checkpoint=checkpoint, codec=codec, context=context, maze_size=maze_size,
                       context_frames=context_frames, policy=policy, steps=steps, out=out, seed=seed,
-                      sampler_steps=sampler_steps, fps=fps, scale=scale, device=device)
+                      sampler_steps=sampler_steps, fps=fps, scale=scale, device=device, threads=threads)
     try:
         result = run_dream(cfg, progress=True)
     except NoModelError as e:

@@ -46,6 +46,7 @@ def play(
     sampler_steps: int = typer.Option(3, min=1, help="Denoiser calls per dreamed frame."),
     seed: int = typer.Option(0, min=0, help="Seeds the context clips and the sampler's noise."),
     device: str = typer.Option("auto", help="Device of the model: auto (cuda when available), cpu or cuda."),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads (1: one stream's ops are too small to share out; measured faster than 2)."),
 ) -> None:
     """Play the world model live: arrows/WASD (number keys for other games) choose the action.
 
@@ -74,6 +75,8 @@ def play(
         typer.echo("error: worldsim play needs pygame: pip install 'worldsim[viewer]'", err=True)
         raise typer.Exit(code=1) from None
 
+    import torch
+
     from worldsim.commands.common import resolve_device
     from worldsim.loading import load_dream_model
     from worldsim.rollout.context import MinariContext
@@ -82,6 +85,7 @@ def play(
     from worldsim.viewer.app import Viewer, ViewerConfig
     from worldsim.viewer.policies import load_sb3_policy
 
+    torch.set_num_threads(threads)
     try:
         model, codec_model = load_dream_model(checkpoint, codec, device=resolve_device(device))
     except (CheckpointError, BundleError, FileNotFoundError) as e:
