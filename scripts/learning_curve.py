@@ -4,10 +4,15 @@
     python scripts/learning_curve.py --run runs/mm9-direct:0:1000 --run runs/mm9-direct-hn:1000 \
         --dataset worldsim/mm9-heldout-v1 --every 1000 --start runs/bundle-old --out docs/learning_curve.png
 
---run FOLDER[:OFFSET[:LAST]] (repeatable) takes a run's checkpoints up to step LAST, plotted at
-OFFSET + step: a run warm-started from another run's checkpoint continues its curve. --start adds
-the weights the first run was warm-started from as the point at step 0. Results are cached in
-the JSON next to the PNG, so a re-run only evaluates checkpoints it has not seen.
+--run FOLDER[:OFFSET[:LAST]] (repeatable) takes a run's checkpoints up to step LAST (those at a
+multiple of --every, and the last one), plotted at OFFSET + step: a run warm-started from another
+run's checkpoint continues its curve. --start adds the weights the first run was warm-started from
+as the point at step 0. --frames plots against training frames instead (windows x frames per
+window, read from each checkpoint's training config), for runs whose steps differ in size (a CPU
+run's 8 x 16 frames against the GPU job's 256 x 32): each --run then continues from where the one
+before it ended. --codec decodes every point with one codec (e.g. the bundle's, for runs that
+recorded an older decoder). Results are cached in the JSON next to the PNG, so a re-run only
+evaluates checkpoints it has not seen.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--starts-per-episode", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("learning_curve.png"), help="PNG path (JSON beside it)")
+    p.add_argument("--frames", action="store_true", help="x axis: training frames, each run continuing the one before")
+    p.add_argument("--codec", default=None, help="codec checkpoint or bundle for every point (default: each model's own)")
     return p.parse_args(argv)
 
 
@@ -42,14 +49,24 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     points: list[tuple[int, str]] = [] if args.start is None else [(0, args.start)]
+    frames_before = 0  # --frames: training frames up to the checkpoint the next run starts from
     for spec in args.run:
         folder_s, _, rest = spec.partition(":")
         offset_s, _, last_s = rest.partition(":")
         offset, last = int(offset_s or 0), int(last_s) if last_s else None
-        for folder in list_checkpoints(folder_s):
-            step = int(read_sidecar(folder)["step"])
-            if step % args.every == 0 and (last is None or step <= last):
-                points.append((offset + step, str(folder)))
+        taken = [(int(read_sidecar(f)["step"]), f) for f in list_checkpoints(folder_s)]
+        taken = [(step, f) for step, f in taken if last is None or step <= last]
+        if not taken:
+            continue
+        train = read_sidecar(taken[-1][1]).get("train_config", {})
+        frames_per_step = int(train.get("batch_size", 0)) * int(train.get("window", 0))
+        if args.frames and not frames_per_step:
+            print(f"error: {folder_s} records no batch_size and window; --frames needs them", file=sys.stderr)
+            return 1
+        for i, (step, folder) in enumerate(taken):
+            if step % args.every == 0 or i == len(taken) - 1:
+                points.append((frames_before + step * frames_per_step if args.frames else offset + step, str(folder)))
+        frames_before += taken[-1][0] * frames_per_step
     if not points:
         print(f"error: no checkpoint of {args.run} at a multiple of {args.every} steps", file=sys.stderr)
         return 1
@@ -59,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{step}:{path}"
         if key in cache:
             continue
-        cfg = PredictionEvalConfig(checkpoint=path, dataset=args.dataset, horizon=args.horizon,
+        cfg = PredictionEvalConfig(checkpoint=path, dataset=args.dataset, codec=args.codec, horizon=args.horizon,
                                    starts_per_episode=args.starts_per_episode, seed=args.seed, device="cpu")
         psnr = evaluate_prediction(cfg)["psnr"]
         cache[key] = {
@@ -81,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     ax.axhline(rows[-1]["codec_t1"], color="grey", ls=":", label="codec ceiling (t=1)")
     ax.axhline(rows[-1]["copy_last_t1"], color="C0", ls="--", lw=0.8, label="copy last frame (t=1)")
     ax.axhline(rows[-1]["copy_last_mean"], color="C1", ls="--", lw=0.8, label=f"copy last frame (mean of {args.horizon})")
-    ax.set_xlabel("training steps since the warm start")
+    if args.frames:
+        ax.set_xscale("symlog", linthresh=max(1, min((x for x in steps if x > 0), default=1)))
+        ax.set_xlim(left=0)
+    ax.set_xlabel("training frames since the warm start" if args.frames else "training steps since the warm start")
     ax.set_ylabel("held-out PSNR (dB)")
     ax.set_title(f"held-out prediction on {args.dataset}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.9))  # under the ceiling, above the curves
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out)
