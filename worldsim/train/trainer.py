@@ -28,8 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
 from worldsim.data.windows import WindowDataset, WindowSampler
@@ -41,7 +43,10 @@ from worldsim.train.ema import EMA
 from worldsim.rollout.session import RolloutSession
 from worldsim.utils import training
 from worldsim.utils.training import TrainingDiverged, setting_differences, warmup_cosine  # noqa: F401 (TrainingDiverged re-exported)
-from worldsim.codec.checkpoint import codec_fingerprint, codec_matches
+from worldsim.codec.checkpoint import codec_fingerprint, codec_matches, load_codec, resolve_checkpoint
+from worldsim.model.config import make_config
+from worldsim.model.loss import world_model_loss
+from worldsim.model.world_model import WorldModel
 from worldsim.train.weights import WARM_START_FREE_FIELDS, parameter_groups, warm_start  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -240,10 +245,6 @@ class StepBatches(Sampler[list[int]]):
 def model_config_for(cfg: TrainConfig, codec_config, action_space):
     """The ModelConfig of the run: preset + variant + overrides, with the latent shape taken from
     the codec and the action kind / count from the data (overrides may not contradict them)."""
-    import gymnasium as gym
-
-    from worldsim.model.config import make_config
-
     s = codec_config.latent_size
     derived: dict[str, Any] = {"latent_channels": codec_config.latent_channels, "latent_grid": [s, s]}
     if isinstance(action_space, gym.spaces.Discrete):
@@ -314,9 +315,7 @@ def rollout_samples(model, codec, batch: dict[str, torch.Tensor], context: int, 
 
 def write_samples(videos: torch.Tensor, step: int, run_dir: Path, writer) -> None:
     """TensorBoard video if moviepy is there, else an image grid; always a PNG grid and a GIF in samples/."""
-    import importlib.util
-
-    from PIL import Image
+    import importlib.util  # only to ask whether moviepy is installed
 
     N, _, T, H, W, C = videos.shape
     # Grid: per sample two rows (real, generated), time left to right. (2N H, T W, 3)
@@ -409,10 +408,6 @@ def _batch_on_device(batch: dict[str, torch.Tensor], model_cfg, codec, device: t
 
 
 def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
-    from worldsim.codec.checkpoint import load_codec, resolve_checkpoint
-    from worldsim.model.loss import world_model_loss
-    from worldsim.model.world_model import WorldModel
-
     device = info.device
     run_dir = Path(cfg.run_dir)
     if device.type != "cuda" and (cfg.bf16 or cfg.compile):
@@ -467,6 +462,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
 
     writer, bar, sample_batch = None, None, None
     if info.is_main:
+        # Only the main process logs: the other ranks of a torchrun job never import TensorBoard.
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
