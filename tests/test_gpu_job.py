@@ -230,3 +230,29 @@ def test_bring_back_builds_a_bundle_and_keeps_the_better_one(dry_run, tmp_path):
         bundled.load_bundle(bundle)
     else:
         assert "KEPT" in done.stdout and after == before
+
+
+@pytest.mark.slow
+def test_a_baseline_from_scratch_stops_at_its_step_budget(dry_run, tmp_path):
+    """The memory comparison's runs (issue 13): a variant trained from scratch, for a fixed number
+    of steps whatever the time left, so two models get the same budget."""
+    from worldsim.train.checkpoint import load_world_model
+
+    root, out = dry_run["root"], tmp_path / "out"
+    env = {**blocked_env(root), "OUT": str(out), "PACK": str(root / "pack")}
+    args = ["--device", "cpu", "--minutes", "0.4", "--init-from", "none", "--codec", str(dry_run["bundle"]),
+            "--preset", "tiny", "--variant", "causal_window", "--max-steps", "3", "--window", "8",
+            "--batch-size", "4", "--val-episodes", "1", "--bench-seconds", "5", "--bench-batches", "1",
+            "--bench-steps", "2", "--threads", "1"]  # fmt: skip
+    done = subprocess.run(["bash", "scripts/device/train_gpu.sh", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["steps"] == 3
+    model, sidecar = load_world_model(out)
+    assert model.cfg.variant == "causal_window" and model.cfg.ssm_blocks == () and sidecar["step"] == 3
+
+    refused = subprocess.run(["bash", "scripts/device/train_gpu.sh", *args[:4], "--init-from", str(dry_run["bundle"]),
+                              "--variant", "causal_window"], cwd=REPO, env={**env, "OUT": str(tmp_path / "no")},
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "a variant is chosen when training from scratch" in refused.stdout + refused.stderr

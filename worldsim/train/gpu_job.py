@@ -79,7 +79,7 @@ from worldsim.data.pack import PackError, open_pack, video_backend
 from worldsim.diffusion.forcing import ForcingConfig
 from worldsim.model import frame_attention as fa
 from worldsim.model import ssd
-from worldsim.model.config import ModelConfig, make_config
+from worldsim.model.config import VARIANTS, ModelConfig, make_config
 from worldsim.model.loss import world_model_loss
 from worldsim.model.ssd_reference import ssd_recurrent
 from worldsim.model.world_model import WorldModel
@@ -128,6 +128,11 @@ class JobConfig:
     """Codec checkpoint; default: the bundle's (--init-from a bundle) or the one a checkpoint records."""
     preset: str = "cpu"
     """Model preset when training from scratch (--init-from none)."""
+    variant: str = "lssvwm"
+    """Model variant when training from scratch (lssvwm or a baseline: causal_window, mamba_only...)."""
+    max_steps: int | None = None
+    """Stop after this many steps even with time left (models compared at an equal budget); the
+    learning-rate schedule then runs over the steps or the time, whichever ends first."""
     prev_frames: int = 2
     window: int = 32
     """Frames per training window: the shipped model's (docs/gpu.md says why not 16)."""
@@ -171,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--init-from", default=None, help="bundle / checkpoint to warm start from (default: the installed bundle; 'none': from scratch)")
     p.add_argument("--codec", default=None, help="codec checkpoint (default: the bundle's)")
     p.add_argument("--preset", default=d.preset, help="model preset when training from scratch")
+    p.add_argument("--variant", default=d.variant, choices=VARIANTS, help="model variant when training from scratch (--init-from none)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (equal-budget comparisons)")
     p.add_argument("--prev-frames", type=int, default=d.prev_frames, help="direct-path frames added to the bundle's config")
     p.add_argument("--window", type=int, default=d.window)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step (halved on out-of-memory)")
@@ -208,8 +215,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     values = {k: v for k, v in vars(a).items() if k != "bench_batches"}
     cfg = JobConfig(**values, bench_batches=batches)
     problems = [f"{k} must be >= {lo}" for k, lo in (("window", 3), ("batch_size", 1), ("warmup_steps", 1),
-                ("bench_steps", 1), ("sampler_steps", 1), ("val_episodes", 0), ("val_windows", 1))
-                if getattr(cfg, k) < lo]  # fmt: skip
+                ("bench_steps", 1), ("sampler_steps", 1), ("val_episodes", 0), ("val_windows", 1), ("max_steps", 1))
+                if getattr(cfg, k) is not None and getattr(cfg, k) < lo]  # fmt: skip
     if cfg.minutes <= 0 or cfg.checkpoint_seconds <= 0:
         problems.append("minutes and checkpoint_seconds must be > 0")
     if problems:
@@ -603,9 +610,12 @@ def build_model(cfg: JobConfig, init_from: str | None, codec_config, space: dict
         if clash:
             raise JobInputError(f"--init-from {init_from} does not fit the pack / codec: " + "; ".join(
                 f"{k}: {a!r} in the model, {b!r} from the data" for k, (a, b) in clash.items()))
+        if cfg.variant != source_cfg.get("variant", "lssvwm"):
+            raise JobInputError(f"--variant {cfg.variant}: --init-from {init_from} is a {source_cfg.get('variant')} "
+                                "model; a variant is chosen when training from scratch (--init-from none)")
         model_cfg = ModelConfig.from_dict({**source_cfg, "prev_frames": cfg.prev_frames})
     else:
-        model_cfg = make_config(cfg.preset, prev_frames=cfg.prev_frames, **derived)
+        model_cfg = make_config(cfg.preset, variant=cfg.variant, prev_frames=cfg.prev_frames, **derived)
     torch.manual_seed(cfg.seed)
     model = WorldModel(model_cfg, sigma_data=1.0 if loaded is None else loaded.sigma_data)
     report: dict[str, Any] = {"source": init_from}
@@ -800,8 +810,10 @@ def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: tor
         job.write()
 
     diverged = None
-    while step == 0 or time.perf_counter() < train_end:
+    while step == 0 or (time.perf_counter() < train_end and (cfg.max_steps is None or step < cfg.max_steps)):
         frac = min(1.0, (time.perf_counter() - t_start) / max(train_end - t_start, 1e-9))
+        if cfg.max_steps is not None:
+            frac = max(frac, min(1.0, step / cfg.max_steps))
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (
             cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in optimizer.param_groups:
