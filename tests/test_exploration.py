@@ -11,6 +11,7 @@ from worldsim.data.exploration import (
     Navigator,
     RandomWalk,
     Revisit,
+    Spin,
     cell_of,
     corner_cells,
     maze_layout_of,
@@ -309,3 +310,26 @@ def test_revisit_policy_returns_to_its_anchor_and_the_finder_sees_it(maze_env):
             and f_now - f_before >= min_gap
             for f_now, f_before in found
         ), (policy.planned_revisits, found)
+
+
+@pytest.mark.parametrize("look_prob", [0.0, 1.0])  # full turns only; looking aside and back only
+def test_spin_policy_brings_its_views_back_and_the_finder_sees_them(maze_env, look_prob):
+    policy = Spin(look_prob=look_prob)
+    pos, dirs, actions = run_policy(
+        maze_env, policy, env_seed=2, policy_seed=3, steps=400,
+        stop=lambda: len(policy.planned_revisits) >= 3 and len(policy.turns) == 0,
+    )  # fmt: skip
+    assert len(policy.planned_revisits) >= 3, policy.planned_revisits
+    found = find_revisits(pos, dirs, min_gap=16, pos_tol=0.5, dir_tol_deg=30)
+    for t_now, t_before in policy.planned_revisits:
+        gap = t_now - t_before
+        assert 18 <= gap <= 60 and t_now < len(pos)
+        assert np.linalg.norm(pos[t_now] - pos[t_before]) <= 0.1  # turned on the spot
+        # A full turn is 20 actions of 18.4 degrees: 8 degrees over per turn; looking back is exact.
+        turns = round(gap / Spin.FULL_TURN) if look_prob == 0.0 else 0
+        assert abs(signed_angle_deg(dirs[t_now], dirs[t_before])) <= 8 * turns + 6, (t_now, t_before)
+    # The finder reports each spot's first return past a 16-frame window (it collapses the run of
+    # returns that follows, and dates a view from its last sighting), so it sees every spot.
+    spots = {t_before: max(t for t, b in policy.planned_revisits if b == t_before) for _, t_before in policy.planned_revisits}
+    for start, end in spots.items():
+        assert any(start - 3 <= f_before and f_now <= end + 3 for f_now, f_before in found), (start, end, found)

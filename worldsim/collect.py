@@ -43,7 +43,7 @@ from worldsim.data.exploration import POLICIES, ExplorationPolicy
 from worldsim.data.revisits import find_revisits
 from worldsim.data.minari_writer import METADATA_FILE, DatasetWriter, Episode, dataset_dir
 
-POLICY_CHOICES = ("random", "navigator", "revisit", "mixed")
+POLICY_CHOICES = ("random", "navigator", "revisit", "spin", "mixed")
 MIXED_POLICIES = ("random", "navigator", "revisit")
 
 # `find_revisits` settings for the `revisits` stored with each episode (positions in grid cells).

@@ -19,6 +19,7 @@ class PolicyChoice(str, Enum):
     random = "random"
     navigator = "navigator"
     revisit = "revisit"
+    spin = "spin"
     mixed = "mixed"
 
 
@@ -32,7 +33,7 @@ def collect(
     ),
     policy: PolicyChoice = typer.Option(
         PolicyChoice.mixed, "--policy", "-p",
-        help="random (any env); navigator, revisit (Memory Maze); mixed: one per episode.",
+        help="random (any env); navigator, revisit, spin (Memory Maze); mixed: one per episode of random, navigator, revisit.",
     ),
     episodes: int = typer.Option(
         10, "--episodes", "-n", min=1, help="Episodes the dataset should hold."

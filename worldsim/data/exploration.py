@@ -526,6 +526,84 @@ class Revisit:
         head_for_random_cell(self.follower, pos, pool, self.rng, frozenset({self.anchor_cell}))
 
 
-POLICIES: dict[str, type[RandomWalk] | type[Navigator] | type[Revisit]] = {
-    policy.name: policy for policy in (RandomWalk, Navigator, Revisit)
+class Spin:
+    """Memory Maze: the cheapest revisits there are, views that come back after 20-60 steps.
+
+    Cycle: walk to a random cell and come to rest, then either turn on the spot for one to
+    `max_turns` full turns in one direction (a full turn is round(360 / TURN_STEP_DEG) = 20 turn
+    actions, so the first view returns after 20, 40, 60 steps), or look aside and back: k turns
+    one way, 2k the other, k back (k drawn in `min_look`..`max_look`, 9..12: the first view
+    returns after 2k and 4k steps, last seen 2k steps before each time). Both put the earlier
+    view beyond a 9- or 16-frame attention window (the bundle's, the causal baseline's) while
+    keeping it inside a 64-frame training window: memory a model can learn at our scale. The walks in
+    between bring new views. `planned_revisits` lists the (t_now, t_before) step pairs; steps
+    index the episode's observations (0 = the reset frame).
+    """
+
+    name: ClassVar[str] = "spin"
+    requires_maze: ClassVar[bool] = True
+    FULL_TURN = round(360 / TURN_STEP_DEG)
+
+    def __init__(self, max_turns: int = 3, min_look: int = 9, max_look: int = 12, look_prob: float = 0.5) -> None:
+        if max_turns < 1 or not 1 <= min_look <= max_look:
+            raise ValueError(f"need max_turns >= 1 and 1 <= min_look <= max_look, got {max_turns}, {min_look}, {max_look}")
+        if not 0.0 <= look_prob <= 1.0:
+            raise ValueError(f"look_prob must be a probability in [0, 1], got {look_prob!r}")
+        self.max_turns, self.min_look, self.max_look, self.look_prob = max_turns, min_look, max_look, look_prob
+
+    def params(self) -> dict[str, Any]:
+        return {"max_turns": self.max_turns, "min_look": self.min_look, "max_look": self.max_look,
+                "look_prob": self.look_prob}
+
+    def reset(self, env: gym.Env, info: dict[str, Any], rng: np.random.Generator) -> None:
+        self.layout = maze_layout_of(env, self.name)
+        self.rng = rng
+        self.follower = PathFollower(self.layout, rng)
+        self.cells = free_cells(self.layout)
+        self.planned_revisits: list[tuple[int, int]] = []
+        self.turns: list[int] = []
+        """The turn actions still to take at the current spot (empty: walking or settling)."""
+        self.step = 0
+        self._last_pos: np.ndarray | None = None
+        self._settling = False
+
+    def act(self, obs: Any, info: dict[str, Any]) -> int:
+        pos, heading = np.asarray(info["agent_pos"]), np.asarray(info["agent_dir"])
+        speed = np.inf if self._last_pos is None else float(np.linalg.norm(pos - self._last_pos))
+        self._last_pos = pos.copy()
+        try:
+            if self.turns:
+                return self.turns.pop(0)
+            if not self._settling:
+                if self.follower.goal is None:  # a walk begins
+                    here = cell_of(pos)
+                    head_for_random_cell(self.follower, pos, [c for c in self.cells if c != here], self.rng)
+                action = self.follower.act(pos, heading)
+                if action is not None:
+                    return action
+                self._settling = True  # arrived (the follower has dropped its goal)
+            if speed > 0.01:  # come to rest first, so the views of the spot are taken from one place
+                return NOOP
+            self._settling = False
+            self._plan_turns()
+            return self.turns.pop(0)
+        finally:
+            self.step += 1
+
+    def _plan_turns(self) -> None:
+        """Queue the turns at this spot and record when the first view comes back."""
+        t0 = self.step  # the view before the first turn
+        one, other = (LEFT, RIGHT) if self.rng.random() < 0.5 else (RIGHT, LEFT)
+        if self.rng.random() < self.look_prob:
+            k = int(self.rng.integers(self.min_look, self.max_look + 1))
+            self.turns = [one] * k + [other] * (2 * k) + [one] * k
+            self.planned_revisits += [(t0 + 2 * k, t0), (t0 + 4 * k, t0)]
+        else:
+            n = int(self.rng.integers(1, self.max_turns + 1))
+            self.turns = [one] * (n * self.FULL_TURN)
+            self.planned_revisits += [(t0 + j * self.FULL_TURN, t0) for j in range(1, n + 1)]
+
+
+POLICIES: dict[str, type[RandomWalk] | type[Navigator] | type[Revisit] | type[Spin]] = {
+    policy.name: policy for policy in (RandomWalk, Navigator, Revisit, Spin)
 }
