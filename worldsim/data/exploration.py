@@ -387,7 +387,31 @@ class _Phase(Enum):
     ALIGN = "turn to the anchor heading"
 
 
-class Revisit:
+class _ReturningWalker:
+    """What the policies that come back on purpose (Revisit, Spin) share: a path follower over the
+    maze's free cells, a step count, the revisits they plan, and the ball's speed, so that they
+    record a pose only once the ball has come to rest."""
+
+    name: ClassVar[str]
+
+    def _start(self, env: gym.Env, rng: np.random.Generator) -> None:
+        self.layout = maze_layout_of(env, self.name)
+        self.rng = rng
+        self.follower = PathFollower(self.layout, rng)
+        self.cells = free_cells(self.layout)
+        self.planned_revisits: list[tuple[int, int]] = []
+        self.step = 0
+        self._last_pos: np.ndarray | None = None
+
+    def _pose_and_speed(self, info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
+        """(position, heading, distance moved since the last step; inf at the first step)."""
+        pos, heading = np.asarray(info["agent_pos"]), np.asarray(info["agent_dir"])
+        speed = np.inf if self._last_pos is None else float(np.linalg.norm(pos - self._last_pos))
+        self._last_pos = pos.copy()
+        return pos, heading, speed
+
+
+class Revisit(_ReturningWalker):
     """Memory Maze: leave a pose for a long excursion, come back to it, repeat.
 
     Cycle: walk to a random anchor cell, turn to a random heading and stop (the earlier visit);
@@ -432,13 +456,7 @@ class Revisit:
         }
 
     def reset(self, env: gym.Env, info: dict[str, Any], rng: np.random.Generator) -> None:
-        self.layout = maze_layout_of(env, self.name)
-        self.rng = rng
-        self.follower = PathFollower(self.layout, rng)
-        self.cells = free_cells(self.layout)
-        self.planned_revisits: list[tuple[int, int]] = []
-        self.step = 0
-        self._last_pos: np.ndarray | None = None
+        self._start(env, rng)
         self._start_cycle(np.asarray(info["agent_pos"]))
 
     def _start_cycle(self, pos: np.ndarray) -> None:
@@ -449,9 +467,7 @@ class Revisit:
         )
 
     def act(self, obs: Any, info: dict[str, Any]) -> int:
-        pos, heading = np.asarray(info["agent_pos"]), np.asarray(info["agent_dir"])
-        speed = np.inf if self._last_pos is None else float(np.linalg.norm(pos - self._last_pos))
-        self._last_pos = pos.copy()
+        pos, heading, speed = self._pose_and_speed(info)
         try:
             return self._act(pos, heading, speed)
         finally:
@@ -526,7 +542,7 @@ class Revisit:
         head_for_random_cell(self.follower, pos, pool, self.rng, frozenset({self.anchor_cell}))
 
 
-class Spin:
+class Spin(_ReturningWalker):
     """Memory Maze: the cheapest revisits there are, views that come back after 20-60 steps.
 
     Cycle: walk to a random cell and come to rest, then either turn on the spot for one to
@@ -556,21 +572,13 @@ class Spin:
                 "look_prob": self.look_prob}
 
     def reset(self, env: gym.Env, info: dict[str, Any], rng: np.random.Generator) -> None:
-        self.layout = maze_layout_of(env, self.name)
-        self.rng = rng
-        self.follower = PathFollower(self.layout, rng)
-        self.cells = free_cells(self.layout)
-        self.planned_revisits: list[tuple[int, int]] = []
+        self._start(env, rng)
         self.turns: list[int] = []
         """The turn actions still to take at the current spot (empty: walking or settling)."""
-        self.step = 0
-        self._last_pos: np.ndarray | None = None
         self._settling = False
 
     def act(self, obs: Any, info: dict[str, Any]) -> int:
-        pos, heading = np.asarray(info["agent_pos"]), np.asarray(info["agent_dir"])
-        speed = np.inf if self._last_pos is None else float(np.linalg.norm(pos - self._last_pos))
-        self._last_pos = pos.copy()
+        pos, heading, speed = self._pose_and_speed(info)
         try:
             if self.turns:
                 return self.turns.pop(0)
