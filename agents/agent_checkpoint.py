@@ -30,16 +30,14 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from worldsim.utils.safetensors_io import safetensors_bytes
 
 from worldsim.train.checkpoint import SHA256_KEY, optimizer_from_storage, optimizer_to_storage
-from worldsim.utils.safetensors_io import tensor_diff
 from worldsim.utils.atomic import atomic_write_bytes, check_sha256
 from worldsim.utils.checkpoint_folders import (
     LATEST_FILE, CheckpointError, commit_checkpoint, latest_checkpoint, temp_folder,
 )
 from worldsim.utils.format_json import read_format_json
-from worldsim.utils.safetensors_io import open_safetensors
+from worldsim.utils.safetensors_io import open_safetensors, safetensors_bytes, tensor_diff
 
 FORMAT = "worldsim-agent"
 VERSION = 1

@@ -54,16 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         folder_s, _, rest = spec.partition(":")
         offset_s, _, last_s = rest.partition(":")
         offset, last = int(offset_s or 0), int(last_s) if last_s else None
-        taken = [(int(read_sidecar(f)["step"]), f) for f in list_checkpoints(folder_s)]
-        taken = [(step, f) for step, f in taken if last is None or step <= last]
+        sidecars = [(read_sidecar(f), f) for f in list_checkpoints(folder_s)]
+        taken = [(int(sc["step"]), f, sc) for sc, f in sidecars if last is None or int(sc["step"]) <= last]
         if not taken:
             continue
-        train = read_sidecar(taken[-1][1]).get("train_config", {})
+        train = taken[-1][2].get("train_config", {})
         frames_per_step = int(train.get("batch_size", 0)) * int(train.get("window", 0))
         if args.frames and not frames_per_step:
             print(f"error: {folder_s} records no batch_size and window; --frames needs them", file=sys.stderr)
             return 1
-        for i, (step, folder) in enumerate(taken):
+        for i, (step, folder, _) in enumerate(taken):
             if step % args.every == 0 or i == len(taken) - 1:
                 points.append((frames_before + step * frames_per_step if args.frames else offset + step, str(folder)))
         frames_before += taken[-1][0] * frames_per_step

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from worldsim.utils.safetensors_io import safetensors_bytes
 
 from worldsim.codec import checkpoint as codec_ckpt
 from worldsim.model.config import ModelConfig
@@ -41,7 +40,7 @@ from worldsim.model.world_model import WorldModel
 from worldsim.rollout.context import ClipContext
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file
 from worldsim.utils.format_json import read_format_json
-from worldsim.utils.safetensors_io import tensor_diff
+from worldsim.utils.safetensors_io import safetensors_bytes, tensor_diff
 
 FORMAT = "worldsim-bundle"
 VERSION = 1

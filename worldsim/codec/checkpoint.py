@@ -16,13 +16,12 @@ import os
 from pathlib import Path
 
 import torch
-from worldsim.utils.safetensors_io import safetensors_bytes
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, check_sha256
 from worldsim.utils.checkpoint_folders import LATEST_FILE, CheckpointError, read_latest_pointer
 from worldsim.utils.format_json import read_format_json, read_json_object
-from worldsim.utils.safetensors_io import open_safetensors
+from worldsim.utils.safetensors_io import open_safetensors, safetensors_bytes
 
 FORMAT = "worldsim-codec"
 VERSION = 1

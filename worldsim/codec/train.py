@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from worldsim.utils.safetensors_io import safetensors_bytes
 from torch.utils.data import DataLoader, Sampler
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec, measure_latent_stats, preset, psnr
 from worldsim.codec.checkpoint import load_codec_into, read_config, save_codec
-from worldsim.utils.safetensors_io import open_safetensors
+from worldsim.utils.safetensors_io import open_safetensors, safetensors_bytes
 from worldsim.data.windows import WindowDataset
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json
 from worldsim.utils.training import TrainingDiverged, diverged, setting_differences, warmup_cosine  # noqa: F401 (TrainingDiverged re-exported)

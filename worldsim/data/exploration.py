@@ -543,7 +543,7 @@ class Revisit(_ReturningWalker):
 
 
 class Spin(_ReturningWalker):
-    """Memory Maze: the cheapest revisits there are, views that come back after 20-60 steps.
+    """Memory Maze: the cheapest revisits there are, views that come back after 18-60 steps.
 
     Cycle: walk to a random cell and come to rest, then either turn on the spot for one to
     `max_turns` full turns in one direction (a full turn is round(360 / TURN_STEP_DEG) = 20 turn

@@ -37,7 +37,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from worldsim.utils.safetensors_io import safetensors_bytes
 from torch import nn
 
 from worldsim.train.ema import EMA
@@ -51,7 +50,7 @@ from worldsim.utils.checkpoint_folders import (  # noqa: F401 (re-exported: the 
     read_latest_pointer,
 )
 from worldsim.utils.format_json import read_format_json
-from worldsim.utils.safetensors_io import open_safetensors, tensor_diff  # noqa: F401 (tensor_diff re-exported)
+from worldsim.utils.safetensors_io import open_safetensors, safetensors_bytes, tensor_diff  # noqa: F401 (tensor_diff re-exported)
 
 FORMAT = "worldsim-world-model"
 VERSION = 1

@@ -71,7 +71,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from worldsim import bundled
 from worldsim.codec.checkpoint import codec_fingerprint, load_codec
@@ -89,7 +88,8 @@ from worldsim.train import distributed, weights
 from worldsim.train.distributed import TrainView
 from worldsim.train.ema import EMA
 from worldsim.train.weights import parameter_groups
-from worldsim.utils.atomic import atomic_write_json, replace_dir
+from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, replace_dir
+from worldsim.utils.safetensors_io import safetensors_bytes
 
 log = logging.getLogger("worldsim.gpu_job")
 
@@ -700,7 +700,7 @@ def export_checkpoint(folder: Path, out: Path) -> Path:
         with safe_open(str(src), framework="pt") as f:
             meta = f.metadata()
             tensors = {k: (t.half() if t.is_floating_point() else t) for k in f.keys() for t in [f.get_tensor(k)]}
-        save_file(tensors, str(tmp / ckpt.EMA_FILE), metadata={**meta, "stored_dtype": "float16"})
+        atomic_write_bytes(tmp / ckpt.EMA_FILE, safetensors_bytes(tensors, metadata={**meta, "stored_dtype": "float16"}))
     shutil.copy2(folder / ckpt.SIDECAR_FILE, tmp / ckpt.SIDECAR_FILE)  # last: marks a whole folder
     final = root / folder.name
     replace_dir(tmp, final)

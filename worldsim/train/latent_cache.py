@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from worldsim.utils.safetensors_io import safetensors_bytes
 from torch.utils.data import Dataset
 
 from worldsim.data.episode_store import EpisodeStore
 from worldsim.data.windows import WindowDataset
 from worldsim.utils.atomic import atomic_write_bytes
+from worldsim.utils.safetensors_io import safetensors_bytes
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import math
 import time
@@ -315,8 +316,6 @@ def rollout_samples(model, codec, batch: dict[str, torch.Tensor], context: int, 
 
 def write_samples(videos: torch.Tensor, step: int, run_dir: Path, writer) -> None:
     """TensorBoard video if moviepy is there, else an image grid; always a PNG grid and a GIF in samples/."""
-    import importlib.util  # only to ask whether moviepy is installed
-
     N, _, T, H, W, C = videos.shape
     # Grid: per sample two rows (real, generated), time left to right. (2N H, T W, 3)
     grid = videos.permute(0, 1, 3, 2, 4, 5).reshape(N * 2 * H, T * W, C).numpy()
