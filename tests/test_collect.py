@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import minari
+
 import numpy as np
 import pytest
 
@@ -172,9 +174,14 @@ def test_info_keys_must_not_change_during_an_episode():
 
 
 def test_cli_policy_choices_match_the_library():
-    from worldsim.commands.collect import PolicyChoice
+    from typer.testing import CliRunner
 
-    assert tuple(choice.value for choice in PolicyChoice) == POLICY_CHOICES
+    from worldsim.cli import app
+
+    result = CliRunner().invoke(app, ["collect", "-p", "bogus"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    offered = re.search(r"'bogus' is not one of (.*)\.", " ".join(result.output.replace("│", "").split()))
+    assert offered is not None and tuple(re.findall(r"'(\w+)'", offered[1])) == POLICY_CHOICES, result.output
 
 
 # ---------------------------------------------------------------- a worker that fails

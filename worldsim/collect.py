@@ -63,7 +63,8 @@ class CollectConfig:
     env_id: str = "worldsim/MemoryMaze-9x9-v0"
     """Gymnasium id of the env to run, e.g. one of `worldsim.envs.REAL_ENV_IDS`."""
     policy: str = "mixed"
-    """random, navigator, revisit (the last two: Memory Maze only) or mixed (one per episode)."""
+    """random (any env); navigator, revisit, spin (Memory Maze); mixed: one per episode of random,
+    navigator, revisit."""
     episodes: int = 10
     """Episodes the dataset should hold; episode i uses seed `seed + i`."""
     workers: int = 2

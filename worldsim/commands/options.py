@@ -118,6 +118,11 @@ def config_fields(module: str, class_name: str) -> list[ConfigField]:
     return fields
 
 
+def config_defaults(module: str, class_name: str) -> dict[str, Any]:
+    """{field name: literal default} of the dataclass `module.class_name`, from the source."""
+    return {f.name: f.default for f in config_fields(module, class_name)}
+
+
 def dict_keys(module: str, name: str) -> tuple[str, ...]:
     """The keys of the top-level dict literal `module.name` (e.g. a PRESETS table), from the source."""
     node = _definition(module, name)
@@ -125,6 +130,17 @@ def dict_keys(module: str, name: str) -> tuple[str, ...]:
     if not isinstance(value, ast.Dict) or not all(isinstance(k, ast.Constant) for k in value.keys):
         raise LookupError(f"{module}.{name} is not a dict literal with constant keys")
     return tuple(k.value for k in value.keys)  # type: ignore[union-attr]
+
+
+def tuple_items(module: str, name: str) -> tuple[str, ...]:
+    """The items of the top-level tuple literal of strings `module.name` (e.g. a table of policy
+    names), from the source."""
+    node = _definition(module, name)
+    value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+    if not isinstance(value, ast.Tuple) or not all(isinstance(e, ast.Constant) and isinstance(e.value, str)
+                                                   for e in value.elts):
+        raise LookupError(f"{module}.{name} is not a tuple literal of strings")
+    return tuple(e.value for e in value.elts)  # type: ignore[union-attr]
 
 
 def choice_enum(name: str, values: Iterable[str]) -> type[enum.Enum]:
@@ -175,6 +191,7 @@ def config_options(
     choices: Mapping[str, Iterable[str] | type[enum.Enum]] | None = None,
     comma: Iterable[str] = (),
     helps: Mapping[str, str] | None = None,
+    short: Mapping[str, str] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a typer command an option for every field of the config `module.class_name` that it
     does not take itself (a parameter of the same name, which takes the field's place in the
@@ -185,14 +202,16 @@ def config_options(
     minimum: the lowest value of a numeric option. choices: the values a str option takes (a tuple of
     names or a str Enum). comma: tuple fields given as one comma-separated value (`--windows
     16,32`) rather than a repeated option. helps: replace a field's doc as the option's help.
+    short: a one-letter flag beside the long one (`{"episodes": "-n"}`).
     A field whose type has no command-line form, or whose default is not a literal, must be taken
     or skipped (TypeError otherwise, when the CLI loads).
     """
     minimum, choices, helps, comma = dict(minimum or {}), dict(choices or {}), dict(helps or {}), set(comma)
+    short = dict(short or {})
     fields = config_fields(module, class_name)
     names = {f.name for f in fields}
     DERIVED.append((module, class_name))
-    for given in (set(skip), set(minimum), set(choices), set(helps), comma):
+    for given in (set(skip), set(minimum), set(choices), set(helps), comma, set(short)):
         if given - names:
             raise KeyError(f"{class_name} has no field {sorted(given - names)}")
 
@@ -228,8 +247,9 @@ def config_options(
                 values = choices[f.name]
                 kind = values if isinstance(values, type) else choice_enum(f.name, values)
                 default = kind(default) if default is not REQUIRED else default
+            flags = (_flag(f.name), short[f.name]) if f.name in short else ()
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                            default=typer.Option(default, **options), annotation=kind))
+                                            default=typer.Option(default, *flags, **options), annotation=kind))
             annotations[f.name] = kind
             convert[f.name] = functools.partial(_to_config, item=item, comma=f.name in comma, flag=_flag(f.name))
 

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 
+from worldsim.commands.options import config_options
 
+
+# The planner's settings are PlannerConfig fields; the command takes the rest (and elites, whose
+# default follows --candidates) itself. goal_weight is skipped: the command sets no goal image.
+@config_options("worldsim.agents.planners", "PlannerConfig", skip=("goal_weight",))
 def plan(
     checkpoint: str | None = typer.Option(None, help="World-model run, checkpoint or bundle folder; 'bundled' or nothing: the bundled model, when installed."),
     codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),
     planner: str = typer.Option("cem", help="cem, mppi or random-shooting."),
-    horizon: int = typer.Option(8, help="Dreamed steps per candidate action sequence."),
-    candidates: int = typer.Option(64, help="Action sequences dreamed in parallel per iteration."),
-    iterations: int = typer.Option(3, help="Sample-score-refit rounds (random shooting: always 1)."),
     elites: int | None = typer.Option(None, help="CEM: sequences the distributions are refit to (default: candidates / 8, at least 1)."),
-    temperature: float = typer.Option(1.0, help="MPPI: softmax temperature on the scores."),
-    discount: float = typer.Option(0.99, help="Per-step discount of the predicted rewards."),
-    sampler_steps: int = typer.Option(1, help="Denoiser calls per dreamed frame while planning."),
-    max_memory_mb: float = typer.Option(2048.0, help="Refuse plans whose forked states need more memory."),
     steps: int = typer.Option(100, help="Real steps controlled per episode."),
     episodes: int = typer.Option(1, help="Real episodes (each also run with random actions)."),
     context_frames: int = typer.Option(9, help="Real frames (random actions) prefilled before planning."),
@@ -26,6 +25,7 @@ def plan(
     seed: int = typer.Option(0, help="Fixes the mazes, the context and the planners' sampling."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    **fields: Any,
 ) -> None:
     """Plan in the dream, act in the real maze, feed the real frames back; prints return vs random
     actions and the planning time per decision."""
@@ -33,14 +33,12 @@ def plan(
 
     from worldsim.agents.mpc import compare_with_random
     from worldsim.agents.planners import PlannerConfig, make_planner
-    from worldsim.commands.common import USER_ERRORS, existing_path, fail
+    from worldsim.commands.common import USER_ERRORS, existing_path, fail, resolve_device
     from worldsim.loading import BUNDLED, load_dream_model, resolve_dream_checkpoint
     from worldsim.envs.memory_maze import MemoryMazeEnv
 
     try:  # every setting is checked before the model and the MuJoCo env are built
-        cfg = PlannerConfig(horizon=horizon, candidates=candidates, iterations=iterations, discount=discount,
-                            sampler_steps=sampler_steps, elites=elites if elites is not None else max(1, candidates // 8),
-                            temperature=temperature, max_memory_mb=max_memory_mb)
+        cfg = PlannerConfig(elites=elites if elites is not None else max(1, fields["candidates"] // 8), **fields)
         chosen = make_planner(planner, cfg)
         for name, value in (("steps", steps), ("episodes", episodes), ("context-frames", context_frames)):
             if value < 1:
@@ -53,8 +51,7 @@ def plan(
     except (ValueError, FileNotFoundError) as e:
         raise fail(e, 2) from None
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = torch.device(resolve_device(device))
     try:  # a corrupt checkpoint or codec, a codec that does not fit: one line naming the file
         model, frame_codec = load_dream_model(path, codec, device=dev)
     except USER_ERRORS as e:
@@ -67,8 +64,8 @@ def plan(
         raise typer.Exit(2) from None
     finally:
         env.close()
-    result["settings"] = {"planner": planner, "horizon": horizon, "candidates": candidates,
-                          "iterations": iterations, "sampler_steps": sampler_steps, "seed": seed}
+    result["settings"] = {"planner": planner, "horizon": cfg.horizon, "candidates": cfg.candidates,
+                          "iterations": cfg.iterations, "sampler_steps": cfg.sampler_steps, "seed": seed}
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

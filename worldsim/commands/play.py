@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+from worldsim.commands.options import config_options
 
 NO_MODEL_HELP = (
     "worldsim play needs a trained world model: pass --checkpoint <world-model checkpoint or run "
@@ -15,6 +17,10 @@ NO_MODEL_HELP = (
 )
 
 
+# The viewer's settings are ViewerConfig fields; the command takes what loads the model and the
+# context, and the two fields whose flags are not their names (--real, --record).
+@config_options("worldsim.viewer.app", "ViewerConfig",
+                minimum={"context_frames": 1, "sampler_steps": 1, "fps": 0, "scale": 1, "seed": 0, "record_fps": 0})
 def play(
     checkpoint: Optional[Path] = typer.Option(  # noqa: UP007 (typer needs Optional on Python 3.11)
         None, "--checkpoint", "-c",
@@ -29,24 +35,20 @@ def play(
              "(default: clips of the live Memory Maze, which also allows the real side).",
     ),
     maze_size: int = typer.Option(9, help="Memory Maze side (9, 11, 13 or 15) for the live context."),
-    real: bool = typer.Option(True, "--real/--no-real", help="Start with the real env side by side (V toggles)."),
+    show_real: bool = typer.Option(True, "--real/--no-real", help="Start with the real env side by side (V toggles)."),
     agent: Optional[Path] = typer.Option(  # noqa: UP007
         None, help="Agent for agent mode (Tab): a `worldsim agent train` run or checkpoint folder, or a "
                    "Stable-Baselines3 .zip; default: a random walk."
     ),
-    record: Optional[Path] = typer.Option(  # noqa: UP007
-        None, help="Record from the start to this .mp4 or .gif (C starts/stops takes)."
+    record_path: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--record", help="Record from the start to this .mp4 or .gif (C starts/stops takes)."
     ),
     max_frames: Optional[int] = typer.Option(  # noqa: UP007
         None, min=1, help="Quit after this many frames (default: run until Esc/Q)."
     ),
-    fps: float = typer.Option(10.0, min=0, help="Frames (dream steps) per second at most; 0: no cap."),
-    scale: int = typer.Option(6, min=1, help="Upscaling of the 64 px frames on screen and in videos."),
-    context_frames: int = typer.Option(9, min=1, help="Real frames prefilled before the dream starts."),
-    sampler_steps: int = typer.Option(3, min=1, help="Denoiser calls per dreamed frame."),
-    seed: int = typer.Option(0, min=0, help="Seeds the context clips and the sampler's noise."),
     device: str = typer.Option("auto", help="Device of the model: auto (cuda when available), cpu or cuda."),
     threads: int = typer.Option(1, min=1, help="torch CPU threads (1: one stream's ops are too small to share out; measured faster than 2)."),
+    **fields: Any,
 ) -> None:
     """Play the world model live: arrows/WASD (number keys for other games) choose the action.
 
@@ -100,10 +102,10 @@ def play(
             typer.echo(f"warning: {e}; agent mode uses a random walk instead", err=True)
 
     if dataset:
-        context = MinariContext(dataset, context_frames)
-        if real:
+        context = MinariContext(dataset, fields["context_frames"])
+        if show_real:
             typer.echo("note: the real side needs the live Memory Maze context; not shown with --dataset", err=True)
-            real = False
+            show_real = False
     else:
         from worldsim.envs.memory_maze import MemoryMazeEnv
         from worldsim.envs.subprocess_env import SubprocessEnv
@@ -111,8 +113,7 @@ def play(
         # In a worker process: MuJoCo's OpenGL and pygame's window break each other in one process.
         context = MemoryMazeContext(env=SubprocessEnv(MemoryMazeEnv, size=maze_size, render_mode="rgb_array"))
 
-    config = ViewerConfig(context_frames=context_frames, sampler_steps=sampler_steps, fps=fps, scale=scale,
-                          seed=seed, show_real=real, record_path=record)
+    config = ViewerConfig(show_real=show_real, record_path=record_path, **fields)
     try:
         with Viewer(model, codec_model, context, config, policy=policy) as viewer:
             viewer.run(max_frames=max_frames)
