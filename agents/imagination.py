@@ -123,7 +123,7 @@ class AgentTrainConfig:
     """Training episode length in steps (dream episodes are truncated there, real ones too)."""
     context_frames: int = 9
     """Dream: real frames prefilled before each dreamed episode."""
-    sampler_steps: int = 3
+    sampler_steps: int = 2
     """Dream: denoiser calls per dreamed frame."""
     eval_every: int = 5_000
     """Evaluate in the real maze every this many env steps (0: only at the end)."""

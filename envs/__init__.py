@@ -74,7 +74,7 @@ for _size, _dream_id in zip(MAZE_SIZES, DREAM_MEMORY_MAZE_IDS):
 def __getattr__(name: str) -> Any:
     """`make_sb3_vec_env` and `DreamSB3VecEnv` import Stable-Baselines3 (worldsim[rl]) on first use."""
     if name in ("make_sb3_vec_env", "DreamSB3VecEnv"):
-        from worldsim.envs import sb3_vec
+        from worldsim.envs import sb3_vec  # optional: stable-baselines3 (the [rl] extra), and torch
 
         return getattr(sb3_vec, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,6 +32,7 @@ import gymnasium as gym
 import numpy as np
 
 from worldsim.envs.human_render import HumanRenderWindow, render_frame
+from worldsim.envs.legacy_gym import import_legacy_gym_quietly
 
 ACTION_NAMES = (
     "noop",
@@ -102,11 +103,9 @@ _SEED_BOUND = 2**31 - 1
 
 def _import_crafter():
     """Import crafter, checking that its names still match the documented orders above."""
-    from worldsim.envs.legacy_gym import import_legacy_gym_quietly
-
     import_legacy_gym_quietly()
-    import crafter
-    from crafter import constants
+    import crafter  # after import_legacy_gym_quietly(): crafter imports gym, whose notice must be silenced first
+    from crafter import constants  # same: after the quiet gym import above
 
     found = {
         "ACTION_NAMES": tuple(constants.actions),

@@ -25,6 +25,7 @@ import gymnasium as gym
 import numpy as np
 
 from worldsim.envs.human_render import HumanRenderWindow, render_frame
+from worldsim.envs.memory_maze import MemoryMazeEnv
 from worldsim.loading import (  # noqa: F401 (re-exported: the envs' model loading, as before)
     BUNDLED,
     NO_MODEL_HELP,
@@ -50,8 +51,6 @@ class MemoryMazeContext:
     window break each other in one process (envs/subprocess_env.py)."""
 
     def __init__(self, size: int = 9, env: gym.Env | None = None) -> None:
-        from worldsim.envs.memory_maze import MemoryMazeEnv
-
         self.env = env if env is not None else MemoryMazeEnv(size=size)
 
     def sample(self, rng: np.random.Generator, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +126,7 @@ class DreamEnv(gym.Env):
         context: ContextSource,
         context_frames: int = 9,
         horizon: int | None = 1000,
-        sampler_steps: int = 3,
+        sampler_steps: int = 2,
         render_mode: str | None = None,
         action_low: float = -1.0,
         action_high: float = 1.0,

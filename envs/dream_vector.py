@@ -23,6 +23,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from worldsim.codec.autoencoder import bf16_decode_pays
 from worldsim.envs.dream import (
     FRAME_SHAPE, RENDER_FPS, SEED_BOUND, ContextSource, action_space_for, check_action, check_reset_options,
     closed_error, load_dream_model, make_context, resolve_dream_checkpoint,
@@ -42,12 +43,16 @@ class DreamVectorEnv(VectorEnv):
         context: ContextSource,
         context_frames: int = 9,
         horizon: int = 1000,
-        sampler_steps: int = 3,
+        sampler_steps: int = 2,
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         action_low: float = -1.0,
         action_high: float = 1.0,
+        fast_decode: bool | None = None,
     ) -> None:
+        """fast_decode: decode frames with bfloat16 convolutions (`FrameCodec.decode(bf16=True)`,
+        frames within 2 grey levels of float32); None: where it is faster (a CPU with AMX and 8
+        or more sub-envs, `bf16_decode_pays`)."""
         if horizon is None:
             raise ValueError("the vector dream needs a horizon (episode length in steps)")
         if num_envs < 1 or context_frames < 1 or horizon < 1:
@@ -65,7 +70,9 @@ class DreamVectorEnv(VectorEnv):
         self.context_frames = context_frames
         self.horizon = horizon
         self.render_mode = render_mode
-        self.session = RolloutSession(model, codec, batch=num_envs, sampler_steps=sampler_steps)
+        if fast_decode is None:
+            fast_decode = bf16_decode_pays(next(model.parameters()).device, num_envs)
+        self.session = RolloutSession(model, codec, batch=num_envs, sampler_steps=sampler_steps, decode_bf16=fast_decode)
         self.single_observation_space = spaces.Box(0, 255, FRAME_SHAPE, np.uint8)
         self.single_action_space = action_space_for(model.cfg, action_low, action_high)
         self.observation_space = batch_space(self.single_observation_space, num_envs)

@@ -12,6 +12,7 @@ Any number of human-render envs can then be made and closed in one process.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 
 import gymnasium as gym
@@ -43,6 +44,7 @@ class HumanRenderWindow:
                 f"expected an (H, W, 3) uint8 frame, got shape {frame.shape} dtype {frame.dtype}"
             )
         if self._worker is None:
+            # here, not at the top: registration (`import worldsim.envs`) imports this module
             from worldsim.envs.subprocess_env import Worker
 
             self._worker = Worker(PygameWindow, self._title, self._scale, name=f"{self._title!r} window")
@@ -65,10 +67,8 @@ class PygameWindow:
     """The window itself, in the worker process: it owns that process's display."""
 
     def __init__(self, title: str, scale: int) -> None:
-        import os
-
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
-        import pygame
+        import pygame  # optional: the [viewer] extra (and only after the prompt is hidden above)
 
         self._pygame = pygame
         self._title = title

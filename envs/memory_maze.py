@@ -73,10 +73,11 @@ class _DropFreeJointWarning(logging.Filter):
 
 def _upstream_tasks():
     """Import memory_maze lazily: it pulls in MuJoCo and dm_control (about a second)."""
+    # here with the imports below: registration (`import worldsim.envs`) imports this module, loading none of them
     from worldsim.envs.legacy_gym import import_legacy_gym_quietly
 
     import_legacy_gym_quietly()
-    from memory_maze import tasks
+    from memory_maze import tasks  # MuJoCo + dm_control (~1 s): not at registration, and only after the quiet gym import
 
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _DropFreeJointWarning) for f in absl_logger.filters):
@@ -174,7 +175,7 @@ class MemoryMazeEnv(gym.Env[np.ndarray, np.int64]):
             self._window = HumanRenderWindow(f"Memory Maze {size}x{size}", fps=CONTROL_FPS)
 
         make_task = getattr(_upstream_tasks(), f"memory_maze_{size}x{size}")
-        from memory_maze.wrappers import Wrapper as UpstreamWrapper
+        from memory_maze.wrappers import Wrapper as UpstreamWrapper  # MuJoCo: not at registration
 
         # seed=None: until the first seeded reset the env draws from OS entropy, as upstream.
         self._dm_env = make_task(seed=None, global_observables=True)

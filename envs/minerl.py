@@ -18,6 +18,7 @@ import numpy as np
 
 from worldsim.data.minecraft import actions
 from worldsim.data.minecraft.video import resize_frames
+from worldsim.envs.legacy_gym import import_legacy_gym_quietly
 
 MINERL_MISSING = (
     "MineRLEnv needs the `minerl` package (0.4.x with Java 8, or 1.x), which is not installed. "
@@ -38,11 +39,9 @@ class MineRLEnv(gym.Env):
 
     def __init__(self, env_id: str = "MineRLTreechop-v0", *, size: int = 64,
                  render_mode: str | None = None) -> None:
-        from worldsim.envs.legacy_gym import import_legacy_gym_quietly
-
         try:
             import_legacy_gym_quietly()  # minerl registers its envs with the old `gym` package
-            import gym as old_gym
+            import gym as old_gym  # after import_legacy_gym_quietly(): at the top, gym would print its notice
             import minerl  # noqa: F401  (importing registers the MineRL ids)
         except ImportError:
             raise ImportError(MINERL_MISSING) from None

@@ -20,6 +20,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
 from worldsim.envs.dream_vector import DreamVectorEnv, make_dream_vector_env
@@ -120,24 +122,18 @@ def make_sb3_vec_env(env_id: str = "worldsim/Dream-MemoryMaze-9x9-v0", num_envs:
             kwargs["max_episode_steps"] = spec.max_episode_steps
         vec: VecEnv = DreamSB3VecEnv(int(num_envs), checkpoint=checkpoint, **{**spec.kwargs, **kwargs})
         if monitor:
-            from stable_baselines3.common.vec_env import VecMonitor
-
             vec = VecMonitor(vec)
         if seed is not None:
             vec.seed(seed)
         return vec
     if checkpoint is not None:
         raise ValueError(f"{env_id} is a real env: it takes no world-model checkpoint (pass checkpoint=None)")
-    from stable_baselines3.common.env_util import make_vec_env
-
     if monitor:  # each env in SB3's Monitor
         return make_vec_env(env_id, n_envs=int(num_envs), seed=seed, env_kwargs=kwargs or None)
     return _plain_dummy(env_id, int(num_envs), seed, kwargs)
 
 
 def _plain_dummy(env_id: str, num_envs: int, seed: int | None, kwargs: dict[str, Any]) -> VecEnv:
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
     vec = DummyVecEnv([lambda: gym.make(env_id, **kwargs)] * num_envs)
     if seed is not None:
         vec.seed(seed)

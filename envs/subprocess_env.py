@@ -25,6 +25,7 @@ the parent goes away (its end of the pipe closes). If the worker dies, the next 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pickle
 import signal
@@ -248,8 +249,6 @@ class Worker:
 def _start_process():
     """(our end of the pipe, the process) of a fresh interpreter running `_serve`."""
     if os.name != "posix":  # no fd passing: multiprocessing's spawn (a fresh interpreter too)
-        import multiprocessing
-
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
         proc = ctx.Process(target=_serve, args=(theirs,), daemon=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import gymnasium as gym
 import numpy as np
@@ -333,3 +334,33 @@ def test_command_trains_and_reports_psnr(dataset, tmp_path):
     # An existing run without --resume is refused rather than overwritten.
     res = CliRunner().invoke(app, [*args, frames64, "--out", str(tmp_path / "run")])
     assert res.exit_code == 1 and "--resume" in res.output, res.output
+
+
+def test_bf16_decoding_stays_within_two_grey_levels_of_float32(monkeypatch):
+    """The bundled codec decoding real frames: bfloat16 convolutions (the batched dream env's fast
+    path) give the float32 frames back to a grey level or two."""
+    from worldsim.bundled import PACKAGE_BUNDLE_DIR, is_bundle, load_bundled
+
+    monkeypatch.delenv("WORLDSIM_BUNDLE_DIR", raising=False)
+    if not is_bundle(PACKAGE_BUNDLE_DIR):
+        pytest.skip(f"no bundled model in this checkout ({PACKAGE_BUNDLE_DIR})")
+    bundle = load_bundled()
+    frames = torch.from_numpy(np.ascontiguousarray(bundle.clips.frames.reshape(-1, 64, 64, 3)[:16]))
+    with torch.no_grad():
+        z = bundle.codec.encode(frames)
+        exact, fast = bundle.codec.decode(z, as_uint8=True), bundle.codec.decode(z, as_uint8=True, bf16=True)
+    diff = exact.float() - fast.float()
+    assert fast.dtype == torch.uint8 and fast.shape == exact.shape
+    assert 0 < diff.abs().max() <= 3
+    assert 10 * math.log10(255**2 / diff.pow(2).mean().item()) > 45
+
+
+def test_bf16_decoding_is_chosen_only_where_it_pays(monkeypatch):
+    from worldsim.codec import autoencoder
+
+    monkeypatch.setattr(autoencoder, "_cpu_has_amx", lambda: True)
+    assert autoencoder.bf16_decode_pays("cpu", 8) and autoencoder.bf16_decode_pays(torch.device("cpu"), 64)
+    assert not autoencoder.bf16_decode_pays("cpu", 1)  # slower for one frame (per-op overhead)
+    assert not autoencoder.bf16_decode_pays("cuda", 64)
+    monkeypatch.setattr(autoencoder, "_cpu_has_amx", lambda: False)
+    assert not autoencoder.bf16_decode_pays("cpu", 64)  # emulated without AMX

@@ -290,6 +290,32 @@ def test_every_solver_converges_to_the_exact_ode(solver, steps):
     assert (out - _exact_ode_endpoint(start, mu, s, SIGMA_MAX)).abs().max().item() < 0.015
 
 
+def test_final_extrapolation_pushes_the_last_estimate_along_its_change():
+    mu, s, w = 0.0, 1.0, 0.7
+    shape = (20000, 1, 1, 1)
+    oracle, estimates = _gaussian_oracle(mu, s), []
+
+    def recording(x, sigma):
+        estimates.append(oracle(x, sigma))
+        return estimates[-1]
+
+    settings = {"sigma_max": 20.0, "sigma_min": 2.3, "dtype": torch.float64}
+    out = sample_next_frame(recording, shape, 2, torch.Generator().manual_seed(13), final_extrapolation=w, **settings)
+    assert len(estimates) == 2
+    torch.testing.assert_close(out, estimates[1] + w * (estimates[1] - estimates[0]))
+    # Two calls from 20 return the blurred mean of a wide step; the extrapolation gives back part
+    # of the spread the exact ODE keeps (0.37 -> 0.60 of it here).
+    plain = sample_next_frame(oracle, shape, 2, torch.Generator().manual_seed(13), **settings)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(13), dtype=torch.float64) * 20.0
+    exact = _exact_ode_endpoint(start, mu, s, 20.0).std().item()
+    assert plain.std().item() < 0.4 * exact and 0.55 * exact < out.std().item() < 0.65 * exact
+    # A point mass stays exact (the estimates agree), and a negative weight is refused.
+    x0 = torch.tensor([[0.5, -1.0, 2.0]])
+    torch.testing.assert_close(sample_next_frame(lambda x, _: x0.expand_as(x), (1, 3), 2, None, final_extrapolation=w), x0)
+    with pytest.raises(ValueError, match="final_extrapolation"):
+        sample_next_frame(oracle, (1, 3), 2, None, final_extrapolation=-0.5)
+
+
 def test_churn_is_off_by_default_and_seeded_when_on():
     oracle = _gaussian_oracle(0.0, 1.0)
     a = sample_next_frame(oracle, (4, 3), 4, torch.Generator().manual_seed(12))

@@ -138,6 +138,23 @@ def test_vector_env_equals_independent_envs(parts, context_frames):
     assert n_resets >= B  # horizon 3 in 8 steps: every sub-env restarted at least once
 
 
+def test_vector_env_decodes_in_bf16_only_where_it_pays(parts, monkeypatch):
+    from worldsim.codec import autoencoder
+
+    monkeypatch.setattr(autoencoder, "_cpu_has_amx", lambda: True)
+    assert DreamVectorEnv(8, **parts, horizon=3).session.decode_bf16
+    assert not DreamVectorEnv(2, **parts, horizon=3).session.decode_bf16
+    assert not DreamVectorEnv(8, **parts, horizon=3, fast_decode=False).session.decode_bf16
+    monkeypatch.setattr(autoencoder, "_cpu_has_amx", lambda: False)
+    assert not DreamVectorEnv(8, **parts, horizon=3).session.decode_bf16
+    # Forced on, frames stay within a couple of grey levels of the float32 ones (same noise).
+    fast, exact = (DreamVectorEnv(2, **parts, horizon=3, fast_decode=f) for f in (True, False))
+    for env in (fast, exact):
+        env.reset(seed=4)
+    a, b = fast.step(np.array([1, 2]))[0], exact.step(np.array([1, 2]))[0]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 4
+
+
 def test_vector_env_same_step_autoreset(parts):
     venv = DreamVectorEnv(2, **parts, horizon=2, sampler_steps=1, autoreset_mode="same_step")
     obs, _ = venv.reset(seed=0)

@@ -316,6 +316,24 @@ def test_fold_commit_saves_a_call_and_dreams_the_same_first_frame():
         RolloutSession(model, codec, batch=1, fold_commit=True, sampler_kwargs={"solver": "heun"})
 
 
+def test_the_dreams_two_calls_take_their_own_settings_and_callers_still_override_them():
+    from worldsim.rollout.session import DREAM_SAMPLER, DREAM_SAMPLERS, DREAM_STEPS
+
+    model, codec = tiny_pair()
+    two = RolloutSession(model, codec, batch=1)
+    assert two.sampler_steps == DREAM_STEPS == 2
+    assert two.sampler_kwargs == {**DREAM_SAMPLER, **DREAM_SAMPLERS[2]} and two.sampler_kwargs["final_extrapolation"] > 0
+    assert RolloutSession(model, codec, batch=1, sampler_steps=3).sampler_kwargs == DREAM_SAMPLER
+    mine = RolloutSession(model, codec, batch=1, sampler_kwargs={"final_extrapolation": 0.0, "churn": 0.5})
+    assert mine.sampler_kwargs == {**DREAM_SAMPLER, **DREAM_SAMPLERS[2], "final_extrapolation": 0.0, "churn": 0.5}
+    # The extrapolation alone changes the frame the same calls and noise dream.
+    mine = RolloutSession(model, codec, batch=1, sampler_kwargs={"final_extrapolation": 0.0})
+    frames, actions = context(1, 3, seed=7)
+    for session in (two, mine):
+        session.reset(frames, actions, seeds=[3])
+    assert not torch.allclose(two.step([2]).latents, mine.step([2]).latents)
+
+
 def test_shape_caches_filled_while_dreaming_still_serve_training():
     """Masks and RoPE tables are cached per shape; the dream's denoiser calls run in inference mode,
     and an inference tensor in a cache would break the trainer's backward pass later in the same

@@ -37,6 +37,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from tqdm import tqdm
 
 import worldsim.envs  # noqa: F401 (registers the worldsim/ env ids that collection makes)
 from worldsim.data.exploration import POLICIES, ExplorationPolicy
@@ -365,8 +366,6 @@ def _run_workers(
     stop_requested: threading.Event,
     start: float,
 ) -> None:
-    from tqdm import tqdm
-
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     n_workers = min(config.workers, len(todo))

@@ -86,7 +86,7 @@ class DreamConfig:
     """Video file: .mp4 or .gif."""
     seed: int = 0
     """Fixes the context (env reset / clip), the policy and the sampler noise."""
-    sampler_steps: int = 3
+    sampler_steps: int = 2
     """Denoiser calls per frame."""
     fps: int = 8
     """Playback rate of the video."""
@@ -163,7 +163,7 @@ def load_sb3_agent(path: str | os.PathLike):
     """The agent in an SB3 zip. The zip does not name its algorithm, so the discrete-action ones
     are tried in turn: loading into the wrong class fails on its parameter names."""
     try:  # here: stable-baselines3 is an optional extra (worldsim[rl])
-        from stable_baselines3 import A2C, DQN, PPO
+        from stable_baselines3 import A2C, DQN, PPO  # optional: the [rl] extra
     except ImportError:
         raise ImportError("an SB3 policy needs stable-baselines3: pip install 'worldsim[rl]'") from None
     errors = []
@@ -181,7 +181,7 @@ class AgentCheckpointPolicy:
 
     def __init__(self, path: str | os.PathLike) -> None:
         try:  # here: loading an agent needs stable-baselines3, an optional extra (worldsim[rl])
-            from worldsim.agents.agent_eval import load_agent
+            from worldsim.agents.agent_eval import load_agent  # optional: imports stable-baselines3 (the [rl] extra)
         except ImportError:
             raise ImportError("an agent policy needs stable-baselines3: pip install 'worldsim[rl]'") from None
         self.path = path

@@ -66,7 +66,7 @@ import torch
 from worldsim.loading import BUNDLED
 from worldsim.bench.train import malloc_trim, rss_bytes
 from worldsim.bundled import load_bundled
-from worldsim.codec.autoencoder import FrameCodec
+from worldsim.codec.autoencoder import FrameCodec, bf16_decode_pays
 from worldsim.codec.autoencoder import preset as codec_config
 from worldsim.envs.dream_vector import DreamVectorEnv
 from worldsim.envs.memory_maze import MemoryMazeEnv
@@ -77,6 +77,9 @@ from worldsim.rollout.session import RolloutSession
 
 # The termination head's bias for random models: logit ~ -10, far below the threshold 0.
 NO_TERMINATION_BIAS = -10.0
+
+
+DECODE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -92,8 +95,11 @@ class RolloutBenchConfig:
     """Frames already streamed when the timed window starts."""
     timed_frames: int = 16
     """Frames timed at each horizon (median reported)."""
-    sampler_steps: int = 3
+    sampler_steps: int = 2
     """Denoiser calls per dreamed frame."""
+    decode_dtype: str = "auto"
+    """Frame decoding in the breakdown and the dream env: "auto" (bfloat16 where it is faster: a
+    CPU with AMX at batch >= 8, as the dream env chooses), "float32" or "bfloat16"."""
     advance: str = "auto"
     """How a session gets to a horizon: "auto" (stream fixed-size variants, fill causal_full's
     KV cache) or "stream" (commit-only steps for every variant; O(h^2) for causal_full)."""
@@ -262,12 +268,19 @@ def measure_horizons(cfg: RolloutBenchConfig, parts: Parts, device: torch.device
     return rows
 
 
+def decode_in_bf16(cfg: RolloutBenchConfig, batch: int, device: torch.device) -> bool:
+    if cfg.decode_dtype == "auto":
+        return bf16_decode_pays(device, batch)
+    return cfg.decode_dtype == "bfloat16"
+
+
 # ------------------------------------------------------------------------------ dream fps vs batch
 def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed)
     frames, actions = parts.context(rng, 1, cfg.context_frames)
     env = DreamVectorEnv(batch, model=parts.model, codec=parts.codec, context=ClipContext([frames[0]], [actions[0]]),
-                         context_frames=cfg.context_frames, horizon=10**9, sampler_steps=cfg.sampler_steps)
+                         context_frames=cfg.context_frames, horizon=10**9, sampler_steps=cfg.sampler_steps,
+                         fast_decode=decode_in_bf16(cfg, batch, next(parts.model.parameters()).device))
     env.reset(seed=cfg.seed)
     env.step(env.action_space.sample())  # warm-up
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -277,6 +290,7 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     cpu = time.process_time() - cpu_start
     env.close()
     return {"batch": batch, "steps": cfg.dream_steps, "seconds": elapsed, "cpu_seconds": cpu,
+            "decode_bf16": env.session.decode_bf16,
             "frames_per_s": batch * cfg.dream_steps / elapsed, "frames_per_cpu_s": batch * cfg.dream_steps / cpu,
             "ms_per_step": 1e3 * elapsed / cfg.dream_steps}
 
@@ -287,7 +301,9 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     calls, the commit and the decode (`RolloutSession.step(timings=)`), means over the timed steps."""
     model = parts.model
     rng = np.random.default_rng(cfg.seed)
-    session = RolloutSession(model, parts.codec, batch=batch, sampler_steps=cfg.sampler_steps, seed=cfg.seed)
+    bf16 = decode_in_bf16(cfg, batch, next(model.parameters()).device)
+    session = RolloutSession(model, parts.codec, batch=batch, sampler_steps=cfg.sampler_steps, seed=cfg.seed,
+                             decode_bf16=bf16)
     session.reset(*parts.context(rng, batch, cfg.context_frames))
     actions = rng.integers(0, model.cfg.n_actions, (cfg.breakdown_steps + 1, batch))
     session.step(actions[0])  # warm-up
@@ -297,7 +313,7 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
         session.step(a, timings=timings)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     n = cfg.breakdown_steps
-    row = {"batch": batch, "steps": n, "seconds": elapsed, "cpu_seconds": cpu,
+    row = {"batch": batch, "steps": n, "seconds": elapsed, "cpu_seconds": cpu, "decode_bf16": bf16,
            **{f"{phase}_ms": 1e3 * timings[phase] / n for phase in ("denoise", "commit", "decode")}}
     row["total_ms"] = 1e3 * elapsed / n
     row["other_ms"] = row["total_ms"] - row["denoise_ms"] - row["commit_ms"] - row["decode_ms"]  # actions in, results out
@@ -375,6 +391,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) -> dict[str, Any]:
     if cfg.advance not in ("auto", "stream"):
         raise ValueError(f"advance must be 'auto' or 'stream', got {cfg.advance!r}")
+    if cfg.decode_dtype not in DECODE_DTYPES:
+        raise ValueError(f"decode_dtype must be one of {DECODE_DTYPES}, got {cfg.decode_dtype!r}")
     if min(cfg.horizons) < 2 or min(cfg.timed_frames, min(cfg.batches), cfg.long_steps, cfg.breakdown_steps) < 1:
         raise ValueError("horizons must be >= 2 frames; timed_frames, batches, breakdown_steps and long_steps >= 1")
     if cfg.threads is not None:
@@ -439,9 +457,11 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"Rollout bench, {what}, on {where}",
              f"Per-frame breakdown (RolloutSession.step: {cfg['sampler_steps']} denoiser calls, commit, decode; "
              f"ms per step, mean of {cfg['breakdown_steps']} steps; dream/real per CPU-second in brackets)",
-             f"  {'batch':>8} {'denoise':>8} {'commit':>8} {'decode':>8} {'other':>7} {'total':>8} {'frames/s':>9}  dream/real"]
+             f"  {'batch':>8} {'denoise':>8} {'commit':>8} {'decode':>8} {'other':>7} {'total':>8} {'frames/s':>9}  dream/real"
+             "  (* decoded in bfloat16)"]
     for r in results["breakdown"]:
-        lines.append(f"  {r['batch']:>8} {r['denoise_ms']:>8.2f} {r['commit_ms']:>8.2f} {r['decode_ms']:>8.2f} "
+        lines.append(f"  {r['batch']:>8} {r['denoise_ms']:>8.2f} {r['commit_ms']:>8.2f} "
+                     f"{r['decode_ms']:>8.2f}{'*' if r['decode_bf16'] else ' '}"
                      f"{r['other_ms']:>7.2f} {r['total_ms']:>8.2f} {r['frames_per_s']:>9.1f}  "
                      f"{_fmt(r['vs_real'], '.2f', 'x')} ({_fmt(r['vs_real_cpu'], '.2f', 'x')})")
     if real:
@@ -466,7 +486,7 @@ def format_table(results: dict[str, Any]) -> str:
         ratio_cpu = results["dream_vs_real_cpu"][str(d["batch"])]
         lines.append(f"  batch {d['batch']:>4}: {d['frames_per_s']:>9.1f} frames/s ({d['frames_per_cpu_s']:.1f}; "
                      f"{d['ms_per_step']:.1f} ms/step)   dream/real {_fmt(ratio, '.2f', 'x')} "
-                     f"({_fmt(ratio_cpu, '.2f', 'x')})")
+                     f"({_fmt(ratio_cpu, '.2f', 'x')}){'  decoded in bfloat16' if d['decode_bf16'] else ''}")
     if real:
         lines.append(f"  real Memory Maze {cfg['maze_size']}x{cfg['maze_size']} (Gymnasium adapter): "
                      f"{real['steps_per_s']:.1f} steps/s ({real['steps_per_cpu_s']:.1f})  "

@@ -19,6 +19,8 @@ channels. `encode_raw` / `decode_raw` work on the raw latents (what the codec is
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -176,7 +178,8 @@ class Upsample(nn.Module):
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         if self._folded is None or self._folded[0] != key:
             fold = _FOLD.to(w.device, w.dtype)
-            self._folded = (key, torch.einsum("ark,oikl,bsl->aboirs", fold, w.detach(), fold))
+            with torch.autocast(w.device.type, enabled=False):  # kept in w's dtype; autocast casts per call
+                self._folded = (key, torch.einsum("ark,oikl,bsl->aboirs", fold, w.detach(), fold))
         return self._folded[1]
 
     def forward_subpixel(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,8 +285,12 @@ class FrameCodec(nn.Module):
         z = (z - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
         return z.reshape(*lead, *z.shape[1:])
 
-    def decode(self, latents: torch.Tensor, *, as_uint8: bool = False) -> torch.Tensor:
-        """Normalised latents (..., C, h, w) -> frames (..., H, W, 3): float in [0, 1], or uint8."""
+    def decode(self, latents: torch.Tensor, *, as_uint8: bool = False, bf16: bool = False) -> torch.Tensor:
+        """Normalised latents (..., C, h, w) -> frames (..., H, W, 3): float in [0, 1], or uint8.
+
+        bf16: run the decoder's convolutions in bfloat16 (autocast). On CPUs with AMX tiles it
+        decodes a batch of 64 about twice as fast (`bf16_decode_pays`); frames differ from float32
+        ones by a grey level or two (PSNR ~54 dB between them), so evaluations keep float32."""
         shape = self.config.latent_shape
         if latents.ndim < 3 or tuple(latents.shape[-3:]) != shape:
             want = ", ".join(map(str, shape))
@@ -297,8 +304,9 @@ class FrameCodec(nn.Module):
         # time 3.3 ms and 256 at a time 4.4 ms (`small` codec, 1 thread).
         z = z.contiguous(memory_format=torch.channels_last)
         chunk = DECODE_CHUNK if z.device.type == "cpu" else max(len(z), 1)
-        x = torch.cat([self.decode_raw(part) for part in z.split(chunk)]) if len(z) > chunk else self.decode_raw(z)
-        x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)  # (B, 3, H, W) in [0, 1]
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = torch.cat([self.decode_raw(part) for part in z.split(chunk)]) if len(z) > chunk else self.decode_raw(z)
+        x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)  # (B, 3, H, W) in [0, 1]
         x = x.permute(0, 2, 3, 1)  # (B, H, W, 3)
         if as_uint8:
             x = (x * 255.0).round().to(torch.uint8)
@@ -313,6 +321,23 @@ class FrameCodec(nn.Module):
         self.latent_mean.copy_(mean)
         # A dead channel (std ~ 0) would blow up after division; floor it.
         self.latent_std.copy_(std.clamp_min(1e-4))
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (Linux reports the flag in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def bf16_decode_pays(device: torch.device | str, batch: int) -> bool:
+    """Whether `decode(..., bf16=True)` is the faster choice: on a CPU with AMX and from batch 8.
+    Measured with the bundled codec on 1 thread (Xeon with AMX): batch 1 6.7 -> 9.3 ms (slower),
+    batch 8 21.9 -> 12.4 ms, batch 64 112 -> 57 ms. Without AMX, bf16 convolutions are emulated."""
+    return torch.device(device).type == "cpu" and batch >= 8 and _cpu_has_amx()
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec, measure_latent_stats, preset, psnr
 from worldsim.codec.checkpoint import load_codec_into, read_config, save_codec
@@ -376,8 +377,7 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False) -> CodecTrainRes
     run_dir.mkdir(parents=True, exist_ok=True)
     end = cfg.steps if cfg.stop_after is None else cfg.stop_after
 
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+    from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard is the [train] extra
 
     # purge_step drops events a crashed session logged after its last checkpoint.
     writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step)

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from worldsim.commands.options import config_options, dict_keys
+from worldsim.commands.options import config_options, dict_keys, tuple_items
 from worldsim.model.config import PRESETS  # torch-free: --help stays fast
 
 BUNDLED = "bundled"  # bench rollout's preset for the shipped model (worldsim.loading.BUNDLED)
@@ -38,7 +38,8 @@ def bench_train(as_json: bool = AS_JSON, **fields: Any) -> None:
 
 @bench_app.command("rollout")
 @config_options("worldsim.bench.rollout", "RolloutBenchConfig", comma=("variants", "horizons", "batches"),
-                choices={"preset": (BUNDLED, *PRESETS), "codec": dict_keys("worldsim.codec.autoencoder", "PRESETS")})
+                choices={"preset": (BUNDLED, *PRESETS), "codec": dict_keys("worldsim.codec.autoencoder", "PRESETS"),
+                         "decode_dtype": tuple_items("worldsim.bench.rollout", "DECODE_DTYPES")})
 def bench_rollout(as_json: bool = AS_JSON, **fields: Any) -> None:
     """Where a dreamed frame's time goes (denoise, commit, decode) next to the real env's step,
     per-frame latency and state bytes vs horizon (LSSVWM vs causal KV cache), dream frames/s vs

@@ -33,8 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import h5py
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
+from minari.serialization import deserialize_space
+from PIL import Image
 
+from worldsim.data.minari_writer import dataset_dir
 from worldsim.utils.atomic import check_sha256
 
 METADATA_FILE = "metadata.json"
@@ -64,8 +70,6 @@ def resolve_data_path(source: str | os.PathLike) -> Path:
         raise DatasetError(
             f"{path}: not a Minari dataset folder (no {METADATA_FILE} in it or in its data/)"
         )
-    from worldsim.data.minari_writer import dataset_dir
-
     try:
         folder = dataset_dir(str(source))
     except ValueError:
@@ -101,8 +105,6 @@ def _required(meta: dict[str, Any], key: str, path: Path) -> Any:
 
 
 def _space_from_metadata(meta: dict[str, Any], key: str, path: Path) -> gym.Space:
-    from minari.serialization import deserialize_space
-
     try:
         return deserialize_space(_required(meta, key, path))
     except DatasetError:
@@ -171,8 +173,6 @@ def _is_jpeg_stored(space: gym.Space, jpeg_encoding: bool) -> bool:
 
 
 def _decode_jpegs(blobs: Any, frame_shape: tuple[int, int, int], where: str) -> np.ndarray:
-    from PIL import Image
-
     frames = np.empty((len(blobs), *frame_shape), dtype=np.uint8)
     for i, blob in enumerate(blobs):
         data = blob if isinstance(blob, bytes) else np.asarray(blob, dtype=np.uint8).tobytes()
@@ -244,9 +244,6 @@ class _ArrowEpisodes:
         return opened
 
     def _open_episode(self, episode: int) -> _ArrowEpisode:
-        import pyarrow as pa
-        import pyarrow.ipc
-
         folder = self._store.data_path / str(episode)
         files = sorted(folder.glob("*.arrow"), key=_natural_key)
         if not files:
@@ -324,8 +321,6 @@ def _fixed_size_rows(
     rows: Any, item_shape: tuple[int, ...], dtype: np.dtype, where: Path
 ) -> np.ndarray:
     """Rows of a FixedSizeList column as one new (len(rows), *item_shape) array."""
-    import pyarrow as pa
-
     if not pa.types.is_fixed_size_list(rows.type):
         raise DatasetError(f"{where}: expected a fixed-size list column, found {rows.type}")
     if rows.type.list_size != int(np.prod(item_shape)):
@@ -343,8 +338,6 @@ class _HDF5Episodes:
     """Minari's HDF5 layout: one `episode_<id>` group per episode in `main_data.hdf5`."""
 
     def __init__(self, store: EpisodeStore) -> None:
-        import h5py
-
         self._store = store
         self._path = store.data_path / HDF5_FILE
         try:
@@ -406,8 +399,6 @@ class _HDF5Episodes:
 
 
 def _hdf5_step_counts(data_path: Path, total_episodes: int) -> np.ndarray:
-    import h5py
-
     path = data_path / HDF5_FILE
     steps = np.empty(total_episodes, dtype=np.int64)
     try:

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
+from tqdm import tqdm
 
 from worldsim.data.minari_writer import METADATA_FILE, DatasetWriter, Episode, dataset_dir
 from worldsim.data.minecraft import actions, minerl_v04, teco, vpt
@@ -100,8 +101,6 @@ def ingest(
     skip_bad:      report and skip episodes whose files are bad instead of stopping.
     vpt_cursor:    draw the mouse cursor into VPT frames with a GUI open, as VPT's loader does.
     """
-    from tqdm import tqdm
-
     if source_format not in READERS:
         raise ValueError(f"unknown source format {source_format!r}; choose one of "
                          f"{', '.join(SOURCE_FORMATS)}")

@@ -28,6 +28,7 @@ metadata names one, else a placeholder saying how to set it.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import os
 import shutil
@@ -36,8 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import minari
 import numpy as np
+from minari.data_collector import EpisodeBuffer
+from minari.dataset.minari_dataset import parse_dataset_id
+from minari.dataset.minari_storage import MinariStorage
+from minari.serialization import serialize_space
+from minari.storage.datasets_root_dir import get_dataset_path
 
+import worldsim
 from worldsim.utils.atomic import atomic_write_json, fsync_dir, sha256_file
 
 METADATA_FILE = "metadata.json"
@@ -48,10 +56,6 @@ PERMALINK_ENV_VAR = "WORLDSIM_CODE_PERMALINK"
 
 def dataset_requirements() -> list[str]:
     """pip-style pins of the packages that wrote a dataset (Minari's `requirements`)."""
-    import importlib.metadata as md
-
-    import worldsim
-
     out = [f"worldsim=={worldsim.__version__}"]
     for name in ("gymnasium", "minari"):
         try:
@@ -64,10 +68,6 @@ def dataset_requirements() -> list[str]:
 def default_code_permalink() -> str:
     """$WORLDSIM_CODE_PERMALINK, else the repository URL in worldsim's package metadata, else a
     placeholder that says how to set it."""
-    import importlib.metadata as md
-
-    import worldsim
-
     if os.environ.get(PERMALINK_ENV_VAR):
         return os.environ[PERMALINK_ENV_VAR]
     try:
@@ -83,15 +83,11 @@ def default_code_permalink() -> str:
 
 def datasets_root() -> Path:
     """Minari's local dataset folder (honours MINARI_DATASETS_PATH)."""
-    from minari.storage.datasets_root_dir import get_dataset_path
-
     return Path(get_dataset_path())
 
 
 def dataset_dir(dataset_id: str, root: str | Path | None = None) -> Path:
     """The folder holding `data/` for `dataset_id` (e.g. 'worldsim/memory-maze-9x9-v0')."""
-    from minari.dataset.minari_dataset import parse_dataset_id
-
     try:
         parse_dataset_id(dataset_id)
     except Exception:  # noqa: BLE001 - minari's own errors (even a TypeError from int(None)) say less than this
@@ -186,9 +182,6 @@ class DatasetWriter:
         algorithm_name: str,
         extra_metadata: dict[str, Any],
     ) -> None:
-        import minari
-        from minari.dataset.minari_storage import MinariStorage
-
         self._write_namespace_files()
         # Build the empty dataset in staging and move it into place in one rename, so a
         # half-created dataset is never visible under its id.
@@ -231,8 +224,6 @@ class DatasetWriter:
                 atomic_write_json(level / NAMESPACE_FILE, {})
 
     def _check_compatible(self) -> None:
-        from minari.serialization import serialize_space
-
         meta = _read_json(self.data_path / METADATA_FILE)
         if meta.get("data_format") != "arrow" or meta.get("jpeg_encoding", True):
             raise ValueError(
@@ -281,9 +272,6 @@ class DatasetWriter:
     # ------------------------------------------------------------------------------ append
     def append(self, episode: Episode) -> int:
         """Commit one episode; returns its id."""
-        from minari.data_collector import EpisodeBuffer
-        from minari.dataset.minari_storage import MinariStorage
-
         episode_id = self.total_episodes
         shutil.rmtree(self.staging_path, ignore_errors=True)
         staging = MinariStorage.new(

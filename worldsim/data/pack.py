@@ -64,6 +64,7 @@ from typing import Any, Callable
 import numpy as np
 
 from worldsim.utils.atomic import atomic_write_json, replace_dir, sha256_file
+from worldsim.utils.format_json import read_format_json
 
 FORMAT = "worldsim-pack"
 VERSION = 1
@@ -91,7 +92,7 @@ def _video_params(crf: int, pix_fmt: str) -> list[str]:
 
 def encode_video(path: Path, frames: np.ndarray, *, crf: int = DEFAULT_CRF, pix_fmt: str = DEFAULT_PIX_FMT) -> None:
     """uint8 (N, H, W, 3) RGB frames -> an H.264 mp4 at `path` (imageio-ffmpeg's bundled ffmpeg)."""
-    import imageio_ffmpeg
+    import imageio_ffmpeg  # here: the GPU machine reads packs with cv2 and may lack imageio-ffmpeg (module doc)
 
     n, h, w, c = frames.shape
     writer = imageio_ffmpeg.write_frames(
@@ -127,7 +128,7 @@ def decode_video(path: str | os.PathLike, frames: int, frame_shape: tuple[int, i
     out = np.empty((frames, *frame_shape), dtype=np.uint8)
     n = 0
     if backend == "cv2":
-        import cv2
+        import cv2  # optional: cv2 may be missing; video_backend() then picks imageio-ffmpeg
 
         cap = cv2.VideoCapture(str(path))
         try:
@@ -145,7 +146,7 @@ def decode_video(path: str | os.PathLike, frames: int, frame_shape: tuple[int, i
         finally:
             cap.release()
     elif backend == "ffmpeg":
-        import imageio_ffmpeg
+        import imageio_ffmpeg  # optional: the fallback when cv2 is missing (the GPU machine may lack it)
 
         try:
             reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-threads", "1"])
@@ -177,8 +178,9 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 # ------------------------------------------------------------------------------ writing
 def action_space_json(space) -> dict[str, Any]:
     """The dataset's action space as plain JSON (what the world model needs: kind and size)."""
+    # here, not at the top: this module must import without gymnasium or minari (the GPU machine, module doc)
     import gymnasium as gym
-    from minari.serialization import serialize_space
+    from minari.serialization import serialize_space  # minari: likewise absent on the GPU machine
 
     if isinstance(space, gym.spaces.Discrete):
         out = {"type": "discrete", "n": int(space.n), "shape": [], "dtype": "int64"}
@@ -230,9 +232,10 @@ def write_pack(
     later one is dropped; what was dropped is logged and recorded in the manifest. The folder is
     built beside `out` and renamed into place, so a killed run leaves no half pack.
     """
+    # here, not at the top: write_pack runs where worldsim is installed; the GPU machine reads packs with numpy (+ cv2) only
     from tqdm import tqdm
 
-    from worldsim.data.episode_store import EpisodeStore
+    from worldsim.data.episode_store import EpisodeStore  # imports gymnasium and minari (see above)
 
     if not sources:
         raise PackError("nothing to pack: give at least one dataset")
@@ -441,8 +444,6 @@ class Pack:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    from worldsim.utils.format_json import read_format_json
-
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         raise PackError(f"{path}: not a pack (no {MANIFEST_FILE}); make one with `worldsim pack`")

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from minari.serialization import serialize_space
 from torch.utils.data import Dataset, Sampler
 
 from worldsim.data.episode_store import DatasetError, EpisodeStore
@@ -34,8 +35,6 @@ Source = str | os.PathLike
 
 
 def _action_space_key(space) -> str:
-    from minari.serialization import serialize_space
-
     return serialize_space(space)
 
 

@@ -13,6 +13,11 @@ Solvers (N = steps):
   (tests/test_diffusion.py checks this).
 - "euler": EDM Algorithm 1 without the correction (= DDIM); N calls.
 - "heun": EDM Algorithm 1/2; 2N - 1 calls. Good with many steps, poor at <= 4 calls.
+Optional "final_extrapolation" w: the output is D_N + w (D_N - D_{N-1}), the last estimate pushed
+further along its change since the previous step's (DPM-Solver++(2M)'s linear extrapolation of D,
+which cannot be taken to sigma = 0 itself). With 2 calls and sigma_min near 2 it gives the detail
+that a third call at a low sigma gave (`rollout.session.DREAM_SAMPLERS` has the measurements);
+0 (default): plain D_N.
 Optional "churn" (EDM Algorithm 2) adds fresh noise before each step, drawn from the same
 generator (a seeded stream still repeats); it is off by default here, the few steps going to the
 ODE. World-model dreams turn it on (`rollout.session.DREAM_SAMPLER` says why).
@@ -89,15 +94,19 @@ def _solve(
     churn_range: tuple[float, float],
     churn_noise: float,
     noise_like: Callable[[torch.Tensor], torch.Tensor],
+    final_extrapolation: float = 0.0,
 ) -> torch.Tensor:
     """Integrate from x at sigmas[0] to sigma = 0; returns the final clean estimate. x (B, ...)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if not final_extrapolation >= 0:
+        raise ValueError(f"final_extrapolation must be >= 0, got {final_extrapolation}")
     B = x.shape[0]
     steps = len(sigmas) - 1
     # EDM caps the added noise at sqrt(2) - 1 of sigma per step so churn cannot undo the progress.
     gamma = min(churn / steps, math.sqrt(2) - 1)
     prev_denoised, prev_h = None, None  # dpm2m's memory of the previous step
+    last_denoised = None  # the previous step's estimate, for final_extrapolation
     for i in range(steps):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         if churn > 0 and churn_range[0] <= sigma <= churn_range[1]:
@@ -108,6 +117,10 @@ def _solve(
         if sigma_next == 0:
             # Every solver's last step: the ODE's Euler step to sigma = 0 is exactly D(x; sigma).
             x = denoised
+            if final_extrapolation and last_denoised is not None:
+                # Second order in spirit (DPM-Solver++(2M)'s D extrapolated from two estimates):
+                # push the last estimate further along the change since the previous one.
+                x = denoised + final_extrapolation * (denoised - last_denoised)
         elif solver == "dpm2m":
             # Exponential integrator in lambda = -ln(sigma), with D extrapolated linearly in lambda
             # from this step's and the previous step's estimates (first order on the first step).
@@ -126,6 +139,7 @@ def _solve(
                 d_next = (x_next - denoise_fn(x_next, x.new_full((B,), sigma_next))) / sigma_next
                 x_next = x + (sigma_next - sigma) * (d + d_next) / 2
             x = x_next
+        last_denoised = denoised
     return x
 
 
@@ -142,6 +156,7 @@ def sample_next_frame(
     churn: float = 0.0,
     churn_range: tuple[float, float] = (0.0, float("inf")),
     churn_noise: float = 1.0,
+    final_extrapolation: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -159,7 +174,7 @@ def sample_next_frame(
         return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
     x = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device) * sigma_max
-    return _solve(denoise_fn, x, sigmas, solver, churn, churn_range, churn_noise, noise_like)
+    return _solve(denoise_fn, x, sigmas, solver, churn, churn_range, churn_noise, noise_like, final_extrapolation)
 
 
 def sample_next_frames(
@@ -175,6 +190,7 @@ def sample_next_frames(
     churn: float = 0.0,
     churn_range: tuple[float, float] = (0.0, float("inf")),
     churn_noise: float = 1.0,
+    final_extrapolation: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -197,4 +213,4 @@ def sample_next_frames(
         return torch.stack(rows)  # (B, C, h, w)
 
     x = noise_like(torch.empty(tuple(shape), dtype=dtype, device=device)) * sigma_max
-    return _solve(denoise_fn, x, sigmas, solver, churn, churn_range, churn_noise, noise_like)
+    return _solve(denoise_fn, x, sigmas, solver, churn, churn_range, churn_noise, noise_like, final_extrapolation)

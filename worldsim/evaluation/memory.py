@@ -55,7 +55,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
 import torch
+from tqdm import tqdm
 
 from worldsim.data.revisits import find_revisits
 from worldsim.collect import POSE_INFO_KEYS
@@ -94,7 +97,7 @@ class MemoryEvalConfig:
     """Retrieval: positions within this distance match (the infos' unit, grid cells in Memory Maze)."""
     dir_tol_deg: float = 30.0
     """Retrieval: headings within this angle match."""
-    sampler_steps: int = 3
+    sampler_steps: int = 2
     """Denoiser calls per dreamed frame."""
     seed: int = 0
     """Fixes the target subset and the sampler noise."""
@@ -168,10 +171,6 @@ def episode_metadata(store, episode: int) -> dict[str, Any]:
 
 def episode_poses(store, episode: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(positions (T+1, 2), headings (T+1, 2)) from an arrow episode's infos; None without a pose."""
-    import pyarrow as pa
-    import pyarrow.ipc
-
-
     if store.data_format != "arrow":
         raise ValueError(f"{store.name}: the retrieval protocol reads poses from arrow infos, "
                          f"this dataset is {store.data_format}")
@@ -313,11 +312,11 @@ def summarize(per_target: dict[str, np.ndarray], gaps: np.ndarray, edges: tuple[
 
 def plot_protocol(results: dict[str, Any], protocol: str, path: Path) -> Path:
     """PSNR and SSIM against the gap (log axis), one line per model, the references dashed."""
-    import matplotlib
+    import matplotlib  # optional (docs/architecture.md); also pyplot must load after use("Agg")
 
     matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    import matplotlib.pyplot as plt  # after use("Agg") above
+    import matplotlib.ticker  # with pyplot: optional, after use("Agg")
 
     block = results["protocols"][protocol]
     series = [(label, s, "-o") for label, s in block["models"].items()]
@@ -356,9 +355,6 @@ def _device(name: str) -> torch.device:
 
 def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, Any]:
     """Run the evaluation the config describes (module doc); a JSON-able dict of results."""
-    from tqdm import tqdm
-
-
     cfg.validate()
     device = _device(cfg.device)
     store = EpisodeStore(cfg.dataset)

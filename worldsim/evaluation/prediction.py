@@ -37,8 +37,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from worldsim.codec.autoencoder import psnr
 from worldsim.data.episode_store import EpisodeStore
@@ -68,7 +70,7 @@ class PredictionEvalConfig:
     """Frames predicted after the context (H)."""
     starts_per_episode: int = 4
     """Random start points per episode (fewer when the episode has fewer windows)."""
-    sampler_steps: int = 3
+    sampler_steps: int = 2
     """Denoiser calls per predicted frame."""
     sampler: dict | None = None
     """Other sampler settings (sigma_max, sigma_min, rho, solver; `diffusion.sampler`); None: its defaults."""
@@ -137,8 +139,6 @@ def read_windows(store, windows: list[Window], length: int) -> tuple[np.ndarray,
 
 def check_compatible(store, model, codec) -> None:
     """Clear errors for a dataset the model cannot be evaluated on (before any compute)."""
-    import gymnasium as gym
-
     s, c = codec.config.image_size, codec.config.image_channels
     if tuple(store.frame_shape) != (s, s, c):
         raise ValueError(f"{store.name}: frames {tuple(store.frame_shape)}, the codec takes {(s, s, c)}")
@@ -242,8 +242,6 @@ def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> di
     codec.eval()
     check_compatible(store, model, codec)
 
-    from tqdm import tqdm
-
     length = cfg.context + cfg.horizon
     scores: dict[str, list[np.ndarray]] = {}
     start = time.perf_counter()
@@ -287,10 +285,10 @@ def write_plot(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str,
     """`prediction.json` (the results) and `prediction.png` (mean PSNR against the step t = 1..H,
     one line per prediction and baseline) in `out_dir`; returns {"json": path, "plot": path} and
     records both paths in `results` (which `format_table` then lists)."""
-    import matplotlib
+    import matplotlib  # optional (docs/architecture.md); also pyplot must load after use("Agg")
 
     matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg") above
 
 
     out = Path(out_dir)

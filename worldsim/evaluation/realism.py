@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from worldsim.codec.autoencoder import Downsample
 from worldsim.data.episode_store import EpisodeStore
@@ -131,7 +132,7 @@ class RealismEvalConfig:
     """Real frames in the reference pool, spread over the dataset's episodes."""
     border: int = 4
     """Pixels left out at each edge by the sharpness score (Memory Maze's target-colour frame)."""
-    sampler_steps: int = 3
+    sampler_steps: int = 2
     """Denoiser calls per dreamed frame."""
     sampler: dict | None = None
     """Other sampler settings (sigma_max, sigma_min, rho, solver; `diffusion.sampler`); None: its defaults."""
@@ -179,9 +180,6 @@ def reference_pool(store, count: int, rng: np.random.Generator) -> np.ndarray:
 
 def evaluate_realism(cfg: RealismEvalConfig, progress: bool = False) -> dict[str, Any]:
     """Dream `streams` x `steps` frames and score the buckets (module doc); a JSON-able dict."""
-    from tqdm import tqdm
-
-
     cfg.validate()
     buckets = [(lo, min(hi, cfg.steps)) for lo, hi in cfg.buckets if lo <= cfg.steps]
     if not buckets:

@@ -49,6 +49,7 @@ class MinariContext:
     """A random window of a Minari dataset (through `WindowDataset`'s window convention)."""
 
     def __init__(self, sources, n_frames: int) -> None:
+        # here, not at the top: the GPU job imports this module (via bundled) without gymnasium, which data.windows needs
         from worldsim.data.windows import WindowDataset
 
         self.n_frames = n_frames

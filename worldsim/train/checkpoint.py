@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from worldsim.model.config import ModelConfig
+from worldsim.model.world_model import WorldModel
 from worldsim.train.ema import EMA
 from worldsim.utils import checkpoint_folders as folders
 from worldsim.utils.atomic import atomic_write_bytes, check_sha256
@@ -427,9 +429,6 @@ def load_world_model(path: str | os.PathLike, *, weights: str = "ema", device: s
 
     Returns (model in eval mode, sidecar); the sidecar names the codec the model was trained with.
     """
-    from worldsim.model.config import ModelConfig
-    from worldsim.model.world_model import WorldModel
-
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     folder = resolve_checkpoint(path)

@@ -155,7 +155,7 @@ class JobConfig:
     bench_batches: tuple[int, ...] = (1, 64, 1024)
     bench_steps: int = 16
     bench_context: int = 9
-    sampler_steps: int = 3
+    sampler_steps: int = 2
     device: str = "auto"
     bf16: bool = True
     compile: bool = True

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from worldsim.data.episode_store import EpisodeStore
 from worldsim.data.windows import WindowDataset
@@ -118,8 +119,6 @@ def build_latent_cache(
     """Encode the episodes whose cache file is missing or stale; returns (one folder per store, files
     written by this rank). Under DDP each rank encodes every world_size-th missing episode: call a
     barrier before reading what the other ranks wrote."""
-    from tqdm import tqdm
-
     root = Path(root)
     shape = tuple(codec.config.latent_shape)
     folders, todo = [], []

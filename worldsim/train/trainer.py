@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
 from worldsim.data.windows import WindowDataset, WindowSampler
 from worldsim.diffusion.forcing import ForcingConfig
@@ -463,7 +464,6 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
     if info.is_main:
         # Only the main process logs: the other ranks of a torchrun job never import TensorBoard.
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
 
         run_dir.mkdir(parents=True, exist_ok=True)
         # purge_step drops the events a killed session logged after its last checkpoint. Events

@@ -9,6 +9,10 @@ from typing import Any
 
 import torch
 
+from worldsim import bundled
+from worldsim.train import checkpoint as ckpt
+from worldsim.train.checkpoint import CheckpointError
+
 # Config fields a warm start may change: they add zero-initialised layers or choose kernels, so
 # the loaded weights still compute what they computed.
 WARM_START_FREE_FIELDS = ("prev_frames", "local_head", "attn_backend", "ssm_backend", "ssm_chunk_size")
@@ -28,9 +32,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 def load_source_model(source: str):
     """The WorldModel of a bundle or a checkpoint / run folder (EMA weights), float32 on the CPU."""
-    from worldsim import bundled
-    from worldsim.train import checkpoint as ckpt
-
     if bundled.is_bundle(source):
         model, _ = bundled.load_bundle_model(source)
     else:
@@ -42,8 +43,6 @@ def copy_weights(model, loaded, source: str = "the source") -> dict[str, Any]:
     """Copy every tensor of `loaded` (a WorldModel) into `model`; their configs may differ only in
     WARM_START_FREE_FIELDS, and tensors only `model` has keep their initialisation. A
     CheckpointError names any other difference. Returns {"copied": n, "new": [names]}."""
-    from worldsim.train.checkpoint import CheckpointError
-
     mine, theirs = model.cfg.to_dict(), loaded.cfg.to_dict()
     differ = [f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in mine
               if k not in WARM_START_FREE_FIELDS and mine[k] != theirs[k]]

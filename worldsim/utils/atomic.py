@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,6 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     missing: the old one is first renamed aside to `.<name>.old-<pid>` (which
     `remove_stale_temp_dirs` cleans if a kill leaves it), then `tmp` is renamed into place, the
     parent synced, and the old one deleted."""
-    import shutil
-
     tmp, final = Path(tmp), Path(final)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
@@ -105,8 +104,6 @@ def remove_stale_temp_dirs(root: str | os.PathLike, markers: tuple[str, ...] = (
     A checkpoint is written into `.<name>.tmp-<pid>` and renamed into place (an old folder of the
     same name is moved to `.<name>.old-<pid>` first); a kill in between leaves the folder behind.
     Folders of live processes (a writer running now) are kept. Returns what was deleted."""
-    import shutil
-
     removed = []
     root = Path(root)
     if not root.is_dir():

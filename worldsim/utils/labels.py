@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 LABEL_HEIGHT = 13
 """Rows at the top of each panel a label may cover (the rest of the panel is left as it was)."""
@@ -14,8 +15,6 @@ def label_panels(frame: np.ndarray, labels: Sequence[str]) -> np.ndarray:
     """(H, W, 3) uint8 made of len(labels) equal panels side by side -> a copy with each label in
     white on a dark box at its panel's top-left corner (PIL's built-in bitmap font). The frame
     keeps its size; only the top LABEL_HEIGHT rows of each panel's left corner change."""
-    from PIL import Image, ImageDraw, ImageFont
-
     if not labels:
         return frame
     image = Image.fromarray(np.ascontiguousarray(frame))

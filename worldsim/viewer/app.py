@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pygame
 
+from worldsim.envs.dream import MemoryMazeContext
+from worldsim.envs.subprocess_env import SubprocessEnv
 from worldsim.rollout.session import RolloutSession
 from worldsim.utils.labels import label_panels
 from worldsim.viewer.keymap import CONTROLS, CONTROLS_HELP, Keymap, keymap_for
@@ -49,7 +51,7 @@ NO_REAL = "no real side: it needs the live Memory Maze context"  # one overlay r
 class ViewerConfig:
     context_frames: int = 9
     """Real frames prefilled before the dream starts (and after each reset)."""
-    sampler_steps: int = 3
+    sampler_steps: int = 2
     """Denoiser calls per dreamed frame."""
     fps: float = 10.0
     """Loop rate cap (one dream step per frame while running); 0: as fast as the model goes."""
@@ -73,8 +75,6 @@ class Viewer:
 
     def __init__(self, model, codec, context, config: ViewerConfig | None = None, *,
                  keymap: Keymap | None = None, policy: Policy | None = None) -> None:
-        from worldsim.envs.dream import MemoryMazeContext
-
         self.cfg = cfg = config or ViewerConfig()
         if cfg.scale < 1 or cfg.fps < 0 or cfg.context_frames < 1:
             raise ValueError(f"need scale >= 1, fps >= 0, context_frames >= 1; got {cfg}")
@@ -370,8 +370,6 @@ class Viewer:
 
 def _renders_here(env) -> bool:
     """Whether `env` is a MuJoCo env living in this process (not behind a `SubprocessEnv`)."""
-    from worldsim.envs.subprocess_env import SubprocessEnv
-
     return not isinstance(getattr(env, "unwrapped", env), SubprocessEnv)
 
 

@@ -46,7 +46,7 @@ def load_sb3_policy(path: str | os.PathLike, device: str = "cpu") -> SB3Policy:
     """A saved SB3 model (.zip) as a policy. The zip does not say which algorithm wrote it, so the
     discrete-action algorithms are tried in turn; any of them that loads gives the same `predict`.
     SB3 zips hold pickled objects: load only files you trust."""
-    from stable_baselines3 import A2C, DQN, PPO
+    from stable_baselines3 import A2C, DQN, PPO  # optional: the [rl] extra
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no SB3 model at {path}")

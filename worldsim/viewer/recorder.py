@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import imageio.v2 as imageio
+import imageio.v3 as iio
 import numpy as np
 
 FORMATS = (".mp4", ".gif")
@@ -38,8 +40,6 @@ class VideoRecorder:
             self._gif_frames.append(frame.copy())
         else:
             if self._writer is None:
-                import imageio.v2 as imageio
-
                 self._writer = imageio.get_writer(self.path, format="FFMPEG", fps=self.fps, macro_block_size=16)
             self._writer.append_data(frame)
         self.n_frames += 1
@@ -50,8 +50,6 @@ class VideoRecorder:
             self._writer.close()
             self._writer = None
         elif self._gif_frames:
-            import imageio.v3 as iio
-
             iio.imwrite(self.path, np.stack(self._gif_frames), duration=1000 / self.fps, loop=0)
             self._gif_frames = []
         return self.path if self.n_frames else None

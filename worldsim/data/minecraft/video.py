@@ -18,7 +18,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
+from PIL import Image
 
 # ffmpeg's log can run to thousands of lines for a badly damaged file; the first few say why.
 _MAX_LOG_LINES = 6
@@ -66,8 +68,6 @@ def read_video(
     With `expected_frames`, a different frame count is an error that names `counted_by` (the file
     or field that gave the expected count), e.g. a truncated video beside a complete action file.
     """
-    import imageio_ffmpeg
-
     path = Path(path)
     if not path.is_file():
         raise RecordingError(f"{path}: missing video file")
@@ -111,8 +111,6 @@ def read_video(
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     """Resize (N, H, W, 3) uint8 frames held in memory (npz videos, live env) like `read_video`."""
-    from PIL import Image
-
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (N, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
