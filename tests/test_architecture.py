@@ -85,3 +85,30 @@ def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b": ["x:1"]}, "b": {"c": ["y:2"]}, "c": {"a": ["z:3"]}, "d": {"a": ["w:4"]}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b": []}, "b": {}}) is None
+
+
+def function_level_imports_without_a_reason() -> list[str]:
+    """`file:line` of every import inside a function, outside worldsim/commands/, with no comment
+    on its line or the line above. Imports belong at the top of a module; one that stays in a
+    function (optional dependency, `--help` or env-registration speed, a cycle, the GPU job's
+    minimal imports) says why in one line. The command modules all defer their imports for the
+    one reason worldsim/cli.py gives."""
+    missing = []
+    for root in SOURCES.values():
+        for file in sorted(root.rglob("*.py")):
+            if file.is_relative_to(REPO / "worldsim" / "commands"):
+                continue
+            lines = file.read_text(encoding="utf-8").splitlines()
+            for node in ast.walk(ast.parse("\n".join(lines))):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for inner in ast.walk(node):
+                    if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                        line, above = lines[inner.lineno - 1], lines[inner.lineno - 2].strip()
+                        if "#" not in line and not above.startswith("#"):
+                            missing.append(f"{file.relative_to(REPO)}:{inner.lineno}")
+    return sorted(set(missing))
+
+
+def test_imports_inside_functions_say_why():
+    assert function_level_imports_without_a_reason() == []

@@ -135,9 +135,13 @@ def test_evaluation_end_to_end_and_cli(setup):
     tuned = CliRunner().invoke(eval_app, ["realism", "--checkpoint", str(run), "--dataset", str(data), "--steps", "3",
                                           "--streams", "1", "--context", "3", "--bucket", "1-3", "--reference-frames", "4",
                                           "--sampler-steps", "2", "--sigma-max", "20", "--solver", "euler", "--churn", "0.5",
-                                          "--json"])
+                                          "--final-extrapolation", "0.3", "--json"])
     assert tuned.exit_code == 0, tuned.output
-    assert json.loads(tuned.output)["config"]["sampler"] == {"sigma_max": 20.0, "solver": "euler", "churn": 0.5}
+    assert json.loads(tuned.output)["config"]["sampler"] == {"sigma_max": 20.0, "solver": "euler", "churn": 0.5,
+                                                             "final_extrapolation": 0.3}
+    negative = CliRunner().invoke(eval_app, ["realism", "--checkpoint", str(run), "--dataset", str(data),
+                                             "--final-extrapolation", "-1"])
+    assert negative.exit_code != 0 and "final-extrapolation" in negative.output
     negative = CliRunner().invoke(eval_app, ["realism", "--checkpoint", str(run), "--dataset", str(data), "--churn", "-1"])
     assert negative.exit_code != 0 and "churn" in negative.output
     wrong = CliRunner().invoke(eval_app, ["realism", "--checkpoint", str(run), "--dataset", str(data), "--solver", "rk4"])

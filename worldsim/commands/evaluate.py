@@ -12,22 +12,25 @@ from worldsim.commands.options import config_options
 eval_app = typer.Typer(help="Measure a trained world model against real data.", no_args_is_help=True)
 
 # Options of several commands that are no config field (the sampler's settings go in as one dict).
-SIGMA_MAX = typer.Option(None, help="Sampler's starting noise level (default: the sampler's).")
-SIGMA_MIN = typer.Option(None, help="Sampler's last noise level before 0 (default: the sampler's).")
+SIGMA_MAX = typer.Option(None, help="Sampler's starting noise level (default: the dream's).")
+SIGMA_MIN = typer.Option(None, help="Sampler's last noise level before 0 (default: the dream's for that many calls).")
 SOLVER = typer.Option(None, help="dpm2m, euler or heun (default: the sampler's).")
 CHURN = typer.Option(None, help="Fresh noise re-added before each sampler step (EDM's S_churn; 0 = none; default: the dream's).")
+EXTRAPOLATION = typer.Option(None, help="Output D_N + w (D_N - D_N-1) (0 = plain D_N; default: the dream's for that many calls).")
 AS_JSON = typer.Option(False, "--json", help="Print the results as JSON.")
 
 
 def _sampler(sigma_max: float | None, sigma_min: float | None, solver: str | None,
-             churn: float | None = None) -> dict | None:
+             churn: float | None = None, final_extrapolation: float | None = None) -> dict | None:
     """The sampler settings given on the command line (None: the sampler's defaults), checked."""
     from worldsim.diffusion.sampler import SOLVERS
 
-    given = (("sigma_max", sigma_max), ("sigma_min", sigma_min), ("solver", solver), ("churn", churn))
+    given = (("sigma_max", sigma_max), ("sigma_min", sigma_min), ("solver", solver), ("churn", churn),
+             ("final_extrapolation", final_extrapolation))
     out = {k: v for k, v in given if v is not None}
-    if churn is not None and not churn >= 0:
-        raise typer.BadParameter(f"must be >= 0, got {churn}", param_hint="--churn")
+    for name in ("churn", "final_extrapolation"):
+        if name in out and not out[name] >= 0:
+            raise typer.BadParameter(f"must be >= 0, got {out[name]}", param_hint=f"--{name.replace('_', '-')}")
     if solver is not None and solver not in SOLVERS:
         raise typer.BadParameter(f"{solver!r} is not one of {', '.join(SOLVERS)}", param_hint="--solver")
     for name in ("sigma_max", "sigma_min"):
@@ -43,6 +46,7 @@ def eval_prediction(
     sigma_min: float | None = SIGMA_MIN,
     solver: str | None = SOLVER,
     churn: float | None = CHURN,
+    final_extrapolation: float | None = EXTRAPOLATION,
     out_dir: str | None = typer.Option(None, help="Write prediction.json and prediction.png (PSNR vs step) here."),
     as_json: bool = AS_JSON,
     **fields: Any,
@@ -51,7 +55,7 @@ def eval_prediction(
     reconstruction ceiling and a copy-last-frame baseline."""
     from worldsim.evaluation.prediction import PredictionEvalConfig, evaluate_prediction, format_table, write_plot
 
-    cfg = PredictionEvalConfig(sampler=_sampler(sigma_max, sigma_min, solver, churn), **fields)
+    cfg = PredictionEvalConfig(sampler=_sampler(sigma_max, sigma_min, solver, churn, final_extrapolation), **fields)
     try:
         results = evaluate_prediction(cfg, progress=not as_json)
     except ValueError as e:  # bad arguments or a dataset that does not fit the model: no traceback
@@ -109,6 +113,7 @@ def eval_realism(
     sigma_min: float | None = SIGMA_MIN,
     solver: str | None = SOLVER,
     churn: float | None = CHURN,
+    final_extrapolation: float | None = EXTRAPOLATION,
     as_json: bool = AS_JSON,
     **fields: Any,
 ) -> None:
@@ -122,7 +127,7 @@ def eval_realism(
         if not sep or not lo.isdigit() or not hi.isdigit():
             raise typer.BadParameter(f"{spec!r} is not FIRST-LAST, e.g. 100-200", param_hint="--bucket")
         ranges.append((int(lo), int(hi)))
-    cfg = RealismEvalConfig(buckets=tuple(ranges), sampler=_sampler(sigma_max, sigma_min, solver, churn), **fields)
+    cfg = RealismEvalConfig(buckets=tuple(ranges), sampler=_sampler(sigma_max, sigma_min, solver, churn, final_extrapolation), **fields)
     try:
         results = evaluate_realism(cfg, progress=not as_json)
     except ValueError as e:

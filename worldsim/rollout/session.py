@@ -84,7 +84,8 @@ held-out Memory Maze episodes (`worldsim eval prediction ... --horizon 32 --seed
 mean PSNR dB over 32 frames, Fréchet distance to real frames at dream frames 500-1000 (seed 0, 1):
 4 calls, no churn (before): 24.20, 16.84, 22.0 and 23.4; 4 calls, churn 1: 24.96, 16.95, 15.8
 and 15.7; 3 calls, churn 1: 25.46, 17.25, 21.2 and 20.6, with a frame a fifth cheaper. 2 calls
-(sigma_min 0.3) score 26.03 and 17.77 but return the model's blurred mean (Fréchet 57)."""
+(sigma_min 0.3) score 26.03 and 17.77 but return the model's blurred mean (Fréchet 57); 2 calls
+with the settings of DREAM_SAMPLERS[2] do what 3 did (the dream's default since)."""
 
 
 DREAM_SAMPLERS = {2: {"sigma_min": 2.3, "final_extrapolation": 0.85}}
