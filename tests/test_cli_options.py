@@ -210,3 +210,11 @@ def test_the_parameter_of_a_field_takes_its_place(config_module):
     assert json.loads(result.output)["windows"] == "5"
     text = plain(run(cmd, "--help").output)
     assert text.index("--size") < text.index("As the command reads it.") < text.index("--names")
+
+
+@pytest.mark.parametrize("args", [["train", "-d", "x", "--codec", "y"], ["train-codec", "-d", "x", "--out", "z"]])
+def test_init_from_bundled_without_a_bundle_is_one_bad_parameter(args):
+    """Both trainers read `--init-from bundled` the same way (conftest points the bundle elsewhere)."""
+    result = CliRunner().invoke(app, [*args, "--init-from", "bundled"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert "--init-from" in result.output and "no bundled model is installed" in result.output

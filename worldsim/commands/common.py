@@ -170,6 +170,19 @@ def merge_alias(value: Any, alias: Any, default: Any, spelling: str, alias_spell
     return alias
 
 
+def bundled_or_given(value: str | None, flag: str) -> str | None:
+    """'bundled' -> the installed bundle's folder (typer.BadParameter, exit 2, when none is
+    installed); anything else as given."""
+    if value != "bundled":
+        return value
+    from worldsim.bundled import bundled_model_dir  # here, not at the top: `worldsim --help` must not import torch
+
+    folder = bundled_model_dir()
+    if folder is None:
+        raise typer.BadParameter("no bundled model is installed", param_hint=flag)
+    return str(folder)
+
+
 def resolve_device(name: str) -> str:
     """--device as torch takes it: "auto" is cuda when available, else cpu; anything else as given."""
     if name != "auto":

@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from worldsim.commands.common import bundled_or_given
 from worldsim.commands.options import config_options
 from worldsim.model.config import PRESETS, VARIANTS  # torch-free: --help stays fast
 
@@ -30,18 +31,6 @@ def _parse_overrides(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key.strip()] = raw
     return out
-
-
-def _init_source(value: str | None) -> str | None:
-    """'bundled' -> the shipped bundle's folder; anything else as given."""
-    if value != "bundled":
-        return value
-    from worldsim.bundled import bundled_model_dir
-
-    folder = bundled_model_dir()
-    if folder is None:
-        raise typer.BadParameter("no bundled model is installed", param_hint="--init-from")
-    return str(folder)
 
 
 @config_options(
@@ -80,7 +69,7 @@ def train(
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
         handlers=[RichHandler(show_path=False)],
     )  # fmt: skip
-    fields.update(init_from=_init_source(fields["init_from"]), progress=fields["progress"] and rank == 0)
+    fields.update(init_from=bundled_or_given(fields["init_from"], "--init-from"), progress=fields["progress"] and rank == 0)
     config = TrainConfig(datasets=tuple(datasets), model_overrides=_parse_overrides(model_overrides), **fields)
     try:
         summary = run_train(config)

@@ -44,7 +44,7 @@ def train_codec(
     The last episodes of each dataset are never trained on; the PSNR printed is measured on them.
     Load the result with `worldsim.codec.checkpoint.load_codec(OUT)`.
     """
-    from worldsim.commands.common import merge_alias
+    from worldsim.commands.common import bundled_or_given, merge_alias
 
     datasets = [*(datasets or []), *(dataset_opts or [])]
     if not datasets:
@@ -58,14 +58,7 @@ def train_codec(
     from worldsim.codec.train import train_codec as run_training
     from worldsim.data.episode_store import DatasetError
 
-    if fields["init_from"] == "bundled":
-        from worldsim.bundled import bundled_model_dir
-
-        found = bundled_model_dir()
-        if found is None:
-            typer.echo("error: --init-from bundled: no bundled model is installed", err=True)
-            raise typer.Exit(code=1)
-        fields["init_from"] = str(found)
+    fields["init_from"] = bundled_or_given(fields["init_from"], "--init-from")
     config = CodecTrainConfig(datasets=tuple(datasets), run_dir=str(out), **fields)
     try:
         result = run_training(config, resume=resume)
