@@ -34,7 +34,7 @@ import torch
 from worldsim.train.checkpoint import SHA256_KEY, optimizer_from_storage, optimizer_to_storage
 from worldsim.utils.atomic import atomic_write_bytes, check_sha256
 from worldsim.utils.checkpoint_folders import (
-    LATEST_FILE, CheckpointError, commit_checkpoint, latest_checkpoint, temp_folder,
+    CheckpointError, commit_checkpoint, latest_checkpoint, resolve_checkpoint_folder, temp_folder,
 )
 from worldsim.utils.format_json import read_format_json
 from worldsim.utils.safetensors_io import open_safetensors, safetensors_bytes, tensor_diff
@@ -146,15 +146,8 @@ def latest_agent(run_dir: str | os.PathLike) -> Path | None:
 
 def resolve_agent(path: str | os.PathLike) -> Path:
     """An agent checkpoint folder from itself or from a run folder holding latest.json."""
-    path = Path(path).expanduser()
-    if (path / AGENT_FILE).is_file():
-        return path
-    if (path / LATEST_FILE).is_file():
-        latest = latest_agent(path)
-        if latest is not None and (latest / AGENT_FILE).is_file():
-            return latest
-    raise CheckpointError(f"{path}: neither an agent checkpoint (no {AGENT_FILE}) nor an agent run "
-                          f"(no {LATEST_FILE} pointing at one); train one with `worldsim agent train`")
+    return resolve_checkpoint_folder(path, marker=AGENT_FILE, what="an agent checkpoint", latest=latest_agent,
+                                     hint="; train one with `worldsim agent train`")
 
 
 def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -49,3 +49,19 @@ def test_every_format_raises_the_same_error_type():
 
     assert codec_checkpoint.CheckpointError is model_checkpoint.CheckpointError is folders.CheckpointError
     assert agent_checkpoint.CheckpointError is folders.CheckpointError
+
+
+def test_a_checkpoint_resolves_from_itself_or_from_its_runs_latest(tmp_path):
+    run = tmp_path / "run"
+    write_checkpoint(run, 3)
+    newest = run / "checkpoints" / folders.checkpoint_name(3)
+
+    def resolve(path, **kwargs):
+        return folders.resolve_checkpoint_folder(path, marker="done.json", what="a test checkpoint", **kwargs)
+
+    assert resolve(newest) == newest and resolve(run) == newest
+    (newest / "done.json").unlink()  # latest.json now names a folder without the format's file
+    with pytest.raises(folders.CheckpointError, match="points at .* which holds no done.json"):
+        resolve(run)
+    with pytest.raises(folders.CheckpointError, match=r"neither a test checkpoint \(no done.json\) nor a run .*; make one"):
+        resolve(tmp_path, hint="; make one")

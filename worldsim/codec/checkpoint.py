@@ -19,7 +19,7 @@ import torch
 
 from worldsim.codec.autoencoder import CodecConfig, FrameCodec
 from worldsim.utils.atomic import atomic_write_bytes, atomic_write_json, check_sha256
-from worldsim.utils.checkpoint_folders import LATEST_FILE, CheckpointError, read_latest_pointer
+from worldsim.utils.checkpoint_folders import CheckpointError, resolve_checkpoint_folder
 from worldsim.utils.format_json import read_format_json, read_json_object
 from worldsim.utils.safetensors_io import open_safetensors, safetensors_bytes
 
@@ -56,17 +56,7 @@ def save_codec(
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a checkpoint folder or a run folder holding `latest.json`."""
-    path = Path(path).expanduser()
-    if (path / CONFIG_FILE).is_file():
-        return path
-    latest = read_latest_pointer(path)  # a training run: its newest checkpoint
-    if latest is not None:
-        if not (latest / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{path / LATEST_FILE} points at {latest}, which holds no {CONFIG_FILE}")
-        return latest
-    raise CheckpointError(
-        f"{path}: no {CONFIG_FILE} (codec checkpoint) or {LATEST_FILE} (training run) in it"
-    )
+    return resolve_checkpoint_folder(path, marker=CONFIG_FILE, what="a codec checkpoint")
 
 
 def read_config(path: str | os.PathLike) -> CodecConfig:

@@ -343,17 +343,8 @@ def latest_checkpoint(run_dir: str | os.PathLike, *, problem_of: Callable[[Path]
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a checkpoint folder or a run folder holding latest.json."""
-    path = Path(path).expanduser()
-    if (path / SIDECAR_FILE).is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        if not (latest / SIDECAR_FILE).is_file():
-            raise CheckpointError(f"{path / LATEST_FILE} points at {latest}, which holds no {SIDECAR_FILE}")
-        return latest
-    raise CheckpointError(
-        f"{path}: neither a checkpoint folder (no {SIDECAR_FILE}) nor a training run (no {LATEST_FILE})"
-    )
+    return folders.resolve_checkpoint_folder(path, marker=SIDECAR_FILE, what="a world-model checkpoint",
+                                             latest=latest_checkpoint)
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:

@@ -137,3 +137,19 @@ def latest_checkpoint(run_dir: str | os.PathLike, *, problem_of: Callable[[Path]
                         target if target is not None else Path(run_dir) / LATEST_FILE, problem, candidate)
             return candidate
     raise CheckpointError(f"{problem}; the run holds no other complete checkpoint to fall back to")
+
+
+def resolve_checkpoint_folder(path: str | os.PathLike, *, marker: str, what: str,
+                              latest: Callable[[Path], Path | None] = read_latest_pointer, hint: str = "") -> Path:
+    """A checkpoint folder (one holding `marker`) from itself, or from a run folder through its
+    latest.json (`latest`: the format's reader of it, with or without the fallback past a torn
+    checkpoint). `what` names the format in the error ("an agent checkpoint"); `hint` ends it."""
+    path = Path(path).expanduser()
+    if (path / marker).is_file():
+        return path
+    found = latest(path)  # None without latest.json
+    if found is not None:
+        if not (found / marker).is_file():
+            raise CheckpointError(f"{path / LATEST_FILE} points at {found}, which holds no {marker}")
+        return found
+    raise CheckpointError(f"{path}: neither {what} (no {marker}) nor a run (no {LATEST_FILE} pointing at one){hint}")
