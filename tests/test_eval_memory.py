@@ -161,6 +161,36 @@ def test_models_differ_and_same_seed_gives_same_numbers(setup, results):
         assert np.isclose(a["ssim"]["mean"], b["ssim"]["mean"], atol=1e-3)
 
 
+def test_window_only_rows_score_the_last_window_of_context(setup, results):
+    ablated = evaluate_memory(_cfg(setup, protocols=("revisits",), window_only=True))
+    full, rows = results["protocols"]["revisits"]["models"], ablated["protocols"]["revisits"]["models"]
+    assert set(rows) == {*WINDOWS, *(f"{label}, window only" for label in WINDOWS)}
+    for label in WINDOWS:  # the full-context rows are the same runs as without the ablation
+        assert np.isclose(rows[label]["psnr"]["mean"], full[label]["psnr"]["mean"], atol=0.05)
+    assert "lssvwm, window only" in format_table(ablated)
+
+
+def test_only_a_state_space_model_carries_anything_from_beyond_its_window(setup):
+    """What the ablation measures: committing just the last W context frames leaves a sliding-window
+    model's next prediction as it was up to rounding (it sees nothing older; its frame positions
+    shift), and changes LSSVWM's (its state carried the older frames)."""
+    from worldsim.envs.dream import load_dream_model
+
+    steps = EpisodeStore(setup[1]).read(0, 2, CONTEXT)
+    frames, actions = steps["frames"][None], steps["actions"][None, : CONTEXT - 1]
+    x, sigma = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.ones(1)
+    difference = {}
+    for variant, w in WINDOWS.items():
+        model, codec = load_dream_model(setup[0][variant])
+        full = prefill_session(model, codec, frames, actions, [1], 1, chunk=CONTEXT)
+        cut = prefill_session(model, codec, frames[:, -w:], actions[:, -(w - 1):], [1], 1, chunk=CONTEXT)
+        with torch.no_grad():
+            a = model.step(x, sigma, torch.tensor([2]), full.cache, commit=False).denoised
+            b = model.step(x, sigma, torch.tensor([2]), cut.cache, commit=False).denoised
+        difference[variant] = (a - b).abs().max().item()
+    assert difference["causal_window"] < 1e-3 and difference["lssvwm"] > 10 * difference["causal_window"], difference
+
+
 def test_chunked_prefill_builds_the_one_shot_state(setup):
     from worldsim.envs.dream import load_dream_model
 

@@ -41,6 +41,11 @@ frame as every prediction: what a model without memory that predicts "nothing mo
 alike the old and new views are, an easy score for a model that recalls them). LPIPS is not
 reported: its network weights cannot be fetched offline.
 
+Ablation (`window_only`): each model with a finite attention window also runs with only its
+last W context frames committed (W = that window), the same targets and noise. Nothing from
+before the window reaches it, so the full-context score minus this one is what the model's state
+carried over from beyond its window: memory, measured on one set of weights.
+
 Output: the results dict (JSON-able), `memory.json` and one PNG per protocol (PSNR and SSIM
 against the gap, one line per model, references dashed) in `out_dir` when given.
 """
@@ -105,6 +110,10 @@ class MemoryEvalConfig:
     """Targets streamed together (memory bound only: results do not depend on it)."""
     prefill_chunk: int = 64
     """Context frames per parallel forward when committing the context."""
+    window_only: bool = False
+    """Also score each model with a finite attention window given only that many context frames
+    (labelled "<label>, window only"): the same weights without anything from beyond the window,
+    so the difference from the full context is what its state carried over (an ablation)."""
     out_dir: str | None = None
     """Folder for memory.json and the PNG plots; None writes nothing."""
     device: str = "auto"
@@ -378,9 +387,12 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
             plan[protocol] = (candidates, *select_targets(candidates, store.episode_steps, gap, cfg, protocol))
         for protocol, (candidates, targets, excluded) in plan.items():
             gaps = np.array([t.gap for t in targets])
-            model_scores: dict[str, dict[str, list]] = {label: {} for label in models}
+            runs = [(label, label, None) for label in models]  # (row label, model, context frames kept)
+            if cfg.window_only:
+                runs += [(f"{label}, window only", label, windows[label]) for label in models if windows[label]]
+            model_scores: dict[str, dict[str, list]] = {row: {} for row, _, _ in runs}
             ref_scores: dict[str, dict[str, list]] = {name: {} for name in REFERENCES}
-            bar = tqdm(total=len(targets) * len(models), desc=f"eval memory ({protocol})", unit="target",
+            bar = tqdm(total=len(targets) * len(runs), desc=f"eval memory ({protocol})", unit="target",
                        disable=not progress, dynamic_ncols=True)
             for i in range(0, len(targets), cfg.batch_size):
                 chunk = targets[i : i + cfg.batch_size]
@@ -390,11 +402,13 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
                 for name, scores in reference_scores(frames, chunk, cfg.context).items():
                     for metric, v in scores.items():
                         ref_scores[name].setdefault(metric, []).append(v)
-                for label, (model, codec) in models.items():
-                    dreamed = dream_targets(model, codec, frames, actions, cfg.context, [t.seed for t in chunk],
-                                            cfg.sampler_steps, cfg.prefill_chunk)
+                for row, label, kept in runs:
+                    model, codec = models[label]
+                    cut = 0 if kept is None else cfg.context - min(kept, cfg.context)  # frames left out in front
+                    dreamed = dream_targets(model, codec, frames[:, cut:], actions[:, cut:], cfg.context - cut,
+                                            [t.seed for t in chunk], cfg.sampler_steps, cfg.prefill_chunk)
                     for metric, v in frame_scores(real, dreamed).items():
-                        model_scores[label].setdefault(metric, []).append(v)
+                        model_scores[row].setdefault(metric, []).append(v)
                     bar.update(len(chunk))
             bar.close()
             results["protocols"][protocol] = {
