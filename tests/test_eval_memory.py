@@ -167,7 +167,14 @@ def test_window_only_rows_score_the_last_window_of_context(setup, results):
     assert set(rows) == {*WINDOWS, *(f"{label}, window only" for label in WINDOWS)}
     for label in WINDOWS:  # the full-context rows are the same runs as without the ablation
         assert np.isclose(rows[label]["psnr"]["mean"], full[label]["psnr"]["mean"], atol=0.05)
-    assert "lssvwm, window only" in format_table(ablated)
+    assert "lssvwm, window only" in format_table(ablated) and "lssvwm full - window" in format_table(ablated)
+    gain = ablated["protocols"]["revisits"]["window_only_gain"]
+    assert set(gain) == set(WINDOWS)
+    for label in WINDOWS:  # the paired mean is the difference of the rows' means
+        expected = rows[label]["psnr"]["mean"] - rows[f"{label}, window only"]["psnr"]["mean"]
+        assert np.isclose(gain[label]["psnr"]["mean"], expected, atol=1e-6)
+        assert [b["count"] for b in gain[label]["buckets"]] == [b["count"] for b in rows[label]["buckets"]]
+    assert "window_only_gain" not in results["protocols"]["revisits"]
 
 
 def test_only_a_state_space_model_carries_anything_from_beyond_its_window(setup):

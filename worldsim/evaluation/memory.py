@@ -44,7 +44,9 @@ reported: its network weights cannot be fetched offline.
 Ablation (`window_only`): each model with a finite attention window also runs with only its
 last W context frames committed (W = that window), the same targets and noise. Nothing from
 before the window reaches it, so the full-context score minus this one is what the model's state
-carried over from beyond its window: memory, measured on one set of weights.
+carried over from beyond its window: memory, measured on one set of weights. The results give it
+per target and by gap ("window_only_gain": full minus window only, mean and standard error of
+the paired differences).
 
 Output: the results dict (JSON-able), `memory.json` and one PNG per protocol (PSNR and SSIM
 against the gap, one line per model, references dashed) in `out_dir` when given.
@@ -421,6 +423,12 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
                 "references": {name: summarize({m: np.concatenate(v) for m, v in s.items()}, gaps, cfg.gap_edges)
                                for name, s in ref_scores.items()},
             }
+            if cfg.window_only:  # per target, full context minus window only: the memory, paired
+                results["protocols"][protocol]["window_only_gain"] = {
+                    label: summarize({m: np.concatenate(model_scores[label][m])
+                                      - np.concatenate(model_scores[row][m]) for m in model_scores[label]},
+                                     gaps, cfg.gap_edges)
+                    for row, label, kept in runs if kept is not None}
     finally:
         store.close()
     results["seconds"] = time.perf_counter() - start
@@ -435,6 +443,10 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
         tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
         tmp.replace(out / "memory.json")
     return results
+
+
+def _sem_text(sem: float | None) -> str:
+    return "±  n/a" if sem is None else f"±{sem:.2f}"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -453,6 +465,10 @@ def format_table(results: dict[str, Any]) -> str:
             cells = "".join(f"{b['psnr']['mean']:>10.2f} {b['ssim']['mean']:.3f}" for b in s["buckets"])
             lines.append(f"    {label:<24}{cells}{s['psnr']['mean']:>10.2f} {s['ssim']['mean']:.3f}")
         lines.append(f"    targets per bucket: {[b['count'] for b in first['buckets']]}")
+        for label, gain in block.get("window_only_gain", {}).items():
+            cells = "".join(f"{b['psnr']['mean']:>+10.2f} {_sem_text(b['psnr']['sem'])}" for b in gain["buckets"])
+            lines.append(f"    {label + ' full - window':<24}{cells}{gain['psnr']['mean']:>+10.2f} "
+                         f"{_sem_text(gain['psnr']['sem'])}  (PSNR, paired; ± s.e.m.)")
     for protocol, path in results["plots"].items():
         lines.append(f"  plot ({protocol}): {path}")
     if "json" in results:
