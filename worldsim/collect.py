@@ -62,7 +62,8 @@ PROGRESS_EVERY = 50  # steps between a worker's progress messages
 @dataclass
 class CollectConfig:
     env_id: str = "worldsim/MemoryMaze-9x9-v0"
-    """Gymnasium id of the env to run, e.g. one of `worldsim.envs.REAL_ENV_IDS`."""
+    """Gymnasium id of the env to run: worldsim/MemoryMaze-{9x9,11x11,13x13,15x15}-v0 or
+    worldsim/Crafter-v0 (`worldsim.envs.REAL_ENV_IDS`)."""
     policy: str = "mixed"
     """random (any env); navigator, revisit, spin (Memory Maze); mixed: one per episode of random,
     navigator, revisit."""
@@ -83,8 +84,8 @@ class CollectConfig:
     progress: bool = True
     """Show a progress bar (steps/s, episodes committed) on stderr."""
     code_permalink: str | None = None
-    """Link to the code that made the dataset (Minari's `code_permalink`); None: see
-    `worldsim.data.minari_writer.default_code_permalink`."""
+    """Link to the code that made the dataset (Minari's `code_permalink`); None: $WORLDSIM_CODE_PERMALINK,
+    else a placeholder (`worldsim.data.minari_writer.default_code_permalink`)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""

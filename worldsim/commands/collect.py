@@ -14,19 +14,7 @@ DEFAULTS = config_defaults("worldsim.collect", "CollectConfig")
 # The hidden aliases are the command's own; every other option is a CollectConfig field.
 @config_options("worldsim.collect", "CollectConfig", minimum={"episodes": 1, "workers": 1, "max_steps": 1, "seed": 0},
                 choices={"policy": tuple_items("worldsim.collect", "POLICY_CHOICES")},
-                short={"env_id": "-e", "policy": "-p", "episodes": "-n", "dataset_id": "-d"}, helps={
-    "env_id": "Gymnasium id: worldsim/MemoryMaze-{9x9,11x11,13x13,15x15}-v0 or worldsim/Crafter-v0.",
-    "episodes": "Episodes the dataset should hold.",
-    "workers": "Worker processes (one env each).",
-    "max_steps": "Cut episodes after this many steps (default: the env's own limit).",
-    "seed": "Episode i uses env and policy seed SEED + i.",
-    "dataset_id": "Minari id to create or resume, e.g. worldsim/memory-maze-9x9-v0 (namespace/name-vN).",
-    "root": "Datasets folder (default: MINARI_DATASETS_PATH or ~/.minari/datasets).",
-    "description": "Description stored in the dataset's metadata.",
-    "code_permalink": "Link to the code that made the dataset, stored as Minari's code_permalink "
-                      "(default: $WORLDSIM_CODE_PERMALINK, else a placeholder).",
-    "progress": "Show a progress bar.",
-})
+                short={"env_id": "-e", "policy": "-p", "episodes": "-n", "dataset_id": "-d"})
 def collect(
     env_alias: Optional[str] = typer.Option(  # noqa: UP007 (typer needs Optional on Python 3.11)
         None, "--env", hidden=True, help="Same as --env-id (the spelling `worldsim agent` uses)."

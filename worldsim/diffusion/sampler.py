@@ -105,8 +105,7 @@ def _solve(
     steps = len(sigmas) - 1
     # EDM caps the added noise at sqrt(2) - 1 of sigma per step so churn cannot undo the progress.
     gamma = min(churn / steps, math.sqrt(2) - 1)
-    prev_denoised, prev_h = None, None  # dpm2m's memory of the previous step
-    last_denoised = None  # the previous step's estimate, for final_extrapolation
+    prev_denoised, prev_h = None, None  # the previous step's estimate (dpm2m, final_extrapolation) and length
     for i in range(steps):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         if churn > 0 and churn_range[0] <= sigma <= churn_range[1]:
@@ -117,10 +116,10 @@ def _solve(
         if sigma_next == 0:
             # Every solver's last step: the ODE's Euler step to sigma = 0 is exactly D(x; sigma).
             x = denoised
-            if final_extrapolation and last_denoised is not None:
+            if final_extrapolation and prev_denoised is not None:
                 # Second order in spirit (DPM-Solver++(2M)'s D extrapolated from two estimates):
                 # push the last estimate further along the change since the previous one.
-                x = denoised + final_extrapolation * (denoised - last_denoised)
+                x = denoised + final_extrapolation * (denoised - prev_denoised)
         elif solver == "dpm2m":
             # Exponential integrator in lambda = -ln(sigma), with D extrapolated linearly in lambda
             # from this step's and the previous step's estimates (first order on the first step).
@@ -130,7 +129,7 @@ def _solve(
                 r = prev_h / h
                 d_eff = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * prev_denoised
             x = (sigma_next / sigma) * x + (1 - sigma_next / sigma) * d_eff
-            prev_denoised, prev_h = denoised, h
+            prev_h = h
         else:
             d = (x - denoised) / sigma  # dx/dsigma at sigma
             x_next = x + (sigma_next - sigma) * d
@@ -139,7 +138,7 @@ def _solve(
                 d_next = (x_next - denoise_fn(x_next, x.new_full((B,), sigma_next))) / sigma_next
                 x_next = x + (sigma_next - sigma) * (d + d_next) / 2
             x = x_next
-        last_denoised = denoised
+        prev_denoised = denoised
     return x
 
 
