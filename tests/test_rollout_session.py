@@ -379,3 +379,64 @@ def test_every_dream_default_takes_the_simulators_sampler_steps():
         default = inspect.signature(fn).parameters["sampler_steps"].default
         defaults[fn.__qualname__] = getattr(default, "default", default)  # typer's OptionInfo holds it
     assert defaults == dict.fromkeys(defaults, DREAM_STEPS)
+
+
+def test_decoding_beside_the_commit_changes_nothing_but_the_thread(monkeypatch):
+    model, codec = tiny_pair(prev_frames=2)
+    frames, actions = context(2, 4, seed=8)
+    serial = RolloutSession(model, codec, batch=2, overlap_decode=False)
+    overlapped = RolloutSession(model, codec, batch=2, overlap_decode=True)
+    for session in (serial, overlapped):
+        session.reset(frames, actions, seeds=[3, 4])
+    seen = []
+    decode = codec.decode
+
+    def recording(*args, **kwargs):  # where, and in which grad mode, each decode ran
+        import threading
+
+        seen.append((threading.current_thread().name, torch.is_grad_enabled()))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode", recording)
+    for a in ([0, 1], [2, 3], [4, 5]):
+        want, got = serial.step(a), overlapped.step(a)
+        assert torch.equal(want.frames, got.frames)
+        assert torch.equal(want.latents, got.latents) and torch.equal(want.rewards, got.rewards)
+    assert [s for s in seen[0::2]] == [("MainThread", False)] * 3
+    assert all(name.startswith("worldsim-decode") and not grad for name, grad in seen[1::2])
+    assert overlapped.step([0, 0], decode=False).frames is None  # planners skip the decode either way
+    # None decides per step: from batch 8, where the session's threads leave a CPU core free.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert RolloutSession(model, codec, batch=8).overlap_decode
+    assert not RolloutSession(model, codec, batch=1).overlap_decode
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not RolloutSession(model, codec, batch=8).overlap_decode
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_decodes_on_its_own_thread():
+    import os
+
+    model, codec = tiny_pair()
+    frames, actions = context(1, 3, seed=9)
+    session = RolloutSession(model, codec, batch=1, overlap_decode=True)
+    session.reset(frames, actions, seeds=[5])
+    session.step([1])  # the parent's decode thread now exists
+    pid = os.fork()
+    if pid == 0:  # the child: a step must not wait on a thread it did not inherit
+        try:
+            ok = session.step([2]).frames.shape == (1, 64, 64, 3)
+        finally:
+            os._exit(0 if ok else 1)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:  # still waiting on the thread it never had
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's step hung on the parent's decode thread")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

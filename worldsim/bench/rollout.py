@@ -80,6 +80,7 @@ NO_TERMINATION_BIAS = -10.0
 
 
 DECODE_DTYPES = ("auto", "float32", "bfloat16")
+OVERLAP_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -100,6 +101,9 @@ class RolloutBenchConfig:
     decode_dtype: str = "auto"
     """Frame decoding in the breakdown and the dream env: "auto" (bfloat16 where it is faster: a
     CPU with AMX at batch >= 8, as the dream env chooses), "float32" or "bfloat16"."""
+    overlap_decode: str = "auto"
+    """Decode each frame on a worker thread while the commit runs (`RolloutSession.overlap_decode`):
+    "auto" (as sessions choose: from batch 8 where the torch threads leave a core free), "on" or "off"."""
     advance: str = "auto"
     """How a session gets to a horizon: "auto" (stream fixed-size variants, fill causal_full's
     KV cache) or "stream" (commit-only steps for every variant; O(h^2) for causal_full)."""
@@ -268,6 +272,10 @@ def measure_horizons(cfg: RolloutBenchConfig, parts: Parts, device: torch.device
     return rows
 
 
+def overlap_setting(cfg: RolloutBenchConfig) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[cfg.overlap_decode]
+
+
 def decode_in_bf16(cfg: RolloutBenchConfig, batch: int, device: torch.device) -> bool:
     if cfg.decode_dtype == "auto":
         return bf16_decode_pays(device, batch)
@@ -281,6 +289,7 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     env = DreamVectorEnv(batch, model=parts.model, codec=parts.codec, context=ClipContext([frames[0]], [actions[0]]),
                          context_frames=cfg.context_frames, horizon=10**9, sampler_steps=cfg.sampler_steps,
                          fast_decode=decode_in_bf16(cfg, batch, next(parts.model.parameters()).device))
+    env.session.overlap_decode = overlap_setting(cfg)
     env.reset(seed=cfg.seed)
     env.step(env.action_space.sample())  # warm-up
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -290,7 +299,7 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     cpu = time.process_time() - cpu_start
     env.close()
     return {"batch": batch, "steps": cfg.dream_steps, "seconds": elapsed, "cpu_seconds": cpu,
-            "decode_bf16": env.session.decode_bf16,
+            "decode_bf16": env.session.decode_bf16, "overlap_decode": env.session.overlap_decode,
             "frames_per_s": batch * cfg.dream_steps / elapsed, "frames_per_cpu_s": batch * cfg.dream_steps / cpu,
             "ms_per_step": 1e3 * elapsed / cfg.dream_steps}
 
@@ -303,7 +312,7 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     rng = np.random.default_rng(cfg.seed)
     bf16 = decode_in_bf16(cfg, batch, next(model.parameters()).device)
     session = RolloutSession(model, parts.codec, batch=batch, sampler_steps=cfg.sampler_steps, seed=cfg.seed,
-                             decode_bf16=bf16)
+                             decode_bf16=bf16, overlap_decode=overlap_setting(cfg))
     session.reset(*parts.context(rng, batch, cfg.context_frames))
     actions = rng.integers(0, model.cfg.n_actions, (cfg.breakdown_steps + 1, batch))
     session.step(actions[0])  # warm-up
@@ -314,6 +323,7 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     n = cfg.breakdown_steps
     row = {"batch": batch, "steps": n, "seconds": elapsed, "cpu_seconds": cpu, "decode_bf16": bf16,
+           "overlap_decode": session.overlap_decode,
            **{f"{phase}_ms": 1e3 * timings[phase] / n for phase in ("denoise", "commit", "decode")}}
     row["total_ms"] = 1e3 * elapsed / n
     row["other_ms"] = row["total_ms"] - row["denoise_ms"] - row["commit_ms"] - row["decode_ms"]  # actions in, results out
@@ -391,6 +401,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) -> dict[str, Any]:
     if cfg.advance not in ("auto", "stream"):
         raise ValueError(f"advance must be 'auto' or 'stream', got {cfg.advance!r}")
+    if cfg.overlap_decode not in OVERLAP_CHOICES:
+        raise ValueError(f"overlap_decode must be one of {OVERLAP_CHOICES}, got {cfg.overlap_decode!r}")
     if cfg.decode_dtype not in DECODE_DTYPES:
         raise ValueError(f"decode_dtype must be one of {DECODE_DTYPES}, got {cfg.decode_dtype!r}")
     if min(cfg.horizons) < 2 or min(cfg.timed_frames, min(cfg.batches), cfg.long_steps, cfg.breakdown_steps) < 1:
@@ -458,11 +470,12 @@ def format_table(results: dict[str, Any]) -> str:
              f"Per-frame breakdown (RolloutSession.step: {cfg['sampler_steps']} denoiser calls, commit, decode; "
              f"ms per step, mean of {cfg['breakdown_steps']} steps; dream/real per CPU-second in brackets)",
              f"  {'batch':>8} {'denoise':>8} {'commit':>8} {'decode':>8} {'other':>7} {'total':>8} {'frames/s':>9}  dream/real"
-             "  (* decoded in bfloat16)"]
+             "  (* decoded in bfloat16; + decoded on a second thread during the commit, the wait shown)"]
     for r in results["breakdown"]:
+        marks = ("*" if r["decode_bf16"] else "") + ("+" if r.get("overlap_decode") else "")
         lines.append(f"  {r['batch']:>8} {r['denoise_ms']:>8.2f} {r['commit_ms']:>8.2f} "
-                     f"{r['decode_ms']:>8.2f}{'*' if r['decode_bf16'] else ' '}"
-                     f"{r['other_ms']:>7.2f} {r['total_ms']:>8.2f} {r['frames_per_s']:>9.1f}  "
+                     f"{r['decode_ms']:>8.2f}{marks:<2}"
+                     f"{r['other_ms']:>6.2f} {r['total_ms']:>8.2f} {r['frames_per_s']:>9.1f}  "
                      f"{_fmt(r['vs_real'], '.2f', 'x')} ({_fmt(r['vs_real_cpu'], '.2f', 'x')})")
     if real:
         lines.append(f"  {'real env':>8} {'':>8} {'':>8} {'':>8} {'':>7} {real['ms_per_step']:>8.2f} "
@@ -486,7 +499,8 @@ def format_table(results: dict[str, Any]) -> str:
         ratio_cpu = results["dream_vs_real_cpu"][str(d["batch"])]
         lines.append(f"  batch {d['batch']:>4}: {d['frames_per_s']:>9.1f} frames/s ({d['frames_per_cpu_s']:.1f}; "
                      f"{d['ms_per_step']:.1f} ms/step)   dream/real {_fmt(ratio, '.2f', 'x')} "
-                     f"({_fmt(ratio_cpu, '.2f', 'x')}){'  decoded in bfloat16' if d['decode_bf16'] else ''}")
+                     f"({_fmt(ratio_cpu, '.2f', 'x')}){'  decoded in bfloat16' if d['decode_bf16'] else ''}"
+                     f"{'  decoded beside the commit' if d.get('overlap_decode') else ''}")
     if real:
         lines.append(f"  real Memory Maze {cfg['maze_size']}x{cfg['maze_size']} (Gymnasium adapter): "
                      f"{real['steps_per_s']:.1f} steps/s ({real['steps_per_cpu_s']:.1f})  "

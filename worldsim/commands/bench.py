@@ -39,7 +39,8 @@ def bench_train(as_json: bool = AS_JSON, **fields: Any) -> None:
 @bench_app.command("rollout")
 @config_options("worldsim.bench.rollout", "RolloutBenchConfig", comma=("variants", "horizons", "batches"),
                 choices={"preset": (BUNDLED, *PRESETS), "codec": dict_keys("worldsim.codec.autoencoder", "PRESETS"),
-                         "decode_dtype": tuple_items("worldsim.bench.rollout", "DECODE_DTYPES")})
+                         "decode_dtype": tuple_items("worldsim.bench.rollout", "DECODE_DTYPES"),
+                         "overlap_decode": tuple_items("worldsim.bench.rollout", "OVERLAP_CHOICES")})
 def bench_rollout(as_json: bool = AS_JSON, **fields: Any) -> None:
     """Where a dreamed frame's time goes (denoise, commit, decode) next to the real env's step,
     per-frame latency and state bytes vs horizon (LSSVWM vs causal KV cache), dream frames/s vs
