@@ -229,6 +229,12 @@ def test_json_and_png_are_written(results):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     table = format_table(results)
     assert "lssvwm" in table and "copy_last (ref)" in table and "4-8" in table and "within_window 2" in table
+    # Every model's state retention, measured in its first prefill: SSM heads for the LSSVWM, none for attention.
+    retention = results["state_retention"]
+    assert set(retention) == set(WINDOWS) and retention["causal_window"] == []
+    assert [layer["layer"] for layer in retention["lssvwm"]] == list(range(len(retention["lssvwm"])))
+    assert all(f is None or f > 0 for layer in retention["lssvwm"] for f in layer["frames_to_1e"])
+    assert "state of lssvwm: " in table and "SSM heads keep 1/e" in table and "state of causal_window: no SSM layers" in table
 
 
 # ------------------------------------------------------------------------------ errors and the CLI

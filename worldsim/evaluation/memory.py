@@ -48,12 +48,18 @@ carried over from beyond its window: memory, measured on one set of weights. The
 per target and by gap ("window_only_gain": full minus window only, mean and standard error of
 the paired differences).
 
+State retention: during each model's first full-context prefill, how long its SSM heads keep
+what they saw (`worldsim.evaluation.state_retention`: per head, frames until 1/e of a frame's
+state is left, on these frames), and how many heads outlast the attention window. A model whose
+heads all forget within the window cannot show memory, whatever the scores.
+
 Output: the results dict (JSON-able), `memory.json` and one PNG per protocol (PSNR and SSIM
 against the gap, one line per model, references dashed) in `out_dir` when given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -72,6 +78,7 @@ from worldsim.collect import POSE_INFO_KEYS
 from worldsim.data.episode_store import EpisodeStore
 from worldsim.evaluation.metrics import psnr, ssim
 from worldsim.evaluation.prediction import Window, check_compatible, read_windows
+from worldsim.evaluation.state_retention import SSMRetention, describe
 from worldsim.loading import load_dream_model
 from worldsim.rollout.session import RolloutSession
 
@@ -381,6 +388,8 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
     length = cfg.context + cfg.horizon
     results: dict[str, Any] = {"config": asdict(cfg), "device": str(device), "attention_windows": windows,
                                "qualifying_gap": gap, "protocols": {}}
+    retention: dict[str, list] = {}
+    results["state_retention"] = retention  # per model: its SSM heads' frames to 1/e (state_retention)
     start = time.perf_counter()
     try:
         plan = {}  # fails fast for every protocol before any compute
@@ -407,8 +416,13 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
                 for row, label, kept in runs:
                     model, codec = models[label]
                     cut = 0 if kept is None else cfg.context - min(kept, cfg.context)  # frames left out in front
-                    dreamed = dream_targets(model, codec, frames[:, cut:], actions[:, cut:], cfg.context - cut,
-                                            [t.seed for t in chunk], cfg.sampler_steps, cfg.prefill_chunk)
+                    # The first full-context prefill also measures how long the model's SSM heads keep their state.
+                    measure = kept is None and label not in retention
+                    with SSMRetention(model) if measure else contextlib.nullcontext() as recorder:
+                        dreamed = dream_targets(model, codec, frames[:, cut:], actions[:, cut:], cfg.context - cut,
+                                                [t.seed for t in chunk], cfg.sampler_steps, cfg.prefill_chunk)
+                    if measure:
+                        retention[label] = recorder.summary()
                     for metric, v in frame_scores(real, dreamed).items():
                         model_scores[row].setdefault(metric, []).append(v)
                     bar.update(len(chunk))
@@ -469,6 +483,8 @@ def format_table(results: dict[str, Any]) -> str:
             cells = "".join(f"{b['psnr']['mean']:>+10.2f} {_sem_text(b['psnr']['sem'])}" for b in gain["buckets"])
             lines.append(f"    {label + ' full - window':<24}{cells}{gain['psnr']['mean']:>+10.2f} "
                          f"{_sem_text(gain['psnr']['sem'])}  (PSNR, paired; ± s.e.m.)")
+    for label, layers in results.get("state_retention", {}).items():
+        lines.append(f"  state of {label}: {describe(layers, results['attention_windows'].get(label))}")
     for protocol, path in results["plots"].items():
         lines.append(f"  plot ({protocol}): {path}")
     if "json" in results:
