@@ -3,7 +3,9 @@
 Sub-env i behaves exactly like a `DreamEnv` reset with seed + i: it has its own `np_random`, which
 picks its context clips and seeds its sampler noise, in the same order as the single env. (From 8
 sub-envs on a CPU with AMX the frames are decoded in bfloat16, `fast_decode`: the same dream, its
-pixels within 2 grey levels of the single env's; `fast_decode=False` gives them exactly.)
+pixels within 2 grey levels of the single env's; `fast_decode=False` gives them exactly. From 8
+sub-envs on a CPU with a core the torch threads leave free, each step's frames are decoded on a
+second thread while the commit call runs, `RolloutSession.overlap_decode`: the same frames, sooner.)
 
 Auto-reset (metadata["autoreset_mode"]): NEXT_STEP by default (Gymnasium 1.x): the step that ends
 sub-env i returns its last frame; the NEXT step ignores i's action, restarts it from new context
