@@ -402,7 +402,7 @@ def test_decoding_beside_the_commit_changes_nothing_but_the_thread(monkeypatch):
         want, got = serial.step(a), overlapped.step(a)
         assert torch.equal(want.frames, got.frames)
         assert torch.equal(want.latents, got.latents) and torch.equal(want.rewards, got.rewards)
-    assert [s for s in seen[0::2]] == [("MainThread", False)] * 3
+    assert seen[0::2] == [("MainThread", False)] * 3
     assert all(name.startswith("worldsim-decode") and not grad for name, grad in seen[1::2])
     assert overlapped.step([0, 0], decode=False).frames is None  # planners skip the decode either way
     # None decides per step: from batch 8, where the session's threads leave a CPU core free.

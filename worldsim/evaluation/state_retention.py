@@ -38,12 +38,11 @@ def frame_log_retention(layer: BlockwiseMamba2, x: torch.Tensor) -> torch.Tensor
     if x.dim() != 4:
         raise ValueError(f"expected the layer's input (batch, frames, tokens, d_model), got {tuple(x.shape)}")
     u = tokens_to_blocks(x, layer.grid, layer.block)  # (rows, T * L, d)
-    heads = layer.n_heads
-    dt_raw = F.linear(u, layer.in_proj.weight[-heads:])  # the in_proj rows that give dt (no bias)
-    dt = F.softplus(dt_raw.float() + layer.dt_bias.float())  # (rows, T * L, h)
+    dt_raw = F.linear(u, layer.in_proj.weight[-layer.n_heads:])  # the in_proj rows that give dt (no bias)
+    dt = layer.step_sizes(dt_raw.float())  # (rows, T * L, h)
     per_block = layer.block[0] * layer.block[1]
     dt_per_frame = dt.unflatten(1, (x.shape[1], per_block)).sum(2)  # (rows, T, h)
-    return dt_per_frame * -torch.exp(layer.A_log.float())
+    return dt_per_frame * layer.decay_rates()
 
 
 class SSMRetention:

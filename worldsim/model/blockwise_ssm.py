@@ -326,6 +326,15 @@ class BlockwiseMamba2(nn.Module):
         y = self._mix(u, cache)  # (b * nb, T * bh*bw, D)
         return blocks_to_tokens(y, x.shape[0], self.grid, self.block)  # (b, T, H*W, D)
 
+    def decay_rates(self) -> torch.Tensor:
+        """(heads,) A = -exp(A_log): negative, so every decay exp(dt A) is in (0, 1); at least
+        float32 (kernels want it)."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
+    def step_sizes(self, dt_raw: torch.Tensor) -> torch.Tensor:
+        """dt = softplus(dt_raw + dt_bias) (..., heads) from in_proj's dt outputs (its last `n_heads`)."""
+        return F.softplus(dt_raw + self.dt_bias)
+
     def begin_step(self, cache: BlockwiseSSMCache) -> SSMStepFrame:
         """What every `step` on the next frame of `cache` shares (pass it as `frame=`)."""
         if cache is None:
@@ -336,7 +345,7 @@ class BlockwiseMamba2(nn.Module):
             history=cache.conv_state.transpose(1, 2),  # (rows, d_conv - 1, conv_dim)
             # contiguous rows: a strided (stride d_conv) operand makes the multiply-adds ~3x slower
             conv_taps=self.conv1d.weight[:, 0].t().contiguous().unbind(0),  # d_conv x (conv_dim,)
-            A=-torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
+            A=self.decay_rates(),
         )
 
     def step(self, x_frame: torch.Tensor, cache: BlockwiseSSMCache, commit: bool = True,
@@ -378,7 +387,7 @@ class BlockwiseMamba2(nn.Module):
         x = x.reshape(rows, length, self.n_heads, self.head_dim)  # (N, L, h, p)
         B = B.reshape(rows, length, self.n_groups, self.d_state)  # (N, L, g, n)
         C = C.reshape(rows, length, self.n_groups, self.d_state)  # (N, L, g, n)
-        dt = F.softplus(dt + self.dt_bias)  # (N, L, h)
+        dt = self.step_sizes(dt)  # (N, L, h)
         cache = frame.cache
         y, final = ssd_one_chunk(x, dt, frame.A, B, C, cache.ssm_state, final_state=commit)  # (N, L, h, p)
         if commit:
@@ -416,11 +425,9 @@ class BlockwiseMamba2(nn.Module):
         x = x.reshape(rows, length, self.n_heads, self.head_dim)  # (N, L, h, p)
         B = B.reshape(rows, length, self.n_groups, self.d_state)  # (N, L, g, n)
         C = C.reshape(rows, length, self.n_groups, self.d_state)  # (N, L, g, n)
-        dt = F.softplus(dt + self.dt_bias)  # (N, L, h)
-        # (h,): negative, so every decay exp(dt A) is in (0, 1); at least float32 (kernels want it)
-        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+        dt = self.step_sizes(dt)  # (N, L, h)
         y, final = ssd_chunked(
-            x, dt, A, B, C, self.chunk_size or default_chunk_size(x),
+            x, dt, self.decay_rates(), B, C, self.chunk_size or default_chunk_size(x),
             initial_state=None if cache is None else cache.ssm_state,
             backend=self.backend,
         )  # (N, L, h, p), (N, h, p, n)
