@@ -183,6 +183,10 @@ def test_the_gpu_job_dry_run_on_the_cpu(dry_run):
     assert len(train["checkpoints"]) >= 2 and train["checkpoints"][-1]["why"] == "final"
     assert train["val_curve"][0][0] == 0 and all(v[2] is not None for v in train["val_curve"])
     assert results["model"]["warm_start"]["new"] == ["precond.net.prev_in.bias", "precond.net.prev_in.weight"]
+    chunk = train["ssm_chunk"]  # timed on the device: every candidate ran, the fastest was kept
+    assert set(chunk["step_ms"]) == {str(c) for c in gpu_job.SSM_CHUNK_CANDIDATES}
+    assert chunk["chosen"] in gpu_job.SSM_CHUNK_CANDIDATES
+    assert chunk["step_ms"][str(chunk["chosen"])] == min(chunk["step_ms"].values())
     bench = results["bench"]
     assert [r["batch"] for r in bench["rows"]] == [1, 4] and all(r["frames_per_s"] > 0 for r in bench["rows"])
     assert bench["single_stream_latency_ms"] > 0
@@ -256,3 +260,10 @@ def test_a_baseline_from_scratch_stops_at_its_step_budget(dry_run, tmp_path):
                               "--variant", "causal_window"], cwd=REPO, env={**env, "OUT": str(tmp_path / "no")},
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "a variant is chosen when training from scratch" in refused.stdout + refused.stderr
+
+
+def test_ssm_chunk_must_be_auto_or_a_length(capsys):
+    assert gpu_job.parse_args(["--pack", "p", "--out", "o", "--ssm-chunk", "64"]).ssm_chunk == "64"
+    with pytest.raises(SystemExit):
+        gpu_job.parse_args(["--pack", "p", "--out", "o", "--ssm-chunk", "big"])
+    assert "ssm_chunk must be 'auto' or a positive integer" in capsys.readouterr().err

@@ -221,3 +221,26 @@ def test_fla_adapter_maps_layouts_correctly():
     y_ref, final_ref = ssd_chunked_torch(x, dt, A, B, C, 8, h0)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(final, final_ref, rtol=0, atol=1e-10)
+
+
+def test_the_compiled_path_sums_without_cumsum_and_agrees(monkeypatch):
+    # While torch.compile traces, prefix sums run as float32 matmuls (Inductor's scan codegen
+    # failed on the H100): the same scans, also where strong decays would make a difference of
+    # prefix sums lose the small ones.
+    cases = [make_inputs(2, 150, 4, 8, 2, 16), make_inputs(1, 96, 2, 4, 1, 8, a_scale=80.0)]
+    cases[1][1][:, :48] *= 5.0
+    cases[1][1][:, 48:] *= 1e-3
+    eager = [ssd_chunked_torch(*(t.float() for t in (x, dt, A, B, C)), 64, initial_state=h0.float())
+             for x, dt, A, B, C, h0 in cases]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "cumsum", lambda *a, **k: pytest.fail("cumsum on the compiled path"))
+    for (x, dt, A, B, C, h0), (y_eager, final_eager) in zip(cases, eager, strict=True):
+        y_ref, final_ref = ssd_recurrent(x, dt, A, B, C, initial_state=h0)
+        y, final = ssd_chunked_torch(*(t.float() for t in (x, dt, A, B, C)), 64, initial_state=h0.float())
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(final.double(), final_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+        ys, fs = ssd_one_chunk(*(t.float() for t in (x[:, :40], dt[:, :40], A, B[:, :40], C[:, :40])), h0.float())
+        ys_ref, fs_ref = ssd_recurrent(x[:, :40], dt[:, :40], A, B[:, :40], C[:, :40], initial_state=h0)
+        torch.testing.assert_close(ys.double(), ys_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fs.double(), fs_ref, rtol=1e-4, atol=1e-4)

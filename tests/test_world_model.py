@@ -649,3 +649,21 @@ def test_bundled_model_streams_what_the_parallel_pass_computes(monkeypatch):
             sigma[:, -1] = level
             parallel = model(torch.cat([latents[:, :-1], noisy[:, None]], 1), sigma, cond).denoised[:, -1]
             torch.testing.assert_close(frame.denoise(noisy, sigma[:, -1]), parallel, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_training_forward_traces_as_one_graph():
+    # The GPU job compiles the model: any graph break (a value check reading a tensor, a log line)
+    # splits the compiled step. Dynamo's tracing alone, no code generation: a few seconds on a CPU.
+    torch.manual_seed(0)
+    model = WorldModel(make_config("tiny", latent_channels=4, n_actions=6, prev_frames=2))
+    B, T = 2, 8
+    latents = torch.randn(B, T, 4, *model.cfg.latent_grid)
+    actions = torch.randint(0, 6, (B, T))
+    sigma = torch.rand(B, T)
+    no_action = torch.zeros(B, T, dtype=torch.bool)
+    no_action[:, 0] = True  # as world_model_loss shifts the actions: frame 0 has none
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(latents, sigma, actions, no_action=no_action, clean=latents)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -90,7 +90,11 @@ class ActionEmbedding(nn.Module):
                 raise ValueError(f"discrete actions must have shape {lead}, got {tuple(actions.shape)}")
             if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:
                 raise ValueError(f"discrete actions must be integers (int64), got {actions.dtype}")
-            if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) > self.n_actions):
+            # Value checks read the tensor (a sync, and a graph break under torch.compile): the
+            # compiled training step feeds actions it gathered itself, checked when loaded.
+            if torch.compiler.is_compiling():
+                pass
+            elif actions.numel() and (int(actions.min()) < 0 or int(actions.max()) > self.n_actions):
                 raise ValueError(
                     f"discrete actions must lie in [0, {self.n_actions - 1}] (or {self.n_actions} = no action), "
                     f"got values in [{int(actions.min())}, {int(actions.max())}]"
@@ -101,7 +105,7 @@ class ActionEmbedding(nn.Module):
                 raise ValueError(f"continuous actions must have shape {want}, got {tuple(actions.shape)}")
             if not actions.dtype.is_floating_point:
                 raise ValueError(f"continuous actions must be floating point, got {actions.dtype}")
-            if not torch.isfinite(actions).all():
+            if not torch.compiler.is_compiling() and not torch.isfinite(actions).all():
                 raise ValueError("continuous actions contain NaN or inf; mark missing actions with no_action")
         if no_action is not None and (no_action.shape != lead or no_action.dtype != torch.bool):
             raise ValueError(f"no_action must be a bool tensor of shape {lead}, got {no_action.dtype} {tuple(no_action.shape)}")

@@ -336,7 +336,8 @@ def frame_attention(
     """Dispatch q (B, heads, Tq N, d), k, v (B, heads, Tk N, d) -> (B, heads, Tq N, d) to a backend."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = resolve_backend(backend, q.device, needs_grad)
-    _log_once(f"frame attention: backend={name} (asked {backend}) on {q.device.type}, grad={needs_grad}")
+    if not torch.compiler.is_compiling():  # logging breaks a compiled graph; the eager calls log it
+        _log_once(f"frame attention: backend={name} (asked {backend}) on {q.device.type}, grad={needs_grad}")
     if name == "flex":
         return flex_frame_attention(q, k, v, tokens_per_frame, window, compiled=flex_compiled)
     if name == "chunked":

@@ -52,6 +52,22 @@ def _segment_masks(q: int, device: torch.device, dtype: torch.dtype) -> tuple[to
     return below, above
 
 
+def prefix_sum(a: torch.Tensor) -> torch.Tensor:
+    """a.cumsum(-1), (..., Q) -> (..., Q).
+
+    While torch.compile traces (the GPU job), a float32 matmul with a triangular 0/1 matrix
+    instead: Inductor's scan code generation failed on this cumsum on the H100 (torch 2.11, a
+    TypeError in SplitScan), which cost two leases their compiled training. It is the same sum in
+    another order, kept out of bf16 autocast: log decays must not be rounded to 8 bits.
+    """
+    if not torch.compiler.is_compiling():
+        return a.cumsum(dim=-1)
+    q = a.shape[-1]
+    upper = torch.ones(q, q, dtype=torch.bool, device=a.device).triu().to(torch.float32)  # [s, t] = 1 for s <= t
+    with torch.autocast(a.device.type, enabled=False):
+        return (a.float() @ upper).to(a.dtype)
+
+
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
     """out[..., t, s] = a[..., s+1] + ... + a[..., t] for s <= t (0 on the diagonal), -inf above.
 
@@ -59,6 +75,12 @@ def segment_sum(a: torch.Tensor) -> torch.Tensor:
     whose per-step log decay is `a`.
     """
     below, above = _segment_masks(a.shape[-1], a.device, a.dtype)
+    if torch.compiler.is_compiling():
+        # No cumsum for Inductor (see prefix_sum): the same sum down the rows as a float32 matmul
+        # with the (Q, Q) 0/1 matrix that is 1 on and below the diagonal; no cancelling terms.
+        rows = torch.ones(a.shape[-1], a.shape[-1], dtype=torch.bool, device=a.device).tril().to(torch.float32)
+        with torch.autocast(a.device.type, enabled=False):
+            return (rows @ (a.float()[..., :, None] * below.float())).to(a.dtype) + above  # (..., Q, Q)
     # Row t, column s holds a[t] where t > s (times 1; 0 elsewhere); a cumsum down the rows then
     # adds exactly the steps s+1..t, with no subtraction of large partial sums. Multiplying by the
     # 0/1 mask and adding the 0/-inf one give what masked fills would, in two cheap ops.
@@ -126,7 +148,7 @@ def ssd_chunked_torch(
     B = B.view(batch, n_chunks, q, n_groups, 1, d_state).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, 1, l, n)
     C = C.view(batch, n_chunks, q, n_groups, 1, d_state).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, 1, l, n)
     log_a = (dt * A).view(batch, n_chunks, q, n_groups, hpg).permute(0, 1, 3, 4, 2)  # (b, c, g, j, l)
-    cum = log_a.cumsum(dim=-1)  # (b, c, g, j, l): log decay from chunk start through token l
+    cum = prefix_sum(log_a)  # (b, c, g, j, l): log decay from chunk start through token l
     decay = torch.exp(segment_sum(log_a))  # (b, c, g, j, l, s)
 
     # 1. Within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(seg[l, s]) x_s dt_s.
@@ -191,7 +213,7 @@ def ssd_one_chunk(
 
     log_a = (dt * A).transpose(1, 2)  # (b, h, L)
     decay = torch.exp(segment_sum(log_a))  # (b, h, L, s): decay from token s to token L
-    grow = torch.exp(log_a.cumsum(dim=-1))  # (b, h, L): decay from the state to token L
+    grow = torch.exp(prefix_sum(log_a))  # (b, h, L): decay from the state to token L
     B = B.transpose(1, 2).reshape(b * g, L, n)  # (b g, L, n)
     C = C.transpose(1, 2).reshape(b * g, L, n)
 
@@ -305,7 +327,7 @@ def default_chunk_size(x: torch.Tensor) -> int:
 
 
 def _log_path_once(path: str, x: torch.Tensor) -> None:
-    if path not in _logged_paths:
+    if path not in _logged_paths and not torch.compiler.is_compiling():  # logging breaks a compiled graph
         _logged_paths.add(path)
         note = "" if path != "torch" or not x.is_cuda else " (no mamba-ssm / flash-linear-attention found)"
         logger.info("SSD scan path: %s on %s%s", _DESCRIPTIONS[path], x.device.type, note)

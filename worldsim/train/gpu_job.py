@@ -31,7 +31,8 @@ $OUT/results.json, rewritten after each phase, so a run cut short still reports 
    their zero initialisation, so the model starts out computing exactly what the bundle does).
 4. Training until the time budget: AdamW (fused on CUDA), EMA, bf16 autocast and torch.compile on
    CUDA (falling back to eager if compiling fails), linear warmup then a cosine decay over the
-   remaining *time*. About every `--checkpoint-seconds` the EMA weights and config are exported to
+   remaining *time*. First, the SSD scan's chunk length is chosen by timing a training step at each
+   of `SSM_CHUNK_CANDIDATES` on the device (`--ssm-chunk`). About every `--checkpoint-seconds` the EMA weights and config are exported to
    $OUT (format of `worldsim.train.checkpoint`: $OUT/latest.json + $OUT/checkpoints/step_N/ with
    checkpoint.json and ema.safetensors; `load_world_model($OUT)` loads it) and the held-out loss
    is measured. Throughput is reported as tokens/s and MFU, with the FLOPs of a step estimated as
@@ -78,6 +79,7 @@ from worldsim.data.pack import PackError, open_pack, video_backend
 from worldsim.diffusion.forcing import ForcingConfig
 from worldsim.model import frame_attention as fa
 from worldsim.model import ssd
+from worldsim.model.blockwise_ssm import BlockwiseMamba2
 from worldsim.model.config import VARIANTS, ModelConfig, make_config
 from worldsim.model.loss import world_model_loss
 from worldsim.model.ssd_reference import ssd_recurrent
@@ -159,6 +161,9 @@ class JobConfig:
     device: str = "auto"
     bf16: bool = True
     compile: bool = True
+    ssm_chunk: str = "auto"
+    """SSD chunk length of the parallel scan: 'auto' times a training step at each of
+    SSM_CHUNK_CANDIDATES on the device and keeps the fastest; or a number. Results do not depend on it."""
     threads: int | None = None
     decode_workers: int | None = None
     seed: int = 0
@@ -200,6 +205,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--device", default=d.device, choices=["auto", "cuda", "cpu"])
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 training on CUDA")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
+    p.add_argument("--ssm-chunk", default=d.ssm_chunk, help="SSD chunk length: 'auto' (timed on the device) or a number")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--decode-workers", type=int, default=None, help="threads decoding videos")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -219,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                 if getattr(cfg, k) is not None and getattr(cfg, k) < lo]  # fmt: skip
     if cfg.minutes <= 0 or cfg.checkpoint_seconds <= 0:
         problems.append("minutes and checkpoint_seconds must be > 0")
+    if cfg.ssm_chunk != "auto" and not (cfg.ssm_chunk.isdigit() and int(cfg.ssm_chunk) >= 1):
+        problems.append(f"ssm_chunk must be 'auto' or a positive integer, got {cfg.ssm_chunk!r}")
     if problems:
         p.error("; ".join(problems))
     return cfg
@@ -742,6 +750,60 @@ def validation_loss(module, data: DeviceData, device: torch.device, cfg: JobConf
     return total / count
 
 
+SSM_CHUNK_CANDIDATES = (32, 64, 128, 256)
+"""Chunk lengths `--ssm-chunk auto` tries. The pure-PyTorch SSD materialises a (Q x Q) decay and
+score matrix per head and chunk, so its within-chunk work grows with Q while the pass across
+chunks shrinks; Mamba2's 256 suits its fused kernel, and on the CPU 32 was fastest. The first GPU
+leases ran the PyTorch path at 256 (MFU 1.2-1.4%, as many tokens/s at batch 1024 as at 256)."""
+
+
+def set_ssm_chunk(model: WorldModel, chunk: int | None) -> None:
+    """Set the parallel scan's chunk length on every SSM layer (None: the device's default)."""
+    for module in model.modules():
+        if isinstance(module, BlockwiseMamba2):
+            module.chunk_size = chunk
+
+
+def choose_ssm_chunk(model: WorldModel, data: DeviceData, device: torch.device, cfg: JobConfig, bf16: bool,
+                     batch: int, forcing: ForcingConfig, timed_steps: int = 3) -> dict[str, Any]:
+    """Set the SSD chunk length from `cfg.ssm_chunk`; with 'auto', the one whose training step
+    (forward + backward on a real batch, no optimizer step) runs fastest here. Returns what was
+    chosen and the median step time in ms of each candidate."""
+    if not any(isinstance(m, BlockwiseMamba2) for m in model.modules()):
+        return {"chosen": None, "why": "no SSM layers"}
+    if cfg.ssm_chunk != "auto":
+        set_ssm_chunk(model, int(cfg.ssm_chunk))
+        return {"chosen": int(cfg.ssm_chunk), "why": "asked"}
+    g = torch.Generator(device=device).manual_seed(cfg.seed + 7)
+    latents, actions, rewards, terms = data.batch(data.train_starts[:batch])
+    if model.cfg.action_kind == "continuous":
+        actions = actions.flatten(2).float()
+    times: dict[int, float] = {}
+    for chunk in SSM_CHUNK_CANDIDATES:
+        set_ssm_chunk(model, chunk)
+        runs = []
+        try:
+            for i in range(timed_steps + 1):  # the first run warms up (allocator, kernel selection)
+                sync(device)
+                t = time.perf_counter()
+                with autocast_ctx(device, bf16):
+                    loss, _ = world_model_loss(model, latents, actions, rewards, terms, generator=g, forcing_cfg=forcing)
+                loss.backward()
+                sync(device)
+                if i:
+                    runs.append(time.perf_counter() - t)
+        except torch.cuda.OutOfMemoryError:
+            runs = [math.inf]  # the training loop halves the batch if the chosen one runs out too
+            torch.cuda.empty_cache()
+        model.zero_grad(set_to_none=True)
+        times[chunk] = 1000 * statistics.median(runs)
+    best = min(times, key=times.get)
+    set_ssm_chunk(model, best)
+    log.info("SSD chunk length %d (training step ms by chunk: %s)", best,
+             ", ".join(f"{c}: {ms:.1f}" for c, ms in times.items()))
+    return {"chosen": best, "why": "fastest training step", "step_ms": {str(c): (round(ms, 2) if math.isfinite(ms) else None) for c, ms in times.items()}}
+
+
 def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: torch.device, setup: dict[str, Any],
           work: Path) -> dict[str, Any]:
     """Train until the budget; returns the training report (also kept in job.results["train"])."""
@@ -765,6 +827,9 @@ def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: tor
     }  # fmt: skip
     job.results["train"] = report
 
+    report["ssm_chunk"] = choose_ssm_chunk(model, data, device, cfg, bf16, batch, forcing)
+    if report["ssm_chunk"]["chosen"] is not None:
+        set_ssm_chunk(ema.module, report["ssm_chunk"]["chosen"])  # validation and the benchmark alike
     call: Any = model
     if report["compile"]["asked"]:
         # Static shapes: every training step has the same shape, and on the H100 (torch 2.11) the
@@ -863,7 +928,8 @@ def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: tor
         if steady_from is None and step >= 20:
             steady_from = (step, now - paused[0])
         report["steps"] = step
-        if now - last_save >= cfg.checkpoint_seconds:
+        last_step = now >= train_end or (cfg.max_steps is not None and step >= cfg.max_steps)
+        if now - last_save >= cfg.checkpoint_seconds and not last_step:  # the last one is saved as "final"
             save("periodic")
     report["diverged"] = diverged
     if diverged:
