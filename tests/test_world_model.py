@@ -667,3 +667,30 @@ def test_the_training_forward_traces_as_one_graph():
     explained = torch._dynamo.explain(model)(latents, sigma, actions, no_action=no_action, clean=latents)
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_direct_noise_reaches_only_the_direct_path():
+    # Direct-path augmentation: the model's `clean` input is noised per frame with std in
+    # [0, direct_noise]; x_noisy, sigma and the loss target stay those of the plain recipe.
+    from worldsim.model.loss import _augment_direct
+
+    torch.manual_seed(0)
+    model = WorldModel(make_config("tiny", latent_channels=C, latent_grid=GRID, n_actions=6, prev_frames=2))
+    seen = []
+    model.forward = lambda x_noisy, sigma, actions, **kw: seen.append((x_noisy, sigma, kw["clean"])) or (
+        WorldModel.forward(model, x_noisy, sigma, actions, **kw))
+    B, T = 3, 6
+    x = torch.randn(B, T, C, *GRID)
+    actions, rewards, terms = torch.randint(0, 6, (B, T)), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
+    for dn in (0.0, 0.5):
+        world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(1), ForcingConfig(direct_noise=dn))
+    (x_plain, sigma_plain, clean_plain), (x_aug, sigma_aug, clean_aug) = seen
+    assert torch.equal(clean_plain, x)  # off: the data itself, no random numbers drawn
+    torch.testing.assert_close(sigma_aug, sigma_plain)
+    torch.testing.assert_close(x_aug, x_plain)  # the augmentation's draws come after the denoiser's
+    per_frame_std = (clean_aug - x).flatten(2).std(-1)  # (B, T)
+    assert (per_frame_std > 0).all() and (per_frame_std < 0.5 * 1.3).all() and per_frame_std.std() > 0.02
+
+    many = _augment_direct(torch.zeros(400, 8, 4, 16, 16), 1.0, torch.Generator().manual_seed(0))
+    stds = many.flatten(2).std(-1)
+    assert abs(stds.mean().item() - 0.5) < 0.03 and stds.max() < 1.1  # std ~ U(0, 1): mean 0.5

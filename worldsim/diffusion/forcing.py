@@ -33,6 +33,10 @@ class ForcingConfig:
     """Std of ln(sigma)."""
     p_long_context: float = 0.5
     """Probability, per sample, of a clean prefix of length in (T/2, T) excluded from the loss."""
+    direct_noise: float = 0.0
+    """Noise augmentation of the direct path (`world_model_loss`): each frame's clean latent, as
+    the frames after it see it there, gets Gaussian noise of std drawn uniformly in [0, this].
+    0 = off (and no extra random numbers drawn)."""
 
 
 def sample_training_noise(

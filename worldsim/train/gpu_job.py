@@ -149,6 +149,8 @@ class JobConfig:
     """ln(sigma) mean: DIAMOND's -0.4 at its sigma_data 0.5, moved to our unit-std latents (+ln 2); the bundle's recipe."""
     noise_std: float = 1.2
     p_long_context: float = 0.5
+    direct_noise: float = 0.0
+    """Noise augmentation of the direct path (`ForcingConfig.direct_noise`); 0 = off."""
     val_episodes: int = 2
     val_windows: int = 128
     checkpoint_seconds: float = 60.0
@@ -195,6 +197,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--noise-mean", type=float, default=d.noise_mean)
     p.add_argument("--noise-std", type=float, default=d.noise_std)
     p.add_argument("--p-long-context", type=float, default=d.p_long_context)
+    p.add_argument("--direct-noise", type=float, default=d.direct_noise, help="direct-path noise augmentation: per-frame std in [0, this]")
     p.add_argument("--val-episodes", type=int, default=d.val_episodes, help="last pack episodes held out for a validation loss")
     p.add_argument("--val-windows", type=int, default=d.val_windows)
     p.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds)
@@ -225,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
                 if getattr(cfg, k) is not None and getattr(cfg, k) < lo]  # fmt: skip
     if cfg.minutes <= 0 or cfg.checkpoint_seconds <= 0:
         problems.append("minutes and checkpoint_seconds must be > 0")
+    if not (cfg.direct_noise >= 0 and math.isfinite(cfg.direct_noise)):
+        problems.append(f"direct_noise must be a finite number >= 0, got {cfg.direct_noise}")
     if cfg.ssm_chunk != "auto" and not (cfg.ssm_chunk.isdigit() and int(cfg.ssm_chunk) >= 1):
         problems.append(f"ssm_chunk must be 'auto' or a positive integer, got {cfg.ssm_chunk!r}")
     if problems:
@@ -655,7 +660,7 @@ def check_train_step(model, data: DeviceData, device: torch.device, cfg: JobConf
         setups += [{"bf16": True, "attn_backend": "chunked"}, {"bf16": False, "attn_backend": "auto"},
                    {"bf16": False, "attn_backend": "chunked"}]
         setups = [s for i, s in enumerate(setups) if s not in setups[:i] and (cfg.bf16 or not s["bf16"])]
-    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context)
+    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise)
     g = torch.Generator(device=device).manual_seed(cfg.seed + 17)
     starts = data.train_starts[torch.randint(len(data.train_starts), (min(8, cfg.batch_size),), generator=g, device=device)]
     latents, actions, rewards, terms = data.batch(starts)
@@ -732,7 +737,7 @@ def validation_loss(module, data: DeviceData, device: torch.device, cfg: JobConf
     """Loss of `module` on the held-out windows with fixed noise (the same at every call)."""
     if len(data.val_starts) == 0:
         return None
-    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context)
+    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise)
     g = torch.Generator(device=device).manual_seed(cfg.seed + 99)
     was_training = module.training
     module.eval()
@@ -809,7 +814,7 @@ def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: tor
     """Train until the budget; returns the training report (also kept in job.results["train"])."""
     cfg = job.cfg
     bf16 = setup["bf16"]
-    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context)
+    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise)
     model.train()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, fused=fused)

@@ -59,7 +59,7 @@ LEGACY_TRAIN_DEFAULTS = {"noise_mean": -0.4, "noise_std": 1.2, "p_long_context":
 # Settings a resumed run must share with the run it continues, else its batches, noise or
 # schedule differ and the losses would not be those of an uninterrupted run.
 RESUME_KEYS = ("datasets", "window", "batch_size", "seed", "steps", "lr", "min_lr_ratio", "warmup_steps",
-               "weight_decay", "ema_decay", "noise_mean", "noise_std", "p_long_context")  # fmt: skip
+               "weight_decay", "ema_decay", "noise_mean", "noise_std", "p_long_context", "direct_noise")  # fmt: skip
 
 
 @dataclass
@@ -105,6 +105,8 @@ class TrainConfig:
     """Std of ln(sigma) of the training noise levels (`ForcingConfig.p_std`)."""
     p_long_context: float = 0.5
     """Probability per window of a clean prefix longer than half the window (`ForcingConfig`)."""
+    direct_noise: float = 0.0
+    """Noise augmentation of the direct path: per-frame std drawn in [0, this] (`ForcingConfig`); 0 = off."""
     seed: int = 0
     """Seeds the initial weights, the window order and every step's noise."""
     log_every: int = 10
@@ -167,6 +169,8 @@ class TrainConfig:
             raise ValueError(f"noise_std must be > 0 and noise_mean finite, got {self.noise_std}, {self.noise_mean}")
         if not 0 < self.p_long_context <= 1:
             raise ValueError(f"p_long_context must be in (0, 1] (the reward heads train on the clean prefix), got {self.p_long_context}")
+        if not (0 <= self.direct_noise and math.isfinite(self.direct_noise)):
+            raise ValueError(f"direct_noise must be a finite number >= 0, got {self.direct_noise}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.grad_clip > 0:
@@ -502,7 +506,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
         return training.diverged(what, value, step + 1, last_ckpt, scheduler.get_last_lr()[0],
                                  stopped="training stopped on all ranks")
 
-    forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context)
+    forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context,
+                            direct_noise=cfg.direct_noise)
     losses: list[tuple[int, float]] = []
     t_start = time.perf_counter()
     t_log, step_log = t_start, step
