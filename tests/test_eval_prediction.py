@@ -21,9 +21,11 @@ from worldsim.evaluation.prediction import (
     evaluate_prediction,
     format_table,
     read_windows,
+    real_backbone_step,
+    real_direct_path_step,
     teacher_forced_step,
 )
-from tiny_world import save_tiny_run
+from tiny_world import save_run, save_tiny_run, tiny_parts
 
 EPISODE_STEPS = (20, 14, 6)  # the last one is shorter than context + horizon below
 CONTEXT, HORIZON, STARTS = 3, 5, 2
@@ -219,3 +221,77 @@ def test_cli_out_dir_writes_json_and_png_plot(setup, tmp_path):
         pixels = np.asarray(image.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 5  # lines in several colours, not a blank page
     assert not list(out_dir.glob(".*tmp*"))
+
+
+@pytest.fixture(scope="module")
+def direct_run(setup, tmp_path_factory):
+    """A tiny run with a direct path (prev_frames = 2), on the same codec and data."""
+    model, codec = tiny_parts(seed=0, prev_frames=2)
+    return save_run(tmp_path_factory.mktemp("direct") / "run", model, setup[1], codec)
+
+
+def _probe(model, session, action):
+    x = torch.randn(1, *session.latents.shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.step(x, torch.ones(1), action, session.cache, commit=False).denoised
+
+
+def test_half_open_loops_feed_each_route_what_they_say(setup, direct_run):
+    """real_direct_path_step commits the dream to the backbone and shows the direct path the real
+    frame; real_backbone_step the other way round. Checked against the plain open loop and the
+    teacher-forced step from the same cache: the backbone caches agree where they should (a probe
+    gives the same output once the direct paths are made equal) and the direct paths differ."""
+    from worldsim.envs.dream import load_dream_model
+    from worldsim.rollout.session import RolloutSession
+
+    model, codec = load_dream_model(direct_run)
+    frames, actions = read_windows(EpisodeStore(setup[2]), [Window(0, 4, 0)], CONTEXT + HORIZON)
+    real = codec.encode(torch.as_tensor(frames[:, CONTEXT:]))[:, 0]
+    act = torch.as_tensor(actions[:, CONTEXT - 1])
+    base = RolloutSession(model, codec, batch=1, sampler_steps=1)
+    base.reset(frames[:, :CONTEXT], actions[:, : CONTEXT - 1], seeds=[3])
+    dream, real_direct, forced, real_backbone = (base.select([0]) for _ in range(4))
+
+    predicted = dream.step(act, decode=False).latents
+    assert torch.equal(real_direct_path_step(real_direct, act, real), predicted)  # same noise: same sample
+    assert torch.equal(teacher_forced_step(forced, act, real), predicted)
+    assert torch.equal(real_backbone_step(real_backbone, act, real), predicted)
+    assert not torch.allclose(predicted, real, atol=1e-3)
+
+    nxt = torch.as_tensor(actions[:, CONTEXT])
+    # The direct path: what each was shown of the last frame.
+    assert torch.equal(real_direct.cache.recent[:, -1], real) and torch.equal(real_backbone.cache.recent[:, -1], predicted)
+    assert not torch.allclose(_probe(model, real_direct, nxt), _probe(model, dream, nxt), atol=1e-5)
+    # The backbone: with the direct paths made equal, the probes agree pairwise.
+    real_direct.show_direct_path(predicted)
+    torch.testing.assert_close(_probe(model, real_direct, nxt), _probe(model, dream, nxt))
+    real_backbone.show_direct_path(real)
+    torch.testing.assert_close(_probe(model, real_backbone, nxt), _probe(model, forced, nxt))
+
+
+def test_pathways_rows_in_the_evaluation(setup, direct_run):
+    results = evaluate_prediction(_cfg(setup, checkpoint=str(direct_run), pathways=True))
+    psnr = results["psnr"]
+    first = {psnr[k]["curve"][0] for k in ("teacher_forced", "open_loop", "real_direct_path", "real_backbone")}
+    assert len(first) == 1  # t = 1: one and the same sample in every row
+    table = format_table(results)
+    assert "open loop, real direct path" in table and "open loop, real backbone" in table
+    with pytest.raises(ValueError, match="pathways needs a model with a direct path"):
+        evaluate_prediction(_cfg(setup, pathways=True))
+
+
+def test_show_direct_path_checks_its_input(setup, direct_run):
+    from worldsim.envs.dream import load_dream_model
+    from worldsim.rollout.session import RolloutSession
+
+    frames, actions = read_windows(EpisodeStore(setup[2]), [Window(0, 4, 0)], CONTEXT)
+    for run in (direct_run, setup[0]):
+        model, codec = load_dream_model(run)
+        session = RolloutSession(model, codec, batch=1, sampler_steps=1)
+        session.reset(frames, actions[:, : CONTEXT - 1], seeds=[0])
+        if run == direct_run:
+            with pytest.raises(ValueError, match="direct-path latents must have shape"):
+                session.show_direct_path(torch.zeros(2, *session.latents.shape[1:]))
+        else:
+            with pytest.raises(ValueError, match="no direct path"):
+                session.show_direct_path(session.latents)

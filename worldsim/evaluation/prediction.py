@@ -22,7 +22,20 @@ Five PSNRs per (window, t), all on uint8 frames against the real target frame:
   * copy previous frame: the real frame before each target, the teacher-forced baseline (at
     t = 1 it is the copy-last frame).
 
-Both model predictions start from the same prefilled cache with the same generator states, so at
+With `pathways` (models with a direct path), two half-open loops show where a dream's error
+enters. A frame reaches later ones by two routes: the backbone's cache (SSM state and attention
+keys, the long context) and the direct path (the last K committed latents, fed to each frame's
+tokens). Each half-open loop gives one route the real frames and the other the model's own:
+
+  * open loop, real direct path: each dreamed frame is committed to the backbone, and the direct
+    path is shown the real frame instead.
+  * open loop, real backbone: the real frame is committed to the backbone, and the direct path
+    is shown the dreamed one.
+
+Whichever scores nearer the teacher-forced row is the route the model can lean on; the other one
+carries the open-loop error.
+
+All model predictions start from the same prefilled cache with the same generator states, so at
 t = 1 teacher forcing and open loop predict the very same frame. PSNR values are averaged per
 frame (the convention of video-prediction papers, and the paper's Memory Maze tables); identical
 frames score the `psnr` cap of 100 dB, which only the copy baseline can hit (static scenes).
@@ -80,6 +93,8 @@ class PredictionEvalConfig:
     """Windows streamed together (memory bound only: results do not depend on it)."""
     device: str = "auto"
     """"auto" (cuda when available), "cpu" or "cuda"."""
+    pathways: bool = False
+    """Also the two half-open loops (module doc): which route from past frames carries the error."""
 
     def validate(self) -> None:
         for name in ("context", "horizon", "starts_per_episode", "sampler_steps", "batch_size"):
@@ -160,19 +175,41 @@ def teacher_forced_step(session, actions: torch.Tensor, real_latents: torch.Tens
     return session.observe(actions, latents=real_latents).latents
 
 
+def real_direct_path_step(session, actions: torch.Tensor, real_latents: torch.Tensor) -> torch.Tensor:
+    """Dream the next frame and commit it, then show the direct path the REAL frame instead."""
+    predicted = session.step(actions, decode=False).latents
+    session.show_direct_path(real_latents)
+    return predicted
+
+
+def real_backbone_step(session, actions: torch.Tensor, real_latents: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced step (the REAL frame is committed), then show the direct path the dreamed one."""
+    predicted = session.observe(actions, latents=real_latents).latents
+    session.show_direct_path(predicted)
+    return predicted
+
+
 @torch.no_grad()
 def predict_windows(model, codec, frames: np.ndarray, actions: np.ndarray, context: int,
-                    sampler_steps: int, seeds: list[int], sampler: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced and open-loop predictions of the H = T - context frames after the context.
+                    sampler_steps: int, seeds: list[int], sampler: dict | None = None,
+                    pathways: bool = False) -> dict[str, torch.Tensor]:
+    """Teacher-forced and open-loop predictions of the H = T - context frames after the context,
+    and with `pathways` the two half-open loops (module doc).
 
-    frames uint8 (B, T, H, W, 3), actions (B, T - 1[, D]). Returns two uint8 (B, H, H, W, 3) CPU
-    tensors: (teacher_forced, open_loop)."""
+    frames uint8 (B, T, H, W, 3), actions (B, T - 1[, D]). Returns uint8 (B, H, H, W, 3) CPU
+    tensors by name: teacher_forced, open_loop[, real_direct_path, real_backbone]."""
 
     B, T = frames.shape[:2]
     horizon = T - context
     session = RolloutSession(model, codec, batch=B, sampler_steps=sampler_steps, sampler_kwargs=sampler)
     session.reset(frames[:, :context], actions[:, : context - 1], seeds=seeds)
-    forced = session.select(range(B))  # same cache and generator states: t = 1 is the same sample
+    # Copies with the same cache and generator states: t = 1 is the same sample in every row.
+    stepped = {"teacher_forced": (session.select(range(B)), teacher_forced_step)}
+    if pathways:
+        if not model.cfg.prev_frames:
+            raise ValueError("pathways needs a model with a direct path (prev_frames > 0)")
+        stepped["real_direct_path"] = (session.select(range(B)), real_direct_path_step)
+        stepped["real_backbone"] = (session.select(range(B)), real_backbone_step)
     targets = torch.as_tensor(frames[:, context:])
     real_latents = codec.encode(targets.to(session.device))  # (B, H, C, h, w)
     step_actions = torch.as_tensor(actions[:, context - 1:]).to(session.device)  # (B, H[, D])
@@ -180,11 +217,12 @@ def predict_windows(model, codec, frames: np.ndarray, actions: np.ndarray, conte
         step_actions = step_actions.long()
     else:
         step_actions = step_actions.float()
-    tf, ol = [], []
+    out: dict[str, list[torch.Tensor]] = {"open_loop": [], **{name: [] for name in stepped}}
     for t in range(horizon):
-        tf.append(codec.decode(teacher_forced_step(forced, step_actions[:, t], real_latents[:, t]), as_uint8=True).cpu())
-        ol.append(session.step(actions[:, context - 1 + t]).frames)
-    return torch.stack(tf, dim=1), torch.stack(ol, dim=1)
+        for name, (stream, step) in stepped.items():
+            out[name].append(codec.decode(step(stream, step_actions[:, t], real_latents[:, t]), as_uint8=True).cpu())
+        out["open_loop"].append(session.step(actions[:, context - 1 + t]).frames)
+    return {name: torch.stack(frames_, dim=1) for name, frames_ in out.items()}
 
 
 def _frame_psnr(reference: torch.Tensor, prediction: torch.Tensor) -> np.ndarray:
@@ -196,17 +234,17 @@ def _frame_psnr(reference: torch.Tensor, prediction: torch.Tensor) -> np.ndarray
 
 @torch.no_grad()
 def score_windows(model, codec, frames: np.ndarray, actions: np.ndarray, context: int,
-                  sampler_steps: int, seeds: list[int], sampler: dict | None = None) -> dict[str, np.ndarray]:
+                  sampler_steps: int, seeds: list[int], sampler: dict | None = None,
+                  pathways: bool = False) -> dict[str, np.ndarray]:
     """PSNR (B, H) per window and target step for each of the predictions (module doc)."""
-    teacher, open_loop = predict_windows(model, codec, frames, actions, context, sampler_steps, seeds, sampler)
+    predicted = predict_windows(model, codec, frames, actions, context, sampler_steps, seeds, sampler, pathways)
     device = codec.latent_mean.device
     targets = torch.as_tensor(frames[:, context:])  # (B, H, H, W, 3)
     ceiling = codec.decode(codec.encode(targets.to(device)), as_uint8=True).cpu()
     last = torch.as_tensor(frames[:, context - 1 : context]).expand_as(targets)
     previous = torch.as_tensor(frames[:, context - 1 : -1])  # the real frame before each target
     return {
-        "teacher_forced": _frame_psnr(targets, teacher),
-        "open_loop": _frame_psnr(targets, open_loop),
+        **{name: _frame_psnr(targets, frames_) for name, frames_ in predicted.items()},
         "codec": _frame_psnr(targets, ceiling),
         "copy_last": _frame_psnr(targets, last),
         "copy_previous": _frame_psnr(targets, previous),
@@ -251,7 +289,7 @@ def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> di
             chunk = windows[i : i + cfg.batch_size]
             frames, actions = read_windows(store, chunk, length)
             for name, value in score_windows(model, codec, frames, actions, cfg.context, cfg.sampler_steps,
-                                             [w.seed for w in chunk], cfg.sampler).items():
+                                             [w.seed for w in chunk], cfg.sampler, cfg.pathways).items():
                 scores.setdefault(name, []).append(value)
             bar.update(len(chunk))
     finally:
@@ -268,13 +306,15 @@ def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> di
         "starts": [[w.episode, w.start] for w in windows],
         "psnr": psnr,
         "seconds": seconds,
-        "predicted_frames_per_s": 2 * len(windows) * cfg.horizon / seconds,
+        "predicted_frames_per_s": (4 if cfg.pathways else 2) * len(windows) * cfg.horizon / seconds,
     }
 
 
 PLOTTED = (
     ("1-step (teacher-forced)", "teacher_forced", "-o"),
     ("open loop", "open_loop", "-o"),
+    ("open loop, real direct path", "real_direct_path", "-."),
+    ("open loop, real backbone", "real_backbone", "-."),
     ("codec ceiling", "codec", "--"),
     ("copy last context frame", "copy_last", ":"),
     ("copy previous real frame", "copy_previous", ":"),
@@ -333,10 +373,12 @@ def format_table(results: dict[str, Any]) -> str:
         ("codec ceiling", "codec"),
         ("1-step (teacher-forced)", "teacher_forced"),
         ("open loop", "open_loop"),
+        ("open loop, real direct path", "real_direct_path"),
+        ("open loop, real backbone", "real_backbone"),
         ("copy last context frame", "copy_last"),
         ("copy previous real frame", "copy_previous"),
     ]
-    for label, key in rows:
+    for label, key in (row for row in rows if row[1] in psnr):
         s = psnr[key]
         cells = "".join(f"{s['at'][t]:>8.2f}" for t in steps)
         sem = "-" if s["sem"] is None else f"{s['sem']:.2f}"

@@ -17,6 +17,7 @@ attention KV ring) for B streams and runs the dream loop of `worldsim.model.worl
                                               (long contexts in chunks: the same state as one
                                               prefill of them all)
     commit(actions, latents)                  commit given latents, no sampling (benchmarks)
+    show_direct_path(latents)                 what the direct path shows of the last frame (diagnostics)
     fork(n) / select(indices)                 new sessions over copied streams (planners)
     reset_streams(indices, ...)               re-seed some streams only (vector-env auto-reset)
 
@@ -413,6 +414,18 @@ class RolloutSession:
             result.frames = self._decode(latent) if decode else None
         clock.lap("decode")
         return result
+
+    def show_direct_path(self, latents: torch.Tensor) -> None:
+        """Replace the last committed frame as the direct path shows it to the frames after it,
+        (B, C, h, w) latents; the backbone's cache keeps what was committed. A diagnostic (`worldsim
+        eval prediction --pathways`): which route from the past carries a dream's error."""
+        self._require_reset()
+        if self.cache.recent is None:
+            raise ValueError("this model has no direct path (prev_frames = 0)")
+        shape = (self.batch, *self.cache.recent.shape[2:])
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"direct-path latents must have shape {shape}, got {tuple(latents.shape)}")
+        self.cache.recent[:, -1] = latents.to(self.cache.recent)
 
     @torch.no_grad()
     def extend(self, frames, actions) -> None:
