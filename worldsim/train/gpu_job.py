@@ -933,13 +933,15 @@ def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: tor
         if steady_from is None and step >= 20:
             steady_from = (step, now - paused[0])
         report["steps"] = step
-        last_step = now >= train_end or (cfg.max_steps is not None and step >= cfg.max_steps)
-        if now - last_save >= cfg.checkpoint_seconds and not last_step:  # the last one is saved as "final"
+        if now - last_save >= cfg.checkpoint_seconds:
             save("periodic")
     report["diverged"] = diverged
     if diverged:
         log.error("training diverged: %s; the last exported checkpoint is kept", diverged)
-    elif step and (not report["checkpoints"] or report["checkpoints"][-1]["step"] != step):
+    elif step and report["checkpoints"] and report["checkpoints"][-1]["step"] == step:
+        report["checkpoints"][-1]["why"] = "final"  # a periodic save landed on the last step
+        job.write()
+    elif step:
         save("final")
     _summarise(report, losses, steady_from, step, t_start, peak, paused[0])
     ema.module.eval()
