@@ -92,9 +92,8 @@ class ActionEmbedding(nn.Module):
                 raise ValueError(f"discrete actions must be integers (int64), got {actions.dtype}")
             # Value checks read the tensor (a sync, and a graph break under torch.compile): the
             # compiled training step feeds actions it gathered itself, checked when loaded.
-            if torch.compiler.is_compiling():
-                pass
-            elif actions.numel() and (int(actions.min()) < 0 or int(actions.max()) > self.n_actions):
+            if not torch.compiler.is_compiling() and actions.numel() and (
+                    int(actions.min()) < 0 or int(actions.max()) > self.n_actions):
                 raise ValueError(
                     f"discrete actions must lie in [0, {self.n_actions - 1}] (or {self.n_actions} = no action), "
                     f"got values in [{int(actions.min())}, {int(actions.max())}]"

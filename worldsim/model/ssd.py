@@ -52,20 +52,22 @@ def _segment_masks(q: int, device: torch.device, dtype: torch.dtype) -> tuple[to
     return below, above
 
 
-def prefix_sum(a: torch.Tensor) -> torch.Tensor:
-    """a.cumsum(-1), (..., Q) -> (..., Q).
+def prefix_sum(a: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """a.cumsum(dim).
 
     While torch.compile traces (the GPU job), a float32 matmul with a triangular 0/1 matrix
     instead: Inductor's scan code generation failed on this cumsum on the H100 (torch 2.11, a
     TypeError in SplitScan), which cost two leases their compiled training. It is the same sum in
-    another order, kept out of bf16 autocast: log decays must not be rounded to 8 bits.
+    another order (no cancelling terms), kept out of bf16 autocast: log decays must not be rounded
+    to 8 bits.
     """
     if not torch.compiler.is_compiling():
-        return a.cumsum(dim=-1)
-    q = a.shape[-1]
+        return a.cumsum(dim=dim)
+    last = a.movedim(dim, -1)  # (..., Q)
+    q = last.shape[-1]
     upper = torch.ones(q, q, dtype=torch.bool, device=a.device).triu().to(torch.float32)  # [s, t] = 1 for s <= t
     with torch.autocast(a.device.type, enabled=False):
-        return (a.float() @ upper).to(a.dtype)
+        return (last.float() @ upper).to(a.dtype).movedim(-1, dim)
 
 
 def segment_sum(a: torch.Tensor) -> torch.Tensor:
@@ -75,16 +77,10 @@ def segment_sum(a: torch.Tensor) -> torch.Tensor:
     whose per-step log decay is `a`.
     """
     below, above = _segment_masks(a.shape[-1], a.device, a.dtype)
-    if torch.compiler.is_compiling():
-        # No cumsum for Inductor (see prefix_sum): the same sum down the rows as a float32 matmul
-        # with the (Q, Q) 0/1 matrix that is 1 on and below the diagonal; no cancelling terms.
-        rows = torch.ones(a.shape[-1], a.shape[-1], dtype=torch.bool, device=a.device).tril().to(torch.float32)
-        with torch.autocast(a.device.type, enabled=False):
-            return (rows @ (a.float()[..., :, None] * below.float())).to(a.dtype) + above  # (..., Q, Q)
     # Row t, column s holds a[t] where t > s (times 1; 0 elsewhere); a cumsum down the rows then
     # adds exactly the steps s+1..t, with no subtraction of large partial sums. Multiplying by the
     # 0/1 mask and adding the 0/-inf one give what masked fills would, in two cheap ops.
-    return (a[..., :, None] * below).cumsum(dim=-2) + above  # (..., Q, Q)
+    return prefix_sum(a[..., :, None] * below, dim=-2) + above  # (..., Q, Q)
 
 
 def _check_shapes(x, dt, A, B, C, initial_state) -> None:

@@ -583,9 +583,8 @@ class WorldModel(nn.Module):
         # sigma >= 0 is False for NaN, sigma < inf for inf: one check for "finite, non-negative".
         # Skipped while torch.compile traces: reading the values would break the graph, and the
         # compiled training step draws its sigmas itself.
-        if not sigma.dtype.is_floating_point:
-            raise ValueError("sigma must be finite, non-negative floats (0 = clean context frame)")
-        if not torch.compiler.is_compiling() and not bool(((sigma >= 0) & (sigma < float("inf"))).all()):
+        if not sigma.dtype.is_floating_point or (
+                not torch.compiler.is_compiling() and not bool(((sigma >= 0) & (sigma < float("inf"))).all())):
             raise ValueError("sigma must be finite, non-negative floats (0 = clean context frame)")
 
     def _check_actions_and_cache(self, actions: torch.Tensor, no_action: torch.Tensor | None,
