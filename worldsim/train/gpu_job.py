@@ -174,6 +174,11 @@ class JobConfig:
     """Scratch folder for the full (resumable) checkpoints; default a temporary folder."""
 
 
+def forcing_config(cfg: JobConfig) -> ForcingConfig:
+    """The training noise of the job's settings (the training step, its check and validation)."""
+    return ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise)
+
+
 def parse_args(argv: list[str] | None = None) -> JobConfig:
     d = JobConfig(pack="", out="")
     p = argparse.ArgumentParser(prog="python -m worldsim.train.gpu_job", description=__doc__.split("\n\n")[0])
@@ -660,7 +665,7 @@ def check_train_step(model, data: DeviceData, device: torch.device, cfg: JobConf
         setups += [{"bf16": True, "attn_backend": "chunked"}, {"bf16": False, "attn_backend": "auto"},
                    {"bf16": False, "attn_backend": "chunked"}]
         setups = [s for i, s in enumerate(setups) if s not in setups[:i] and (cfg.bf16 or not s["bf16"])]
-    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise)
+    forcing = forcing_config(cfg)
     g = torch.Generator(device=device).manual_seed(cfg.seed + 17)
     starts = data.train_starts[torch.randint(len(data.train_starts), (min(8, cfg.batch_size),), generator=g, device=device)]
     latents, actions, rewards, terms = data.batch(starts)
@@ -737,7 +742,7 @@ def validation_loss(module, data: DeviceData, device: torch.device, cfg: JobConf
     """Loss of `module` on the held-out windows with fixed noise (the same at every call)."""
     if len(data.val_starts) == 0:
         return None
-    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise)
+    forcing = forcing_config(cfg)
     g = torch.Generator(device=device).manual_seed(cfg.seed + 99)
     was_training = module.training
     module.eval()
@@ -814,7 +819,7 @@ def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: tor
     """Train until the budget; returns the training report (also kept in job.results["train"])."""
     cfg = job.cfg
     bf16 = setup["bf16"]
-    forcing = ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise)
+    forcing = forcing_config(cfg)
     model.train()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, fused=fused)
