@@ -274,8 +274,27 @@ def test_decoder_only_fine_tune_keeps_the_latent_space(dataset, tmp_path):
 
     with pytest.raises(ValueError, match="decoder_only needs init_from"):
         train_codec(config(dataset, tmp_path / "bad", decoder_only=True))
+    with pytest.raises(ValueError, match="texture_weight must be a finite number >= 0"):
+        train_codec(config(dataset, tmp_path / "bad", texture_weight=-1.0))
     with pytest.raises(CheckpointError, match="decoder_only: run has True, asked for False"):
         train_codec(config(dataset, tmp_path / "tuned", init_from=str(base.checkpoint), steps=70), resume=True)
+
+
+def test_texture_loss_asks_for_texture_not_for_its_phase():
+    # A striped wall (period 4 px), its blur, and the same stripes shifted by 2 px (opposite phase).
+    # The pixel losses prefer the blur to the shifted stripes; the texture loss prefers the
+    # stripes wherever they lie, so a decoder unsure of the phase still draws them.
+    from worldsim.codec.train import reconstruction_losses, texture_loss
+
+    x = torch.arange(64.0)
+    stripes = (0.3 * torch.sign(torch.sin(math.pi * (x + 0.5) / 2)))[None, None, None, :].expand(2, 3, 64, 64)
+    blurred = torch.zeros_like(stripes)  # the stripes averaged away: flat grey
+    shifted = stripes.roll(2, dims=-1)
+    assert texture_loss(stripes, stripes) == 0
+    assert texture_loss(shifted, stripes) < 0.01 * texture_loss(blurred, stripes)
+    pixel = {name: reconstruction_losses(r, stripes) for name, r in (("blurred", blurred), ("shifted", shifted))}
+    for term in ("l1", "mse", "edge"):
+        assert pixel["blurred"][term] < pixel["shifted"][term], term
 
 
 def test_a_run_with_legacy_folder_names_resumes(dataset, tmp_path):

@@ -694,3 +694,49 @@ def test_direct_noise_reaches_only_the_direct_path():
     many = _augment_direct(torch.zeros(400, 8, 4, 16, 16), 1.0, torch.Generator().manual_seed(0))
     stds = many.flatten(2).std(-1)
     assert abs(stds.mean().item() - 0.5) < 0.03 and stds.max() < 1.1  # std ~ U(0, 1): mean 0.5
+
+
+def test_own_context_shows_later_frames_the_models_own_predictions():
+    # own_context: two no-grad passes predict every frame as the two-call sampler would; in a
+    # chosen window the direct path and the clean prefix are those predictions (the first
+    # OWN_REAL_FRAMES stay real), while the noised frames and the loss target stay the real ones.
+    from worldsim.model.loss import OWN_EXTRAPOLATION, OWN_REAL_FRAMES, OWN_SIGMAS, own_predictions
+
+    torch.manual_seed(0)
+    model = WorldModel(make_config("tiny", latent_channels=C, latent_grid=GRID, n_actions=6, prev_frames=2))
+    for p in model.parameters():  # a non-zero direct path, so predictions depend on it
+        p.data.add_(0.02 * torch.randn_like(p))
+    calls = []
+    model.forward = lambda x_noisy, sigma, actions, **kw: calls.append((x_noisy, sigma, kw["clean"])) or (
+        WorldModel.forward(model, x_noisy, sigma, actions, **kw))
+    B, T = 4, 8
+    x = torch.randn(B, T, C, *GRID)
+    actions, rewards, terms = torch.randint(0, 6, (B, T)), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
+    forcing = ForcingConfig(own_context=1.0, p_long_context=1.0)  # every window: own context and a prefix
+    loss, _ = world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(1), forcing)
+    assert torch.isfinite(loss)
+    (x1, s1, c1), (x2, s2, c2), (x_main, s_main, c_main) = calls
+    assert torch.equal(c1, x) and torch.equal(c2, x)  # the predictions come from real context
+    assert torch.equal(s1, torch.full((B, T), OWN_SIGMAS[0])) and torch.equal(s2, torch.full((B, T), OWN_SIGMAS[1]))
+    assert torch.equal(c_main[:, :OWN_REAL_FRAMES], x[:, :OWN_REAL_FRAMES])
+    assert not torch.allclose(c_main[:, OWN_REAL_FRAMES:], x[:, OWN_REAL_FRAMES:], atol=1e-3)
+    prefix, noised = s_main == 0, s_main > 0
+    assert prefix.any() and noised.any()
+    torch.testing.assert_close(x_main[prefix], c_main[prefix])  # the backbone's clean prefix: predictions
+    # noised frames: the real frame plus noise (the loss target is real), not the prediction plus noise
+    plain = []
+    model.forward = lambda x_noisy, sigma, actions, **kw: plain.append(x_noisy) or WorldModel.forward(model, x_noisy, sigma, actions, **kw)
+    world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(1), ForcingConfig(p_long_context=1.0))
+    torch.testing.assert_close(x_main[noised], plain[0][noised])
+
+    # The prediction itself: the second estimate extrapolated from the first.
+    model.forward = WorldModel.forward.__get__(model)
+    cond, no_action = shift_actions(actions, model.cfg)
+    pred = own_predictions(model, x, cond, no_action, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    first = model(x + OWN_SIGMAS[0] * torch.randn(x.shape, generator=g), torch.full((B, T), OWN_SIGMAS[0]), cond,
+                  no_action=no_action, clean=x).denoised
+    second = model(first + OWN_SIGMAS[1] * torch.randn(x.shape, generator=g), torch.full((B, T), OWN_SIGMAS[1]), cond,
+                   no_action=no_action, clean=x).denoised
+    torch.testing.assert_close(pred, second + OWN_EXTRAPOLATION * (second - first))
+    assert not pred.requires_grad

@@ -18,7 +18,7 @@ CodecPreset = choice_enum("CodecPreset", dict_keys("worldsim.codec.autoencoder",
     "worldsim.codec.train", "CodecTrainConfig", skip=("codec",), choices={"preset": CodecPreset},
     minimum={"steps": 1, "stop_after": 1, "batch_size": 1, "lr": 0.0, "val_episodes": 1, "val_frames": 1,
              "stats_frames": 1, "eval_every": 1, "checkpoint_every": 1, "log_every": 1, "keep_checkpoints": 1,
-             "seed": 0, "num_workers": 0},
+             "seed": 0, "num_workers": 0, "texture_weight": 0.0, "edge_weight": 0.0},
     helps={"init_from": "Start from this codec (checkpoint, run folder, bundle folder, or 'bundled'); its config "
                         "replaces --preset."},
 )  # fmt: skip

@@ -37,6 +37,10 @@ class ForcingConfig:
     """Noise augmentation of the direct path (`world_model_loss`): each frame's clean latent, as
     the frames after it see it there, gets Gaussian noise of std drawn uniformly in [0, this].
     0 = off (and no extra random numbers drawn)."""
+    own_context: float = 0.0
+    """Probability, per window, that its context is the model's own one-step predictions instead
+    of the real frames (`world_model_loss`): the direct path of every frame and the clean prefix
+    the backbone reads. 0 = off (no extra passes, no extra random numbers)."""
 
 
 def sample_training_noise(

@@ -59,6 +59,41 @@ def _augment_direct(latents: torch.Tensor, max_std: float, generator: torch.Gene
     return latents + std.to(latents.dtype)[:, :, None, None, None] * noise
 
 
+# The dream's two-call sampler, as `own_context` imitates it: a call at sigma 20 from (nearly) pure
+# noise, a call at 2.3 raised by churn to ~3, and the second estimate extrapolated from the first
+# by 0.85 (`rollout.session.DREAM_SAMPLER`, `DREAM_SAMPLERS[2]`).
+OWN_SIGMAS = (20.0, 3.0)
+OWN_EXTRAPOLATION = 0.85
+OWN_REAL_FRAMES = 2
+"""The first frames of a window stay real in an own-context window: a dream starts from real context,
+and frame 0's prediction has no action and no past to come from."""
+
+
+@torch.no_grad()
+def own_predictions(model: WorldModel, latents: torch.Tensor, cond_actions: torch.Tensor, no_action: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """(B, T, C, h, w) each frame as the dream's sampler would draw it from the real frames before it.
+
+    Two batched passes over the window, as the sampler's two calls: every frame at sigma 20, then
+    every frame at 3 from the first estimate plus fresh noise; the result extrapolates the second
+    estimate from the first as the sampler does. Each frame's direct path sees the real frames
+    before it, so every prediction is one step from real context (scheduled sampling at depth
+    one): the errors it carries are the model's own, which no Gaussian noise imitates.
+    """
+    direct = {"clean": latents} if model.cfg.prev_frames else {}
+    B, T = latents.shape[:2]
+    estimates = []
+    x = latents
+    for level in OWN_SIGMAS:
+        sigma = latents.new_full((B, T), level, dtype=torch.float32)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        x = x + level * noise
+        estimates.append(model(x, sigma, cond_actions, no_action=no_action, **direct).denoised.to(latents.dtype))
+        x = estimates[-1]
+    first, last = estimates
+    return last + OWN_EXTRAPOLATION * (last - first)
+
+
 def world_model_loss(
     model: WorldModel,
     latents: torch.Tensor,
@@ -95,8 +130,17 @@ def world_model_loss(
     sigma, loss_mask = sample_training_noise(B, T, generator, forcing_cfg, device=latents.device)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     x_noisy = latents + sigma.to(latents.dtype)[:, :, None, None, None] * noise  # (B, T, C, h, w)
+    context = latents  # what later frames see of each frame: the direct path and the clean prefix
+    if forcing_cfg.own_context > 0:
+        own = torch.rand(B, generator=generator, device=latents.device) < forcing_cfg.own_context  # (B,)
+        predicted = own_predictions(model, latents, cond_actions, no_action, generator)
+        predicted[:, :OWN_REAL_FRAMES] = latents[:, :OWN_REAL_FRAMES]
+        context = torch.where(own[:, None, None, None, None], predicted, latents)
+        # Only the clean prefix (sigma = 0, out of the loss) is pure context in the backbone; the
+        # noised frames are also the denoiser's inputs, whose target is the real frame.
+        x_noisy = torch.where((sigma == 0)[:, :, None, None, None], context, x_noisy)
     # The direct path (cfg.prev_frames) shows each frame the clean frames before it, as at inference.
-    direct = {"clean": _augment_direct(latents, forcing_cfg.direct_noise, generator)} if cfg.prev_frames else {}
+    direct = {"clean": _augment_direct(context, forcing_cfg.direct_noise, generator)} if cfg.prev_frames else {}
     out = model(x_noisy, sigma, cond_actions, no_action=no_action, **direct)
 
     denoise = masked_denoising_loss(out.denoised, latents, sigma, loss_mask, model.sigma_data)
