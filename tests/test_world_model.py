@@ -740,3 +740,23 @@ def test_own_context_shows_later_frames_the_models_own_predictions():
                    no_action=no_action, clean=x).denoised
     torch.testing.assert_close(pred, second + OWN_EXTRAPOLATION * (second - first))
     assert not pred.requires_grad
+
+
+def test_action_dropout_conditions_some_frames_on_no_action():
+    # action_dropout: the main pass sees "no action" on a random share of frames (frame 0 always);
+    # the noise, sigmas and actions themselves are those of the plain recipe (its draws come after).
+    torch.manual_seed(0)
+    model = WorldModel(make_config("tiny", latent_channels=C, latent_grid=GRID, n_actions=6, prev_frames=2))
+    seen = []
+    model.forward = lambda x_noisy, sigma, actions, **kw: seen.append((x_noisy, sigma, kw["no_action"])) or (
+        WorldModel.forward(model, x_noisy, sigma, actions, **kw))
+    B, T = 16, 8
+    x = torch.randn(B, T, C, *GRID)
+    actions, rewards, terms = torch.randint(0, 6, (B, T)), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
+    for p in (0.0, 0.5):
+        world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(1), ForcingConfig(action_dropout=p))
+    (x_plain, s_plain, none_plain), (x_drop, s_drop, none_drop) = seen
+    torch.testing.assert_close(x_drop, x_plain)
+    torch.testing.assert_close(s_drop, s_plain)
+    assert none_plain[:, 0].all() and not none_plain[:, 1:].any()
+    assert none_drop[:, 0].all() and 0.35 < none_drop[:, 1:].float().mean() < 0.65
