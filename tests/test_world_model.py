@@ -669,22 +669,35 @@ def test_the_training_forward_traces_as_one_graph():
     assert explained.graph_count == 1
 
 
+def _recorded_loss_setup(B: int, T: int):
+    """A tiny model with a direct path whose forward calls are recorded as (x_noisy, sigma, kwargs),
+    and a window of data for `world_model_loss`: (model, calls, (x, actions, rewards, terms))."""
+    torch.manual_seed(0)
+    model = WorldModel(make_config("tiny", latent_channels=C, latent_grid=GRID, n_actions=6, prev_frames=2))
+    calls = []
+    model.forward = lambda x_noisy, sigma, actions, **kw: calls.append((x_noisy, sigma, kw)) or (
+        WorldModel.forward(model, x_noisy, sigma, actions, **kw))
+    x = torch.randn(B, T, C, *GRID)
+    actions, rewards, terms = torch.randint(0, 6, (B, T)), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
+    return model, calls, (x, actions, rewards, terms)
+
+
+def _plain_and_changed_calls(B: int, T: int, **forcing):
+    """The model's main-pass call (x_noisy, sigma, kwargs) under the plain recipe and under
+    ForcingConfig(**forcing), on the same data and seed; and the data's clean latents."""
+    model, calls, data = _recorded_loss_setup(B, T)
+    for cfg in (ForcingConfig(), ForcingConfig(**forcing)):
+        world_model_loss(model, *data, torch.Generator().manual_seed(1), cfg)
+    return data[0], calls[0], calls[-1]
+
+
 def test_direct_noise_reaches_only_the_direct_path():
     # Direct-path augmentation: the model's `clean` input is noised per frame with std in
     # [0, direct_noise]; x_noisy, sigma and the loss target stay those of the plain recipe.
     from worldsim.model.loss import _augment_direct
 
-    torch.manual_seed(0)
-    model = WorldModel(make_config("tiny", latent_channels=C, latent_grid=GRID, n_actions=6, prev_frames=2))
-    seen = []
-    model.forward = lambda x_noisy, sigma, actions, **kw: seen.append((x_noisy, sigma, kw["clean"])) or (
-        WorldModel.forward(model, x_noisy, sigma, actions, **kw))
-    B, T = 3, 6
-    x = torch.randn(B, T, C, *GRID)
-    actions, rewards, terms = torch.randint(0, 6, (B, T)), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
-    for dn in (0.0, 0.5):
-        world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(1), ForcingConfig(direct_noise=dn))
-    (x_plain, sigma_plain, clean_plain), (x_aug, sigma_aug, clean_aug) = seen
+    x, (x_plain, sigma_plain, kw_plain), (x_aug, sigma_aug, kw_aug) = _plain_and_changed_calls(3, 6, direct_noise=0.5)
+    clean_plain, clean_aug = kw_plain["clean"], kw_aug["clean"]
     assert torch.equal(clean_plain, x)  # off: the data itself, no random numbers drawn
     torch.testing.assert_close(sigma_aug, sigma_plain)
     torch.testing.assert_close(x_aug, x_plain)  # the augmentation's draws come after the denoiser's
@@ -702,20 +715,14 @@ def test_own_context_shows_later_frames_the_models_own_predictions():
     # OWN_REAL_FRAMES stay real), while the noised frames and the loss target stay the real ones.
     from worldsim.model.loss import OWN_EXTRAPOLATION, OWN_REAL_FRAMES, OWN_SIGMAS, own_predictions
 
-    torch.manual_seed(0)
-    model = WorldModel(make_config("tiny", latent_channels=C, latent_grid=GRID, n_actions=6, prev_frames=2))
+    B, T = 4, 8
+    model, calls, (x, actions, rewards, terms) = _recorded_loss_setup(B, T)
     for p in model.parameters():  # a non-zero direct path, so predictions depend on it
         p.data.add_(0.02 * torch.randn_like(p))
-    calls = []
-    model.forward = lambda x_noisy, sigma, actions, **kw: calls.append((x_noisy, sigma, kw["clean"])) or (
-        WorldModel.forward(model, x_noisy, sigma, actions, **kw))
-    B, T = 4, 8
-    x = torch.randn(B, T, C, *GRID)
-    actions, rewards, terms = torch.randint(0, 6, (B, T)), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
     forcing = ForcingConfig(own_context=1.0, p_long_context=1.0)  # every window: own context and a prefix
     loss, _ = world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(1), forcing)
     assert torch.isfinite(loss)
-    (x1, s1, c1), (x2, s2, c2), (x_main, s_main, c_main) = calls
+    (x1, s1, c1), (x2, s2, c2), (x_main, s_main, c_main) = [(xn, sg, kw["clean"]) for xn, sg, kw in calls]
     assert torch.equal(c1, x) and torch.equal(c2, x)  # the predictions come from real context
     assert torch.equal(s1, torch.full((B, T), OWN_SIGMAS[0])) and torch.equal(s2, torch.full((B, T), OWN_SIGMAS[1]))
     assert torch.equal(c_main[:, :OWN_REAL_FRAMES], x[:, :OWN_REAL_FRAMES])
@@ -724,10 +731,8 @@ def test_own_context_shows_later_frames_the_models_own_predictions():
     assert prefix.any() and noised.any()
     torch.testing.assert_close(x_main[prefix], c_main[prefix])  # the backbone's clean prefix: predictions
     # noised frames: the real frame plus noise (the loss target is real), not the prediction plus noise
-    plain = []
-    model.forward = lambda x_noisy, sigma, actions, **kw: plain.append(x_noisy) or WorldModel.forward(model, x_noisy, sigma, actions, **kw)
     world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(1), ForcingConfig(p_long_context=1.0))
-    torch.testing.assert_close(x_main[noised], plain[0][noised])
+    torch.testing.assert_close(x_main[noised], calls[-1][0][noised])
 
     # The prediction itself: the second estimate extrapolated from the first.
     model.forward = WorldModel.forward.__get__(model)
@@ -745,17 +750,8 @@ def test_own_context_shows_later_frames_the_models_own_predictions():
 def test_action_dropout_conditions_some_frames_on_no_action():
     # action_dropout: the main pass sees "no action" on a random share of frames (frame 0 always);
     # the noise, sigmas and actions themselves are those of the plain recipe (its draws come after).
-    torch.manual_seed(0)
-    model = WorldModel(make_config("tiny", latent_channels=C, latent_grid=GRID, n_actions=6, prev_frames=2))
-    seen = []
-    model.forward = lambda x_noisy, sigma, actions, **kw: seen.append((x_noisy, sigma, kw["no_action"])) or (
-        WorldModel.forward(model, x_noisy, sigma, actions, **kw))
-    B, T = 16, 8
-    x = torch.randn(B, T, C, *GRID)
-    actions, rewards, terms = torch.randint(0, 6, (B, T)), torch.zeros(B, T), torch.zeros(B, T, dtype=torch.bool)
-    for p in (0.0, 0.5):
-        world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(1), ForcingConfig(action_dropout=p))
-    (x_plain, s_plain, none_plain), (x_drop, s_drop, none_drop) = seen
+    _, (x_plain, s_plain, kw_plain), (x_drop, s_drop, kw_drop) = _plain_and_changed_calls(16, 8, action_dropout=0.5)
+    none_plain, none_drop = kw_plain["no_action"], kw_drop["no_action"]
     torch.testing.assert_close(x_drop, x_plain)
     torch.testing.assert_close(s_drop, s_plain)
     assert none_plain[:, 0].all() and not none_plain[:, 1:].any()
