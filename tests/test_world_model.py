@@ -746,13 +746,3 @@ def test_own_context_shows_later_frames_the_models_own_predictions():
     torch.testing.assert_close(pred, second + OWN_EXTRAPOLATION * (second - first))
     assert not pred.requires_grad
 
-
-def test_action_dropout_conditions_some_frames_on_no_action():
-    # action_dropout: the main pass sees "no action" on a random share of frames (frame 0 always);
-    # the noise, sigmas and actions themselves are those of the plain recipe (its draws come after).
-    _, (x_plain, s_plain, kw_plain), (x_drop, s_drop, kw_drop) = _plain_and_changed_calls(16, 8, action_dropout=0.5)
-    none_plain, none_drop = kw_plain["no_action"], kw_drop["no_action"]
-    torch.testing.assert_close(x_drop, x_plain)
-    torch.testing.assert_close(s_drop, s_plain)
-    assert none_plain[:, 0].all() and not none_plain[:, 1:].any()
-    assert none_drop[:, 0].all() and 0.35 < none_drop[:, 1:].float().mean() < 0.65

@@ -37,10 +37,6 @@ class ForcingConfig:
     """Noise augmentation of the direct path (`world_model_loss`): each frame's clean latent, as
     the frames after it see it there, gets Gaussian noise of std drawn uniformly in [0, this].
     0 = off (and no extra random numbers drawn)."""
-    action_dropout: float = 0.0
-    """Probability, per frame, that the frame is conditioned on "no action" instead of the action
-    that led to it (`world_model_loss`), so the model also learns the action-free prediction that
-    classifier-free guidance of the action contrasts with. 0 = off (no extra random numbers)."""
     own_context: float = 0.0
     """Probability, per window, that its context is the model's own one-step predictions instead
     of the real frames (`world_model_loss`): the direct path of every frame and the clean prefix

@@ -130,11 +130,6 @@ def world_model_loss(
     sigma, loss_mask = sample_training_noise(B, T, generator, forcing_cfg, device=latents.device)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     x_noisy = latents + sigma.to(latents.dtype)[:, :, None, None, None] * noise  # (B, T, C, h, w)
-    if forcing_cfg.action_dropout > 0:
-        dropped = torch.rand(B, T, generator=generator, device=latents.device) < forcing_cfg.action_dropout
-        main_no_action = no_action | dropped
-    else:
-        main_no_action = no_action
     context = latents  # what later frames see of each frame: the direct path and the clean prefix
     if forcing_cfg.own_context > 0:
         own = torch.rand(B, generator=generator, device=latents.device) < forcing_cfg.own_context  # (B,)
@@ -146,7 +141,7 @@ def world_model_loss(
         x_noisy = torch.where((sigma == 0)[:, :, None, None, None], context, x_noisy)
     # The direct path (cfg.prev_frames) shows each frame the clean frames before it, as at inference.
     direct = {"clean": _augment_direct(context, forcing_cfg.direct_noise, generator)} if cfg.prev_frames else {}
-    out = model(x_noisy, sigma, cond_actions, no_action=main_no_action, **direct)
+    out = model(x_noisy, sigma, cond_actions, no_action=no_action, **direct)
 
     denoise = masked_denoising_loss(out.denoised, latents, sigma, loss_mask, model.sigma_data)
 

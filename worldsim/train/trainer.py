@@ -60,7 +60,7 @@ LEGACY_TRAIN_DEFAULTS = {"noise_mean": -0.4, "noise_std": 1.2, "p_long_context":
 # schedule differ and the losses would not be those of an uninterrupted run.
 RESUME_KEYS = ("datasets", "window", "batch_size", "seed", "steps", "lr", "min_lr_ratio", "warmup_steps",
                "weight_decay", "ema_decay", "noise_mean", "noise_std", "p_long_context", "direct_noise",
-               "own_context", "action_dropout")  # fmt: skip
+               "own_context")  # fmt: skip
 
 
 @dataclass
@@ -108,9 +108,6 @@ class TrainConfig:
     """Probability per window of a clean prefix longer than half the window (`ForcingConfig`)."""
     direct_noise: float = 0.0
     """Noise augmentation of the direct path: per-frame std drawn in [0, this] (`ForcingConfig`); 0 = off."""
-    action_dropout: float = 0.0
-    """Probability per frame of training it on "no action" (`ForcingConfig.action_dropout`), for
-    classifier-free guidance of the action at sampling; 0 = off."""
     own_context: float = 0.0
     """Probability per window that its context (direct path and clean prefix) is the model's own
     one-step predictions (`ForcingConfig.own_context`; two extra forward passes a step); 0 = off."""
@@ -178,8 +175,6 @@ class TrainConfig:
             raise ValueError(f"p_long_context must be in (0, 1] (the reward heads train on the clean prefix), got {self.p_long_context}")
         if not (0 <= self.direct_noise and math.isfinite(self.direct_noise)):
             raise ValueError(f"direct_noise must be a finite number >= 0, got {self.direct_noise}")
-        if not 0 <= self.action_dropout < 1:
-            raise ValueError(f"action_dropout must be in [0, 1), got {self.action_dropout}")
         if not 0 <= self.own_context <= 1:
             raise ValueError(f"own_context must be a probability in [0, 1], got {self.own_context}")
         if not 0 <= self.ema_decay < 1:
@@ -518,8 +513,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
                                  stopped="training stopped on all ranks")
 
     forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context,
-                            direct_noise=cfg.direct_noise, own_context=cfg.own_context,
-                            action_dropout=cfg.action_dropout)
+                            direct_noise=cfg.direct_noise, own_context=cfg.own_context)
     losses: list[tuple[int, float]] = []
     t_start = time.perf_counter()
     t_log, step_log = t_start, step
