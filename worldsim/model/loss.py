@@ -59,9 +59,10 @@ def _augment_direct(latents: torch.Tensor, max_std: float, generator: torch.Gene
     return latents + std.to(latents.dtype)[:, :, None, None, None] * noise
 
 
-# The dream's two-call sampler, as `own_context` imitates it: a call at sigma 20 from (nearly) pure
-# noise, a call at 2.3 raised by churn to ~3, and the second estimate extrapolated from the first
-# by 0.85 (`rollout.session.DREAM_SAMPLER`, `DREAM_SAMPLERS[2]`).
+# The dream's two-call sampler, as `own_context` imitates it (`rollout.session.DREAM_SAMPLER`,
+# `DREAM_SAMPLERS[2]`): its calls are at sigma 20 and 2.3, each raised by churn (at most
+# sqrt(2) - 1, so to about 28 and 3.3), and its result extrapolates the second estimate from the
+# first by 0.85. Here 20 (a frame at 20 is already almost pure noise) and 3, close to the second.
 OWN_SIGMAS = (20.0, 3.0)
 OWN_EXTRAPOLATION = 0.85
 OWN_REAL_FRAMES = 2
