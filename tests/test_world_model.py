@@ -746,3 +746,58 @@ def test_own_context_shows_later_frames_the_models_own_predictions():
     torch.testing.assert_close(pred, second + OWN_EXTRAPOLATION * (second - first))
     assert not pred.requires_grad
 
+
+
+def test_rollout_context_shows_loss_frames_the_models_own_open_loop_dream():
+    # rollout_context: in a chosen window the real frames 0..s-1 (s = T // 2) are followed by K
+    # frames the model dreams itself, open loop; they are clean context on both routes (the
+    # backbone's prefix and the direct path), and the real frames after them are the loss frames.
+    from worldsim.model.dreamed_context import dream_continuation
+
+    B, T, longest = 4, 8, 3
+    model, calls, (x, actions, rewards, terms) = _recorded_loss_setup(B, T)
+    for p in model.parameters():  # a non-zero direct path, so the dream depends on it
+        p.data.add_(0.02 * torch.randn_like(p))
+    forcing = ForcingConfig(rollout_context=1.0, rollout_frames=longest)
+    loss, stats = world_model_loss(model, x, actions, rewards, terms, torch.Generator().manual_seed(3), forcing)
+    assert torch.isfinite(loss)
+    x_main, sigma, kw = calls[-1]
+    context, start = kw["clean"], T // 2
+    depth = (sigma == 0).sum(1) - start  # (B,): the clean prefix is the real frames and the dream
+    assert ((depth >= 1) & (depth <= longest)).all() and len(set(depth.tolist())) > 1
+    for b, k in enumerate(depth.tolist()):
+        assert (sigma[b, : start + k] == 0).all() and (sigma[b, start + k :] > 0).all()
+        assert torch.equal(context[b, :start], x[b, :start]) and torch.equal(context[b, start + k :], x[b, start + k :])
+        assert not torch.allclose(context[b, start : start + k], x[b, start : start + k], atol=1e-2)
+        torch.testing.assert_close(x_main[b, : start + k], context[b, : start + k])  # the backbone reads the dream
+
+    # The heads train on real transitions only: the rewards of the dreamed frames' steps are not read.
+    loud = rewards.clone()
+    loud[:, start - 1 :] = 1e3
+    _, stats_loud = world_model_loss(model, x, actions, loud, terms, torch.Generator().manual_seed(3), forcing)
+    assert stats_loud["reward"] == stats["reward"]
+
+    # The dream itself: open loop from the real frames before `start`, seeded by the generator.
+    model.forward = WorldModel.forward.__get__(model)
+    cond, _ = shift_actions(actions, model.cfg)
+    dream = dream_continuation(model, x, cond, start, longest, torch.Generator().manual_seed(5))
+    assert dream.shape == (B, longest, C, *GRID) and not dream.requires_grad
+    later = x.clone()
+    later[:, start:] = torch.randn_like(later[:, start:])
+    torch.testing.assert_close(dream_continuation(model, later, cond, start, longest, torch.Generator().manual_seed(5)), dream)
+    other = cond.clone()
+    other[:, start + 1] = (other[:, start + 1] + 1) % 6
+    moved = dream_continuation(model, x, other, start, longest, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(moved[:, 0], dream[:, 0])  # a later action cannot change an earlier frame
+    assert not torch.allclose(moved[:, 1], dream[:, 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"rollout_context": 1.5}, r"rollout_context must be a probability"),
+    ({"rollout_context": 0.5, "rollout_frames": 0}, r"rollout_frames must be an integer >= 1"),
+    ({"rollout_context": 0.5, "own_context": 0.5}, r"use one of them"),
+])
+def test_rollout_context_refuses_settings_it_cannot_use(kw, message):
+    model, _, data = _recorded_loss_setup(2, 8)
+    with pytest.raises(ValueError, match=message):
+        world_model_loss(model, *data, torch.Generator().manual_seed(1), ForcingConfig(**kw))
