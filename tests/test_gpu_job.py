@@ -247,8 +247,7 @@ def test_a_baseline_from_scratch_stops_at_its_step_budget(dry_run, tmp_path):
     args = ["--device", "cpu", "--minutes", "0.4", "--init-from", "none", "--codec", str(dry_run["bundle"]),
             "--preset", "tiny", "--variant", "causal_window", "--max-steps", "3", "--window", "8",
             "--batch-size", "4", "--val-episodes", "1", "--bench-seconds", "5", "--bench-batches", "1",
-            "--bench-steps", "2", "--threads", "1",
-            "--rollout-context", "1.0"]  # fmt: skip  (every window dreams: the bare model streams behind the job's TrainView)
+            "--bench-steps", "2", "--threads", "1"]  # fmt: skip
     done = subprocess.run(["bash", "scripts/device/train_gpu.sh", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -268,12 +267,3 @@ def test_ssm_chunk_must_be_auto_or_a_length(capsys):
     with pytest.raises(SystemExit):
         gpu_job.parse_args(["--pack", "p", "--out", "o", "--ssm-chunk", "big"])
     assert "ssm_chunk must be 'auto' or a positive integer" in capsys.readouterr().err
-
-
-def test_rollout_context_reaches_the_training_noise_and_is_checked(capsys):
-    cfg = gpu_job.parse_args(["--pack", "p", "--out", "o", "--rollout-context", "0.5", "--rollout-frames", "4"])
-    forcing = gpu_job.forcing_config(cfg)
-    assert (forcing.rollout_context, forcing.rollout_frames) == (0.5, 4)
-    with pytest.raises(SystemExit):
-        gpu_job.parse_args(["--pack", "p", "--out", "o", "--rollout-context", "2"])
-    assert "rollout_context must be a probability in [0, 1]" in capsys.readouterr().err

@@ -358,10 +358,6 @@ def test_bad_train_config_is_named(maze):
         small_run(maze, Path("x"), direct_noise=-0.1).validate()
     with pytest.raises(ValueError, match=r"own_context must be a probability in \[0, 1\]"):
         small_run(maze, Path("x"), own_context=1.5).validate()
-    with pytest.raises(ValueError, match="rollout_context and own_context both replace"):
-        small_run(maze, Path("x"), own_context=0.5, rollout_context=0.5).validate()
-    with pytest.raises(ValueError, match="rollout_frames must be an integer >= 1"):
-        small_run(maze, Path("x"), rollout_context=0.5, rollout_frames=0).validate()
     with pytest.raises(ValueError, match=r"model_overrides \['latent_channels'\] contradict"):
         train(small_run(maze, Path("x"), model_overrides={"latent_channels": 16}))
 

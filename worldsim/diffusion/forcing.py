@@ -41,12 +41,6 @@ class ForcingConfig:
     """Probability, per window, that its context is the model's own one-step predictions instead
     of the real frames (`world_model_loss`): the direct path of every frame and the clean prefix
     the backbone reads. 0 = off (no extra passes, no extra random numbers)."""
-    rollout_context: float = 0.0
-    """Probability, per window, that the frames just before its loss frames are the model's own
-    open-loop dream from the real frames before them (`model.dreamed_context`): both routes to the
-    past then carry the model's own frames, as in a dream. 0 = off (no dream, no extra random numbers)."""
-    rollout_frames: int = 8
-    """Most frames of such a dream; each window drawn for one dreams 1 .. this many."""
 
 
 def sample_training_noise(

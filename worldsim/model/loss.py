@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from worldsim.diffusion.forcing import ForcingConfig, masked_denoising_loss, sample_training_noise
 from worldsim.model.conditioning import shift_actions
-from worldsim.model.dreamed_context import with_dreamed_context
 from worldsim.model.world_model import WorldModel
 
 
@@ -130,14 +129,9 @@ def world_model_loss(
 
     cond_actions, no_action = shift_actions(actions, cfg)  # frame i <- a_{i-1}; frame 0: no action
     sigma, loss_mask = sample_training_noise(B, T, generator, forcing_cfg, device=latents.device)
-    context = latents  # what later frames see of each frame: the direct path and the clean prefix
-    dreamed = torch.zeros(B, T, dtype=torch.bool, device=latents.device)
-    if forcing_cfg.rollout_context > 0:
-        sigma, loss_mask, context, dreamed = with_dreamed_context(model, latents, cond_actions, sigma, loss_mask,
-                                                                  generator, forcing_cfg)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     x_noisy = latents + sigma.to(latents.dtype)[:, :, None, None, None] * noise  # (B, T, C, h, w)
-    x_noisy = torch.where((sigma == 0)[:, :, None, None, None], context, x_noisy)  # clean frames: as later ones see them
+    context = latents  # what later frames see of each frame: the direct path and the clean prefix
     if forcing_cfg.own_context > 0:
         own = torch.rand(B, generator=generator, device=latents.device) < forcing_cfg.own_context  # (B,)
         predicted = own_predictions(model, latents, cond_actions, no_action, generator)
@@ -152,9 +146,8 @@ def world_model_loss(
 
     denoise = masked_denoising_loss(out.denoised, latents, sigma, loss_mask, model.sigma_data)
 
-    # Heads at frame i >= 1 predict step i - 1's reward / termination, on clean-prefix frames only
-    # (real ones: a dreamed frame's transition is not the data's).
-    head_mask = (sigma[:, 1:] == 0) & ~dreamed[:, 1:]  # (B, T - 1)
+    # Heads at frame i >= 1 predict step i - 1's reward / termination, on clean-prefix frames only.
+    head_mask = sigma[:, 1:] == 0  # (B, T - 1)
     reward_err = (out.reward[:, 1:].float() - rewards[:, :-1].float()).square()  # (B, T - 1)
     reward_loss = _masked_mean(reward_err, head_mask)
     term_bce = F.binary_cross_entropy_with_logits(

@@ -81,7 +81,6 @@ from worldsim.model import frame_attention as fa
 from worldsim.model import ssd
 from worldsim.model.blockwise_ssm import BlockwiseMamba2
 from worldsim.model.config import VARIANTS, ModelConfig, make_config
-from worldsim.model.dreamed_context import check_rollout_context
 from worldsim.model.loss import world_model_loss
 from worldsim.model.ssd_reference import ssd_recurrent
 from worldsim.model.world_model import WorldModel
@@ -152,9 +151,6 @@ class JobConfig:
     p_long_context: float = 0.5
     direct_noise: float = 0.0
     """Noise augmentation of the direct path (`ForcingConfig.direct_noise`); 0 = off."""
-    rollout_context: float = 0.0
-    """Share of windows whose recent past is the model's own open-loop dream (`ForcingConfig.rollout_context`); 0 = off."""
-    rollout_frames: int = 8
     val_episodes: int = 2
     val_windows: int = 128
     checkpoint_seconds: float = 60.0
@@ -180,8 +176,7 @@ class JobConfig:
 
 def forcing_config(cfg: JobConfig) -> ForcingConfig:
     """The training noise of the job's settings (the training step, its check and validation)."""
-    return ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise,
-                         rollout_context=cfg.rollout_context, rollout_frames=cfg.rollout_frames)
+    return ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise)
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
@@ -208,9 +203,6 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--noise-std", type=float, default=d.noise_std)
     p.add_argument("--p-long-context", type=float, default=d.p_long_context)
     p.add_argument("--direct-noise", type=float, default=d.direct_noise, help="direct-path noise augmentation: per-frame std in [0, this]")
-    p.add_argument("--rollout-context", type=float, default=d.rollout_context,
-                   help="share of windows whose recent past is the model's own open-loop dream")
-    p.add_argument("--rollout-frames", type=int, default=d.rollout_frames, help="most frames of such a dream")
     p.add_argument("--val-episodes", type=int, default=d.val_episodes, help="last pack episodes held out for a validation loss")
     p.add_argument("--val-windows", type=int, default=d.val_windows)
     p.add_argument("--checkpoint-seconds", type=float, default=d.checkpoint_seconds)
@@ -243,10 +235,6 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         problems.append("minutes and checkpoint_seconds must be > 0")
     if not (cfg.direct_noise >= 0 and math.isfinite(cfg.direct_noise)):
         problems.append(f"direct_noise must be a finite number >= 0, got {cfg.direct_noise}")
-    try:
-        check_rollout_context(cfg.rollout_context, cfg.rollout_frames)
-    except ValueError as err:
-        problems.append(str(err))
     if cfg.ssm_chunk != "auto" and not (cfg.ssm_chunk.isdigit() and int(cfg.ssm_chunk) >= 1):
         problems.append(f"ssm_chunk must be 'auto' or a positive integer, got {cfg.ssm_chunk!r}")
     if problems:
@@ -754,8 +742,7 @@ def validation_loss(module, data: DeviceData, device: torch.device, cfg: JobConf
     """Loss of `module` on the held-out windows with fixed noise (the same at every call)."""
     if len(data.val_starts) == 0:
         return None
-    # Without dreamed context: the same noise plan for every recipe, so their losses compare.
-    forcing = dataclasses.replace(forcing_config(cfg), rollout_context=0.0)
+    forcing = forcing_config(cfg)
     g = torch.Generator(device=device).manual_seed(cfg.seed + 99)
     was_training = module.training
     module.eval()

@@ -47,7 +47,6 @@ from worldsim.utils import training
 from worldsim.utils.training import TrainingDiverged, setting_differences, warmup_cosine  # noqa: F401 (TrainingDiverged re-exported)
 from worldsim.codec.checkpoint import codec_fingerprint, codec_matches, load_codec, resolve_checkpoint
 from worldsim.model.config import make_config
-from worldsim.model.dreamed_context import check_rollout_context
 from worldsim.model.loss import world_model_loss
 from worldsim.model.world_model import WorldModel
 from worldsim.train.weights import WARM_START_FREE_FIELDS, parameter_groups, warm_start  # noqa: F401 (re-exported)
@@ -61,7 +60,7 @@ LEGACY_TRAIN_DEFAULTS = {"noise_mean": -0.4, "noise_std": 1.2, "p_long_context":
 # schedule differ and the losses would not be those of an uninterrupted run.
 RESUME_KEYS = ("datasets", "window", "batch_size", "seed", "steps", "lr", "min_lr_ratio", "warmup_steps",
                "weight_decay", "ema_decay", "noise_mean", "noise_std", "p_long_context", "direct_noise",
-               "own_context", "rollout_context", "rollout_frames")  # fmt: skip
+               "own_context")  # fmt: skip
 
 
 @dataclass
@@ -112,11 +111,6 @@ class TrainConfig:
     own_context: float = 0.0
     """Probability per window that its context (direct path and clean prefix) is the model's own
     one-step predictions (`ForcingConfig.own_context`; two extra forward passes a step); 0 = off."""
-    rollout_context: float = 0.0
-    """Probability per window that the frames before its loss frames are the model's own open-loop
-    dream, on both routes to the past (`ForcingConfig.rollout_context`, `model.dreamed_context`); 0 = off."""
-    rollout_frames: int = 8
-    """Most frames of such a dream (1 .. this, drawn per window)."""
     seed: int = 0
     """Seeds the initial weights, the window order and every step's noise."""
     log_every: int = 10
@@ -183,7 +177,6 @@ class TrainConfig:
             raise ValueError(f"direct_noise must be a finite number >= 0, got {self.direct_noise}")
         if not 0 <= self.own_context <= 1:
             raise ValueError(f"own_context must be a probability in [0, 1], got {self.own_context}")
-        check_rollout_context(self.rollout_context, self.rollout_frames, self.own_context)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.grad_clip > 0:
@@ -520,8 +513,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
                                  stopped="training stopped on all ranks")
 
     forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context,
-                            direct_noise=cfg.direct_noise, own_context=cfg.own_context,
-                            rollout_context=cfg.rollout_context, rollout_frames=cfg.rollout_frames)
+                            direct_noise=cfg.direct_noise, own_context=cfg.own_context)
     losses: list[tuple[int, float]] = []
     t_start = time.perf_counter()
     t_log, step_log = t_start, step
