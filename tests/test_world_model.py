@@ -683,8 +683,8 @@ def _recorded_loss_setup(B: int, T: int):
 
 
 def _plain_and_changed_calls(B: int, T: int, **forcing):
-    """The model's main-pass call (x_noisy, sigma, kwargs) under the plain recipe and under
-    ForcingConfig(**forcing), on the same data and seed; and the data's clean latents."""
+    """(the data's clean latents, the plain recipe's main-pass call, ForcingConfig(**forcing)'s):
+    each call as (x_noisy, sigma, kwargs), on the same data and seed."""
     model, calls, data = _recorded_loss_setup(B, T)
     for cfg in (ForcingConfig(), ForcingConfig(**forcing)):
         world_model_loss(model, *data, torch.Generator().manual_seed(1), cfg)
@@ -745,4 +745,3 @@ def test_own_context_shows_later_frames_the_models_own_predictions():
                    no_action=no_action, clean=x).denoised
     torch.testing.assert_close(pred, second + OWN_EXTRAPOLATION * (second - first))
     assert not pred.requires_grad
-
