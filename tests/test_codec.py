@@ -376,10 +376,11 @@ def test_bf16_decoding_stays_within_two_grey_levels_of_float32(monkeypatch):
 
 def test_bf16_decoding_is_chosen_only_where_it_pays(monkeypatch):
     from worldsim.codec import autoencoder
+    from worldsim.utils import cpu
 
-    monkeypatch.setattr(autoencoder, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(cpu, "has_amx", lambda: True)
     assert autoencoder.bf16_decode_pays("cpu", 8) and autoencoder.bf16_decode_pays(torch.device("cpu"), 64)
     assert not autoencoder.bf16_decode_pays("cpu", 1)  # slower for one frame (per-op overhead)
     assert not autoencoder.bf16_decode_pays("cuda", 64)
-    monkeypatch.setattr(autoencoder, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(cpu, "has_amx", lambda: False)
     assert not autoencoder.bf16_decode_pays("cpu", 64)  # emulated without AMX

@@ -139,13 +139,13 @@ def test_vector_env_equals_independent_envs(parts, context_frames):
 
 
 def test_vector_env_decodes_in_bf16_only_where_it_pays(parts, monkeypatch):
-    from worldsim.codec import autoencoder
+    from worldsim.utils import cpu
 
-    monkeypatch.setattr(autoencoder, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(cpu, "has_amx", lambda: True)
     assert DreamVectorEnv(8, **parts, horizon=3).session.decode_bf16
     assert not DreamVectorEnv(2, **parts, horizon=3).session.decode_bf16
     assert not DreamVectorEnv(8, **parts, horizon=3, fast_decode=False).session.decode_bf16
-    monkeypatch.setattr(autoencoder, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(cpu, "has_amx", lambda: False)
     assert not DreamVectorEnv(8, **parts, horizon=3).session.decode_bf16
     # Forced on, frames stay within a couple of grey levels of the float32 ones (same noise).
     fast, exact = (DreamVectorEnv(2, **parts, horizon=3, fast_decode=f) for f in (True, False))
@@ -320,3 +320,14 @@ def test_vector_env_seeds_must_be_integers(parts, bad):
     if not isinstance(bad, list):
         with pytest.raises(TypeError, match="seed must be a non-negative integer"):
             vec.seed(bad)
+
+
+def test_vector_env_runs_the_model_in_bf16_only_where_it_pays(parts, monkeypatch):
+    from worldsim.utils import cpu
+
+    monkeypatch.setattr(cpu, "has_amx", lambda: True)
+    assert DreamVectorEnv(32, **parts, horizon=3).session.model_bf16
+    assert not DreamVectorEnv(8, **parts, horizon=3).session.model_bf16
+    assert not DreamVectorEnv(32, **parts, horizon=3, fast_model=False).session.model_bf16
+    monkeypatch.setattr(cpu, "has_amx", lambda: False)
+    assert not DreamVectorEnv(32, **parts, horizon=3).session.model_bf16

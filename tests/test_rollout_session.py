@@ -440,3 +440,52 @@ def test_a_forked_child_decodes_on_its_own_thread():
         os.waitpid(pid, 0)
         pytest.fail("the forked child's step hung on the parent's decode thread")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_a_bfloat16_session_runs_a_copy_and_hands_back_float32():
+    model, codec = tiny_pair()
+    frames, actions = context(2, 3)
+    session = RolloutSession(model, codec, batch=2, model_bf16=True)
+    session.reset(frames, actions, seeds=[5, 6])
+    out = session.step([1, 2])
+    assert session.model is not model and next(session.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
+    assert session.cache.layers[0].kv.keys.dtype == torch.bfloat16
+    assert out.latents.dtype == out.rewards.dtype == torch.float32 and out.frames.dtype == torch.uint8
+    assert session.fork(2).model is session.model  # forks share the copy
+
+
+def test_the_bundled_model_in_bfloat16_predicts_what_float32_does(monkeypatch):
+    """Teacher-forced next latents from real clips: bfloat16 and float32 (same noise) differ far
+    less than either differs from the real next frame (the held-out figures are in the README)."""
+    from worldsim.bundled import PACKAGE_BUNDLE_DIR, is_bundle, load_bundled
+
+    monkeypatch.delenv("WORLDSIM_BUNDLE_DIR", raising=False)
+    if not is_bundle(PACKAGE_BUNDLE_DIR):
+        pytest.skip(f"no bundled model in this checkout ({PACKAGE_BUNDLE_DIR})")
+    bundle = load_bundled()
+    frames, actions = bundle.clips.frames, bundle.clips.actions  # (4, 9, 64, 64, 3), (4, 8)
+    C = 5  # context frames; the other 4 are predicted
+    with torch.no_grad():
+        real = bundle.codec.encode(torch.as_tensor(frames[:, C:]))  # (4, T - C, C, h, w)
+    predicted = {}
+    for bf16 in (False, True):
+        session = RolloutSession(bundle.model, bundle.codec, batch=4, model_bf16=bf16)
+        session.reset(frames[:, :C], actions[:, : C - 1], seeds=[1, 2, 3, 4])
+        predicted[bf16] = torch.stack([session.observe(actions[:, C - 1 + t], latents=real[:, t]).latents
+                                       for t in range(4)], 1)
+    gap = (predicted[True] - predicted[False]).pow(2).mean()
+    error = (predicted[False] - real[:, :4]).pow(2).mean()
+    assert gap < 0.02 * error, (gap, error)  # 0.003 when written
+
+
+def test_bfloat16_models_are_chosen_only_where_they_pay(monkeypatch):
+    from worldsim.rollout.session import bf16_model_pays
+    from worldsim.utils import cpu
+
+    monkeypatch.setattr(cpu, "has_amx", lambda: True)
+    assert bf16_model_pays("cpu", 32) and bf16_model_pays(torch.device("cpu"), 64)
+    assert not bf16_model_pays("cpu", 8)  # no faster there: small ops, not the matmuls, take the time
+    assert not bf16_model_pays("cuda", 64)
+    monkeypatch.setattr(cpu, "has_amx", lambda: False)
+    assert not bf16_model_pays("cpu", 64)  # emulated without AMX

@@ -73,13 +73,14 @@ from worldsim.envs.memory_maze import MemoryMazeEnv
 from worldsim.model.config import make_config
 from worldsim.model.world_model import WorldModel
 from worldsim.rollout.context import ClipContext
-from worldsim.rollout.session import RolloutSession
+from worldsim.rollout.session import RolloutSession, bf16_model_pays
 
 # The termination head's bias for random models: logit ~ -10, far below the threshold 0.
 NO_TERMINATION_BIAS = -10.0
 
 
 DECODE_DTYPES = ("auto", "float32", "bfloat16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
 OVERLAP_CHOICES = ("auto", "on", "off")
 
 
@@ -101,6 +102,9 @@ class RolloutBenchConfig:
     decode_dtype: str = "auto"
     """Frame decoding in the breakdown and the dream env: "auto" (bfloat16 where it is faster: a
     CPU with AMX at batch >= 8, as the dream env chooses), "float32" or "bfloat16"."""
+    model_dtype: str = "auto"
+    """The world model in the breakdown and the dream env: "auto" (bfloat16 where it is faster: a
+    CPU with AMX at batch >= 32, as the dream env chooses), "float32" or "bfloat16"."""
     overlap_decode: str = "auto"
     """Decode each frame on a worker thread while the commit runs (`RolloutSession.overlap_decode`):
     "auto" (as sessions choose: from batch 8 where the torch threads leave a core free), "on" or "off"."""
@@ -282,13 +286,20 @@ def decode_in_bf16(cfg: RolloutBenchConfig, batch: int, device: torch.device) ->
     return cfg.decode_dtype == "bfloat16"
 
 
+def model_in_bf16(cfg: RolloutBenchConfig, batch: int, device: torch.device) -> bool:
+    if cfg.model_dtype == "auto":
+        return bf16_model_pays(device, batch)
+    return cfg.model_dtype == "bfloat16"
+
+
 # ------------------------------------------------------------------------------ dream fps vs batch
 def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed)
     frames, actions = parts.context(rng, 1, cfg.context_frames)
+    device = next(parts.model.parameters()).device
     env = DreamVectorEnv(batch, model=parts.model, codec=parts.codec, context=ClipContext([frames[0]], [actions[0]]),
                          context_frames=cfg.context_frames, horizon=10**9, sampler_steps=cfg.sampler_steps,
-                         fast_decode=decode_in_bf16(cfg, batch, next(parts.model.parameters()).device))
+                         fast_decode=decode_in_bf16(cfg, batch, device), fast_model=model_in_bf16(cfg, batch, device))
     env.session.overlap_decode = overlap_setting(cfg)
     env.reset(seed=cfg.seed)
     env.step(env.action_space.sample())  # warm-up
@@ -299,7 +310,7 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     cpu = time.process_time() - cpu_start
     env.close()
     return {"batch": batch, "steps": cfg.dream_steps, "seconds": elapsed, "cpu_seconds": cpu,
-            "decode_bf16": env.session.decode_bf16, "overlap_decode": env.session.overlap_decode,
+            "decode_bf16": env.session.decode_bf16, "model_bf16": env.session.model_bf16, "overlap_decode": env.session.overlap_decode,
             "frames_per_s": batch * cfg.dream_steps / elapsed, "frames_per_cpu_s": batch * cfg.dream_steps / cpu,
             "ms_per_step": 1e3 * elapsed / cfg.dream_steps}
 
@@ -310,9 +321,10 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     calls, the commit and the decode (`RolloutSession.step(timings=)`), means over the timed steps."""
     model = parts.model
     rng = np.random.default_rng(cfg.seed)
-    bf16 = decode_in_bf16(cfg, batch, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    bf16, model_bf16 = decode_in_bf16(cfg, batch, device), model_in_bf16(cfg, batch, device)
     session = RolloutSession(model, parts.codec, batch=batch, sampler_steps=cfg.sampler_steps, seed=cfg.seed,
-                             decode_bf16=bf16, overlap_decode=overlap_setting(cfg))
+                             decode_bf16=bf16, overlap_decode=overlap_setting(cfg), model_bf16=model_bf16)
     session.reset(*parts.context(rng, batch, cfg.context_frames))
     actions = rng.integers(0, model.cfg.n_actions, (cfg.breakdown_steps + 1, batch))
     session.step(actions[0])  # warm-up
@@ -322,7 +334,7 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
         session.step(a, timings=timings)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     n = cfg.breakdown_steps
-    row = {"batch": batch, "steps": n, "seconds": elapsed, "cpu_seconds": cpu, "decode_bf16": bf16,
+    row = {"batch": batch, "steps": n, "seconds": elapsed, "cpu_seconds": cpu, "decode_bf16": bf16, "model_bf16": model_bf16,
            "overlap_decode": session.overlap_decode,
            **{f"{phase}_ms": 1e3 * timings[phase] / n for phase in ("denoise", "commit", "decode")}}
     row["total_ms"] = 1e3 * elapsed / n
@@ -470,10 +482,12 @@ def format_table(results: dict[str, Any]) -> str:
              f"Per-frame breakdown (RolloutSession.step: {cfg['sampler_steps']} denoiser calls, commit, decode; "
              f"ms per step, mean of {cfg['breakdown_steps']} steps; dream/real per CPU-second in brackets)",
              f"  {'batch':>8} {'denoise':>8} {'commit':>8} {'decode':>8} {'other':>7} {'total':>8} {'frames/s':>9}  dream/real"
-             "  (* decoded in bfloat16; + decoded on a second thread during the commit, the wait shown)"]
+             "  (# world model in bfloat16; * decoded in bfloat16; + decoded on a second thread during the "
+             "commit, the wait shown)"]
     for r in results["breakdown"]:
         marks = ("*" if r["decode_bf16"] else "") + ("+" if r.get("overlap_decode") else "")
-        lines.append(f"  {r['batch']:>8} {r['denoise_ms']:>8.2f} {r['commit_ms']:>8.2f} "
+        model_mark = "#" if r.get("model_bf16") else " "
+        lines.append(f"  {r['batch']:>8} {r['denoise_ms']:>7.2f}{model_mark} {r['commit_ms']:>7.2f}{model_mark} "
                      f"{r['decode_ms']:>8.2f}{marks:<2}"
                      f"{r['other_ms']:>6.2f} {r['total_ms']:>8.2f} {r['frames_per_s']:>9.1f}  "
                      f"{_fmt(r['vs_real'], '.2f', 'x')} ({_fmt(r['vs_real_cpu'], '.2f', 'x')})")
@@ -499,7 +513,8 @@ def format_table(results: dict[str, Any]) -> str:
         ratio_cpu = results["dream_vs_real_cpu"][str(d["batch"])]
         lines.append(f"  batch {d['batch']:>4}: {d['frames_per_s']:>9.1f} frames/s ({d['frames_per_cpu_s']:.1f}; "
                      f"{d['ms_per_step']:.1f} ms/step)   dream/real {_fmt(ratio, '.2f', 'x')} "
-                     f"({_fmt(ratio_cpu, '.2f', 'x')}){'  decoded in bfloat16' if d['decode_bf16'] else ''}"
+                     f"({_fmt(ratio_cpu, '.2f', 'x')}){'  model in bfloat16' if d.get('model_bf16') else ''}"
+                     f"{'  decoded in bfloat16' if d['decode_bf16'] else ''}"
                      f"{'  decoded beside the commit' if d.get('overlap_decode') else ''}")
     if real:
         lines.append(f"  real Memory Maze {cfg['maze_size']}x{cfg['maze_size']} (Gymnasium adapter): "

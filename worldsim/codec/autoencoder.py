@@ -19,14 +19,14 @@ channels. `encode_raw` / `decode_raw` work on the raw latents (what the codec is
 
 from __future__ import annotations
 
-import functools
-
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from worldsim.utils import cpu
 
 
 # ----------------------------------------------------------------------------------- config
@@ -323,21 +323,11 @@ class FrameCodec(nn.Module):
         self.latent_std.copy_(std.clamp_min(1e-4))
 
 
-@functools.cache
-def _cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Linux reports the flag in /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
 def bf16_decode_pays(device: torch.device | str, batch: int) -> bool:
     """Whether `decode(..., bf16=True)` is the faster choice: on a CPU with AMX and from batch 8.
     Measured with the bundled codec on 1 thread (Xeon with AMX): batch 1 6.7 -> 9.3 ms (slower),
     batch 8 21.9 -> 12.4 ms, batch 64 112 -> 57 ms. Without AMX, bf16 convolutions are emulated."""
-    return torch.device(device).type == "cpu" and batch >= 8 and _cpu_has_amx()
+    return torch.device(device).type == "cpu" and batch >= 8 and cpu.has_amx()
 
 
 @torch.no_grad()

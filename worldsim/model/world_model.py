@@ -188,9 +188,17 @@ class HybridBlock(nn.Module):
             x = torch.addcmul(x, gate, h)
         shift, scale, gate = mods[-3:]
         h = torch.addcmul(shift, F.layer_norm(x, (d,), eps=self.norm.eps), scale)
-        h = F.linear(F.gelu(F.linear(h, self.mlp.fc1.weight, self.mlp.fc1.bias), approximate="tanh"),
-                     self.mlp.fc2.weight, self.mlp.fc2.bias)
+        h = F.linear(h, self.mlp.fc1.weight, self.mlp.fc1.bias)
+        h = F.linear(F.gelu(h, approximate=step_gelu_approximation(h.dtype)), self.mlp.fc2.weight, self.mlp.fc2.bias)
         return torch.addcmul(x, gate, h)
+
+
+def step_gelu_approximation(dtype: torch.dtype) -> str:
+    """The GELU of the one-frame step: the tanh form the model trains with, except in bfloat16.
+    There the exact (erf) form stands in: the two differ by at most 4.7e-4 (near x = 2.7, where
+    bfloat16's values lie 1.6e-2 apart), which rounding to bfloat16 mostly erases, and on the CPU
+    it runs 4-5x faster (1024 x 384 values on one thread: 0.3 ms against 1.3 ms; 18 calls a frame)."""
+    return "none" if dtype == torch.bfloat16 else "tanh"
 
 
 def create_block(cfg: ModelConfig, layer_idx: int) -> HybridBlock:

@@ -32,6 +32,7 @@ generator state was copied reproduces its parent's future exactly.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ import torch
 from worldsim.codec.autoencoder import FrameCodec
 from worldsim.diffusion.sampler import sample_next_frames
 from worldsim.model.world_model import WorldModel, WorldModelCache, WorldModelOutput
+from worldsim.utils import cpu
 
 
 @dataclass
@@ -154,6 +156,25 @@ def overlap_pays(device: torch.device, batch: int) -> bool:
     return device.type == "cpu" and batch >= OVERLAP_MIN_BATCH and torch.get_num_threads() < cores
 
 
+BF16_MODEL_MIN_BATCH = 32
+"""Smallest batch whose world model runs in bfloat16 by default in the batched dream env
+(`bf16_model_pays`)."""
+
+
+def bf16_model_pays(device: torch.device | str, batch: int) -> bool:
+    """Whether running the world model in bfloat16 (`RolloutSession(model_bf16=True)`) is the faster
+    choice: on a CPU with AMX tiles, from BF16_MODEL_MIN_BATCH streams. The bundled model on one
+    thread (Xeon with AMX), float32 -> bfloat16 ms per frame without decoding: batch 8 50 -> 50,
+    batch 64 264 -> 199 (the matmuls run on the AMX tiles; the small ops of small batches gain
+    nothing). Without AMX, bfloat16 matmuls are emulated and slower."""
+    return torch.device(device).type == "cpu" and batch >= BF16_MODEL_MIN_BATCH and cpu.has_amx()
+
+
+def bfloat16_copy(model: WorldModel) -> WorldModel:
+    """A copy of `model` with bfloat16 weights (its streaming caches follow); `model` is unchanged."""
+    return model if next(model.parameters()).dtype == torch.bfloat16 else copy.deepcopy(model).to(torch.bfloat16)
+
+
 def _result(out: WorldModelOutput, latents: torch.Tensor) -> StepResult:
     """A committed frame's StepResult, frames not decoded: rewards and terminations on the CPU."""
     logits = out.termination_logit.float().cpu()
@@ -200,7 +221,13 @@ class RolloutSession:
         fold_commit: bool | None = None,
         decode_bf16: bool = False,
         overlap_decode: bool | None = None,
+        model_bf16: bool = False,
     ) -> None:
+        """model_bf16: run the world model in bfloat16 (a bfloat16 copy of `model`, its cache in
+        bfloat16; the sampler and the EDM preconditioning stay in float32). Faster for large
+        batches on CPUs with AMX (`bf16_model_pays`); on 40 held-out Memory Maze windows the bundled
+        model scored 25.55 dB teacher-forced and 17.19 open loop over 32 frames, against 25.59
+        and 17.19 in float32."""
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         if sampler_steps < 1:
@@ -211,7 +238,8 @@ class RolloutSession:
                 f"codec latents {codec.config.latent_shape} do not fit the world model's "
                 f"{(cfg.latent_channels, *cfg.latent_grid)}: pair the model with the codec it was trained with"
             )
-        self.model = model
+        self.model = bfloat16_copy(model) if model_bf16 else model
+        self.model_bf16 = model_bf16
         self.codec = codec
         self.batch = batch
         self.sampler_steps = sampler_steps
