@@ -3,7 +3,7 @@
 Sub-env i behaves exactly like a `DreamEnv` reset with seed + i: it has its own `np_random`, which
 picks its context clips and seeds its sampler noise, in the same order as the single env. (From 8
 sub-envs on a CPU with AMX the frames are decoded in bfloat16, `fast_decode`: the same dream, its
-pixels within 2 grey levels of the single env's; `fast_decode=False` gives them exactly. From 32
+pixels within 2 grey levels of the single env's; `fast_decode=False` gives them exactly. From 16
 sub-envs there the world model runs in bfloat16 as well, `fast_model`: another sample of the same
 quality, not the single env's frames; `fast_model=False` keeps them. From 8
 sub-envs on a CPU with a core the torch threads leave free, each step's frames are decoded on a
@@ -62,7 +62,7 @@ class DreamVectorEnv(VectorEnv):
         or more sub-envs, `bf16_decode_pays`).
         fast_model: run the world model in bfloat16 (`RolloutSession(model_bf16=True)`: the same
         prediction quality within 0.05 dB on held-out windows, not the same frames); None: where it is
-        faster (a CPU with AMX and 32 or more sub-envs, `bf16_model_pays`)."""
+        faster (a CPU with AMX and 16 or more sub-envs, `bf16_model_pays`)."""
         if horizon is None:
             raise ValueError("the vector dream needs a horizon (episode length in steps)")
         if num_envs < 1 or context_frames < 1 or horizon < 1:

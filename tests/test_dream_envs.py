@@ -326,8 +326,8 @@ def test_vector_env_runs_the_model_in_bf16_only_where_it_pays(parts, monkeypatch
     from worldsim.utils import cpu
 
     monkeypatch.setattr(cpu, "has_amx", lambda: True)
-    assert DreamVectorEnv(32, **parts, horizon=3).session.model_bf16
+    assert DreamVectorEnv(16, **parts, horizon=3).session.model_bf16
     assert not DreamVectorEnv(8, **parts, horizon=3).session.model_bf16
-    assert not DreamVectorEnv(32, **parts, horizon=3, fast_model=False).session.model_bf16
+    assert not DreamVectorEnv(16, **parts, horizon=3, fast_model=False).session.model_bf16
     monkeypatch.setattr(cpu, "has_amx", lambda: False)
-    assert not DreamVectorEnv(32, **parts, horizon=3).session.model_bf16
+    assert not DreamVectorEnv(16, **parts, horizon=3).session.model_bf16

@@ -484,7 +484,7 @@ def test_bfloat16_models_are_chosen_only_where_they_pay(monkeypatch):
     from worldsim.utils import cpu
 
     monkeypatch.setattr(cpu, "has_amx", lambda: True)
-    assert bf16_model_pays("cpu", 32) and bf16_model_pays(torch.device("cpu"), 64)
+    assert bf16_model_pays("cpu", 16) and bf16_model_pays(torch.device("cpu"), 64)
     assert not bf16_model_pays("cpu", 8)  # no faster there: small ops, not the matmuls, take the time
     assert not bf16_model_pays("cuda", 64)
     monkeypatch.setattr(cpu, "has_amx", lambda: False)

@@ -104,7 +104,7 @@ class RolloutBenchConfig:
     CPU with AMX at batch >= 8, as the dream env chooses), "float32" or "bfloat16"."""
     model_dtype: str = "auto"
     """The world model in the breakdown and the dream env: "auto" (bfloat16 where it is faster: a
-    CPU with AMX at batch >= 32, as the dream env chooses), "float32" or "bfloat16"."""
+    CPU with AMX at batch >= 16, as the dream env chooses), "float32" or "bfloat16"."""
     overlap_decode: str = "auto"
     """Decode each frame on a worker thread while the commit runs (`RolloutSession.overlap_decode`):
     "auto" (as sessions choose: from batch 8 where the torch threads leave a core free), "on" or "off"."""

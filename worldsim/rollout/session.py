@@ -156,7 +156,7 @@ def overlap_pays(device: torch.device, batch: int) -> bool:
     return device.type == "cpu" and batch >= OVERLAP_MIN_BATCH and torch.get_num_threads() < cores
 
 
-BF16_MODEL_MIN_BATCH = 32
+BF16_MODEL_MIN_BATCH = 16
 """Smallest batch whose world model runs in bfloat16 by default in the batched dream env
 (`bf16_model_pays`)."""
 
@@ -164,9 +164,10 @@ BF16_MODEL_MIN_BATCH = 32
 def bf16_model_pays(device: torch.device | str, batch: int) -> bool:
     """Whether running the world model in bfloat16 (`RolloutSession(model_bf16=True)`) is the faster
     choice: on a CPU with AMX tiles, from BF16_MODEL_MIN_BATCH streams. The bundled model on one
-    thread (Xeon with AMX), float32 -> bfloat16 ms per frame without decoding: batch 8 50 -> 50,
-    batch 64 264 -> 199 (the matmuls run on the AMX tiles; the small ops of small batches gain
-    nothing). Without AMX, bfloat16 matmuls are emulated and slower."""
+    thread (Xeon with AMX), the time of a frame without decoding, bfloat16 over float32 (medians
+    of paired steps): batch 1 1.21, batch 8 0.99, 16 0.85, 32 0.77, 64 0.72 (268 -> 196 ms).
+    The matmuls run on the AMX tiles; the small ops that small batches spend their time in gain
+    nothing. Without AMX, bfloat16 matmuls are emulated and slower."""
     return torch.device(device).type == "cpu" and batch >= BF16_MODEL_MIN_BATCH and cpu.has_amx()
 
 
