@@ -13,7 +13,7 @@ from worldsim.commands.bench import bench_app
 from worldsim.rollout.session import RolloutSession
 
 TINY = dict(preset="tiny", horizons=(8, 32), timed_frames=2, sampler_steps=1, batches=(1, 2), dream_steps=2,
-            breakdown_steps=2, real_steps=10, long_steps=12, rss_every=4, threads=1)
+            rounds=3, real_round_steps=5, breakdown_steps=2, real_steps=10, long_steps=12, rss_every=4, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,21 @@ def check_breakdown(results):
 
 def test_dream_real_and_long_rollout_figures(results):
     assert [d["batch"] for d in results["dream"]] == [1, 2]
-    real, real_cpu = results["real"]["steps_per_s"], results["real"]["steps_per_cpu_s"]
     for d in results["dream"]:
+        key, rounds = str(d["batch"]), d["rounds"]
+        assert d["steps"] == 2 * 3 and len(rounds) == 3
         assert d["frames_per_s"] == pytest.approx(d["batch"] * d["steps"] / d["seconds"])
         assert d["frames_per_cpu_s"] == pytest.approx(d["batch"] * d["steps"] / d["cpu_seconds"])
-        assert results["dream_vs_real"][str(d["batch"])] == pytest.approx(d["frames_per_s"] / real)
-        assert results["dream_vs_real_cpu"][str(d["batch"])] == pytest.approx(d["frames_per_cpu_s"] / real_cpu)
+        assert d["seconds"] == pytest.approx(sum(r["seconds"] for r in rounds))
+        # Each round's ratio is its own dream frames/s over the real env timed just before it.
+        for r in rounds:
+            assert r["real"]["steps"] == 5
+            assert r["vs_real"] == pytest.approx(d["batch"] * 2 / r["seconds"] / r["real"]["steps_per_s"])
+            assert r["vs_real_cpu"] == pytest.approx(d["batch"] * 2 / r["cpu_seconds"] / r["real"]["steps_per_cpu_s"])
+        by_round = sorted(r["vs_real_cpu"] for r in rounds)
+        assert results["dream_vs_real_cpu"][key] == pytest.approx(by_round[1])  # the median of 3
+        assert results["dream_vs_real_cpu_range"][key] == pytest.approx((by_round[0], by_round[2]))
+        assert results["dream_vs_real"][key] == pytest.approx(sorted(r["vs_real"] for r in rounds)[1])
     long = results["long"]
     assert [s["step"] for s in long["samples"]] == [4, 8, 12]
     assert long["nan_steps"] == 0 and long["first_nan_step"] is None
@@ -119,6 +128,7 @@ def test_cli_json_without_real_env():
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert data["real"] is None and data["dream_vs_real"] == {"1": None} and data["dream_vs_real_cpu"] == {"1": None}
+    assert data["dream"][0]["rounds"][0]["real"] is None and data["dream_vs_real_cpu_range"] == {"1": None}
     assert data["config"]["preset"] == "tiny" and data["breakdown"][0]["vs_real"] is None
     assert [r["horizon"] for r in data["horizons"]] == [4, 8] and data["long"]["steps"] == 2
     assert data["long"]["decode"] is False and data["long"]["nan_steps"] == 0
@@ -129,3 +139,9 @@ def test_cli_without_a_bundle_says_so_in_one_line():
 
     out = CliRunner().invoke(app, ["bench", "rollout", "--no-real-env", "--threads", "1"])
     assert out.exit_code == 1 and "error: no bundled model at" in out.output
+
+
+@pytest.mark.parametrize("bad", [dict(rounds=0), dict(real_round_steps=0), dict(model_dtype="float16")])
+def test_bad_settings_are_refused_before_any_work(bad):
+    with pytest.raises(ValueError, match="rounds|model_dtype"):
+        run(RolloutBenchConfig(**{**TINY, **bad}))

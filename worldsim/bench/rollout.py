@@ -42,9 +42,13 @@ Method:
     costs O(h^2) (about 8 minutes to 4096 frames for the tiny preset on 2 cores), and its step
     cost depends on how many frames are held, not on their values. `advance="stream"` streams
     every variant for real.
-  * Dream frames/s: after reset and one warm-up step, `dream_steps` vector steps are timed;
-    frames/s = batch * steps / seconds. Context clips: the bundle's, else random frames (not timed).
-  * Real env: our Gymnasium adapter (as `worldsim.bench.data.measure_adapter`), random actions.
+  * Dream frames/s: after reset and one warm-up step, `rounds` rounds of `dream_steps` vector
+    steps are timed, each just after `real_round_steps` steps of the real env; frames/s = batch *
+    steps / seconds over all rounds, dream/real the median of the rounds' ratios (the machine's
+    speed drifts over minutes: a real env timed once at the start swung the ratio by 1.5x between
+    runs). Context clips: the bundle's, else random frames (not timed).
+  * Real env: our Gymnasium adapter (as `worldsim.bench.data.measure_adapter`), random actions;
+    timed once at the start for the breakdown's ratios, and in every round.
   * Both also report frames per CPU-second of the process (`time.process_time`, which counts
     every thread, MuJoCo's renderer included): on a shared machine wall time also counts the
     other processes, CPU time much less so.
@@ -114,7 +118,14 @@ class RolloutBenchConfig:
     batches: tuple[int, ...] = (1, 8, 64)
     """Dream vector env batch sizes (add 256 to see where the per-frame cost levels off)."""
     dream_steps: int = 8
-    """Timed vector steps per batch size (after one warm-up step)."""
+    """Timed vector steps per batch size and round (after one warm-up step)."""
+    rounds: int = 3
+    """Rounds at each dream env batch size: each times `real_round_steps` steps of the real env,
+    then `dream_steps` dream env steps. dream/real is taken round by round and its median
+    reported with the range: the machine's speed drifts over minutes, and a round's two
+    measurements see the same machine."""
+    real_round_steps: int = 100
+    """Real env steps timed in each round (with `real_env`)."""
     breakdown_steps: int = 16
     """Timed `RolloutSession.step` calls per batch size in the per-frame breakdown."""
     context_frames: int = 9
@@ -294,6 +305,8 @@ def model_in_bf16(cfg: RolloutBenchConfig, batch: int, device: torch.device) -> 
 
 # ------------------------------------------------------------------------------ dream fps vs batch
 def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict[str, Any]:
+    """The dream env's frames/s at `batch` in `cfg.rounds` rounds, each after a stretch of the
+    real env (with `cfg.real_env`): totals over the rounds, and dream/real per round."""
     rng = np.random.default_rng(cfg.seed)
     frames, actions = parts.context(rng, 1, cfg.context_frames)
     device = next(parts.model.parameters()).device
@@ -303,16 +316,30 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     env.session.overlap_decode = overlap_setting(cfg)
     env.reset(seed=cfg.seed)
     env.step(env.action_space.sample())  # warm-up
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(cfg.dream_steps):
-        env.step(env.action_space.sample())
-    elapsed = time.perf_counter() - start  # frames come back as numpy: the device is synchronised
-    cpu = time.process_time() - cpu_start
-    env.close()
-    return {"batch": batch, "steps": cfg.dream_steps, "seconds": elapsed, "cpu_seconds": cpu,
+    real = RealEnvTimer(cfg.maze_size, cfg.seed) if cfg.real_env else None
+    rounds = []
+    try:
+        for _ in range(cfg.rounds):
+            real_round = real.time(cfg.real_round_steps) if real else None
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(cfg.dream_steps):
+                env.step(env.action_space.sample())
+            elapsed = time.perf_counter() - start  # frames come back as numpy: the device is synchronised
+            cpu = time.process_time() - cpu_start
+            frames = batch * cfg.dream_steps
+            rounds.append({"seconds": elapsed, "cpu_seconds": cpu, "real": real_round,
+                           "vs_real": _ratio(frames / elapsed, real_round and real_round["steps_per_s"]),
+                           "vs_real_cpu": _ratio(frames / cpu, real_round and real_round["steps_per_cpu_s"])})
+    finally:
+        env.close()
+        if real:
+            real.close()
+    steps = cfg.dream_steps * cfg.rounds
+    elapsed, cpu = sum(r["seconds"] for r in rounds), sum(r["cpu_seconds"] for r in rounds)
+    return {"batch": batch, "steps": steps, "seconds": elapsed, "cpu_seconds": cpu, "rounds": rounds,
             "decode_bf16": env.session.decode_bf16, "model_bf16": env.session.model_bf16, "overlap_decode": env.session.overlap_decode,
-            "frames_per_s": batch * cfg.dream_steps / elapsed, "frames_per_cpu_s": batch * cfg.dream_steps / cpu,
-            "ms_per_step": 1e3 * elapsed / cfg.dream_steps}
+            "frames_per_s": batch * steps / elapsed, "frames_per_cpu_s": batch * steps / cpu,
+            "ms_per_step": 1e3 * elapsed / steps}
 
 
 @torch.no_grad()
@@ -343,21 +370,38 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     return row
 
 
+class RealEnvTimer:
+    """The real Memory Maze through our Gymnasium adapter, random actions, timed in stretches
+    (creation and the first reset not timed; the loop of `worldsim.bench.data.measure_adapter`)."""
+
+    def __init__(self, maze_size: int, seed: int) -> None:
+        self.env = MemoryMazeEnv(size=maze_size)
+        self.env.reset(seed=seed)
+        self.rng = np.random.default_rng(seed)
+
+    def time(self, steps: int) -> dict[str, Any]:
+        """Steps/s of the next `steps` steps, in wall and CPU time."""
+        actions = self.rng.integers(0, self.env.action_space.n, size=steps)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for a in actions:
+            _, _, terminated, truncated, _ = self.env.step(int(a))
+            if terminated or truncated:
+                self.env.reset()
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        return {"steps": steps, "seconds": elapsed, "cpu_seconds": cpu, "steps_per_s": steps / elapsed,
+                "steps_per_cpu_s": steps / cpu, "ms_per_step": 1e3 * elapsed / steps}
+
+    def close(self) -> None:
+        self.env.close()
+
+
 def measure_real_env(maze_size: int, steps: int, seed: int) -> dict[str, Any]:
-    """Real Memory Maze steps/s through our Gymnasium adapter, in wall and CPU time (creation and
-    reset not timed; same loop as `worldsim.bench.data.measure_adapter`)."""
-    env = MemoryMazeEnv(size=maze_size)
-    env.reset(seed=seed)
-    actions = np.random.default_rng(seed).integers(0, env.action_space.n, size=steps)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for a in actions:
-        _, _, terminated, truncated, _ = env.step(int(a))
-        if terminated or truncated:
-            env.reset()
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    env.close()
-    return {"steps": steps, "seconds": elapsed, "cpu_seconds": cpu, "steps_per_s": steps / elapsed,
-            "steps_per_cpu_s": steps / cpu, "ms_per_step": 1e3 * elapsed / steps}
+    """Real Memory Maze steps/s (see `RealEnvTimer`) over `steps` steps."""
+    real = RealEnvTimer(maze_size, seed)
+    try:
+        return real.time(steps)
+    finally:
+        real.close()
 
 
 # ------------------------------------------------------------------------------ long rollout
@@ -410,6 +454,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _median(values: list[float | None]) -> float | None:
+    return None if None in values else statistics.median(values)
+
+
+def _span(values: list[float | None]) -> tuple[float, float] | None:
+    return None if None in values else (min(values), max(values))
+
+
 def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) -> dict[str, Any]:
     if cfg.advance not in ("auto", "stream"):
         raise ValueError(f"advance must be 'auto' or 'stream', got {cfg.advance!r}")
@@ -417,6 +469,10 @@ def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) 
         raise ValueError(f"overlap_decode must be one of {OVERLAP_CHOICES}, got {cfg.overlap_decode!r}")
     if cfg.decode_dtype not in DECODE_DTYPES:
         raise ValueError(f"decode_dtype must be one of {DECODE_DTYPES}, got {cfg.decode_dtype!r}")
+    if cfg.model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {cfg.model_dtype!r}")
+    if cfg.rounds < 1 or (cfg.real_env and cfg.real_round_steps < 1):
+        raise ValueError("rounds and real_round_steps must be >= 1")
     if min(cfg.horizons) < 2 or min(cfg.timed_frames, min(cfg.batches), cfg.long_steps, cfg.breakdown_steps) < 1:
         raise ValueError("horizons must be >= 2 frames; timed_frames, batches, breakdown_steps and long_steps >= 1")
     if cfg.threads is not None:
@@ -456,8 +512,9 @@ def run(cfg: RolloutBenchConfig = RolloutBenchConfig(), progress: bool = False) 
     for b in cfg.batches:
         say(f"dream env frames/s: batch {b}", flush=True)
         results["dream"].append(measure_dream_fps(cfg, b, main))
-    results["dream_vs_real"] = {str(d["batch"]): _ratio(d["frames_per_s"], real) for d in results["dream"]}
-    results["dream_vs_real_cpu"] = {str(d["batch"]): _ratio(d["frames_per_cpu_s"], real_cpu) for d in results["dream"]}
+    for key, field in (("dream_vs_real", "vs_real"), ("dream_vs_real_cpu", "vs_real_cpu")):
+        results[key] = {str(d["batch"]): _median([r[field] for r in d["rounds"]]) for d in results["dream"]}
+        results[key + "_range"] = {str(d["batch"]): _span([r[field] for r in d["rounds"]]) for d in results["dream"]}
     say(f"long rollout: {cfg.long_steps} steps", flush=True)
     results["long"] = measure_long_rollout(cfg, main, progress)
     return results
@@ -507,19 +564,23 @@ def format_table(results: dict[str, Any]) -> str:
         goal = "  (goal <= 1.05)" if variant == "lssvwm" else ""
         lines.append(f"  {variant}: latency {hi}/{lo} = {_fmt(ratio, '.3f')}{goal}; state bytes {same}")
     lines.append(f"Dream env (DreamVectorEnv, {results['model']['variant']}) frames/s vs batch, {cfg['sampler_steps']} sampler steps "
-                 f"(wall clock; per CPU-second in brackets)")
+                 f"(wall clock; per CPU-second in brackets); dream/real: the median of {cfg['rounds']} rounds, each "
+                 "against the real env timed just before it (per CPU-second in brackets, then its range)")
     for d in results["dream"]:
-        ratio = results["dream_vs_real"][str(d["batch"])]
-        ratio_cpu = results["dream_vs_real_cpu"][str(d["batch"])]
+        key = str(d["batch"])
+        ratio, ratio_cpu = results["dream_vs_real"][key], results["dream_vs_real_cpu"][key]
+        span = results["dream_vs_real_cpu_range"][key]
+        spread = f", {span[0]:.2f}-{span[1]:.2f}x" if span else ""
         lines.append(f"  batch {d['batch']:>4}: {d['frames_per_s']:>9.1f} frames/s ({d['frames_per_cpu_s']:.1f}; "
                      f"{d['ms_per_step']:.1f} ms/step)   dream/real {_fmt(ratio, '.2f', 'x')} "
-                     f"({_fmt(ratio_cpu, '.2f', 'x')}){'  model in bfloat16' if d.get('model_bf16') else ''}"
+                     f"({_fmt(ratio_cpu, '.2f', 'x')}{spread}){'  model in bfloat16' if d.get('model_bf16') else ''}"
                      f"{'  decoded in bfloat16' if d['decode_bf16'] else ''}"
                      f"{'  decoded beside the commit' if d.get('overlap_decode') else ''}")
     if real:
+        in_rounds = [r["real"]["steps_per_s"] for d in results["dream"] for r in d["rounds"]]
         lines.append(f"  real Memory Maze {cfg['maze_size']}x{cfg['maze_size']} (Gymnasium adapter): "
-                     f"{real['steps_per_s']:.1f} steps/s ({real['steps_per_cpu_s']:.1f})  "
-                     "(goal: batched dream >= real)")
+                     f"{real['steps_per_s']:.1f} steps/s ({real['steps_per_cpu_s']:.1f}) at the start, "
+                     f"{min(in_rounds):.1f}-{max(in_rounds):.1f} in the rounds  (goal: batched dream >= real)")
     else:
         lines.append("  real Memory Maze: not measured")
     long = results["long"]
