@@ -138,15 +138,20 @@ def test_vector_env_equals_independent_envs(parts, context_frames):
     assert n_resets >= B  # horizon 3 in 8 steps: every sub-env restarted at least once
 
 
-def test_vector_env_decodes_in_bf16_only_where_it_pays(parts, monkeypatch):
+@pytest.mark.parametrize("flag, option, smallest", [("decode_bf16", "fast_decode", 8), ("model_bf16", "fast_model", 16)])
+def test_vector_env_goes_bf16_only_where_it_pays(parts, monkeypatch, flag, option, smallest):
     from worldsim.utils import cpu
 
+    def chosen(num_envs: int, **kwargs) -> bool:
+        return getattr(DreamVectorEnv(num_envs, **parts, horizon=3, **kwargs).session, flag)
+
     monkeypatch.setattr(cpu, "has_amx", lambda: True)
-    assert DreamVectorEnv(8, **parts, horizon=3).session.decode_bf16
-    assert not DreamVectorEnv(2, **parts, horizon=3).session.decode_bf16
-    assert not DreamVectorEnv(8, **parts, horizon=3, fast_decode=False).session.decode_bf16
+    assert chosen(smallest) and not chosen(smallest // 2) and not chosen(smallest, **{option: False})
     monkeypatch.setattr(cpu, "has_amx", lambda: False)
-    assert not DreamVectorEnv(8, **parts, horizon=3).session.decode_bf16
+    assert not chosen(smallest)
+
+
+def test_vector_env_decoding_in_bf16_stays_within_a_few_grey_levels(parts):
     # Forced on, frames stay within a couple of grey levels of the float32 ones (same noise).
     fast, exact = (DreamVectorEnv(2, **parts, horizon=3, fast_decode=f) for f in (True, False))
     for env in (fast, exact):
@@ -320,14 +325,3 @@ def test_vector_env_seeds_must_be_integers(parts, bad):
     if not isinstance(bad, list):
         with pytest.raises(TypeError, match="seed must be a non-negative integer"):
             vec.seed(bad)
-
-
-def test_vector_env_runs_the_model_in_bf16_only_where_it_pays(parts, monkeypatch):
-    from worldsim.utils import cpu
-
-    monkeypatch.setattr(cpu, "has_amx", lambda: True)
-    assert DreamVectorEnv(16, **parts, horizon=3).session.model_bf16
-    assert not DreamVectorEnv(8, **parts, horizon=3).session.model_bf16
-    assert not DreamVectorEnv(16, **parts, horizon=3, fast_model=False).session.model_bf16
-    monkeypatch.setattr(cpu, "has_amx", lambda: False)
-    assert not DreamVectorEnv(16, **parts, horizon=3).session.model_bf16
