@@ -154,6 +154,7 @@ class Worker:
         self.name = name or getattr(factory, "__name__", "worker")
         self._conn: Connection | None = None
         self._proc = None
+        self._in_flight: str | None = None  # the method of a `call_async` whose answer is not collected
         self._conn, self._proc = _start_process()
         self.pid: int = self._proc.pid
         try:
@@ -169,6 +170,20 @@ class Worker:
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._request(("call", method, args, kwargs), what=method)
 
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Send `call(method, ...)` and return at once: the worker runs it meanwhile (in its own
+        process, so on another core while this one works); `result()` waits for its answer. One
+        call at a time: any other request before `result()` raises."""
+        self._send(("call", method, args, kwargs), what=method)
+        self._in_flight = method
+
+    def result(self) -> Any:
+        """The answer to the pending `call_async` (its exception raised here)."""
+        if self._in_flight is None or self._conn is None:
+            raise RuntimeError(f"no call to the {self.name} worker is in flight")
+        what, self._in_flight = self._in_flight, None
+        return self._receive(what)
+
     def get(self, attribute: str) -> Any:
         return self._request(("get", attribute), what=attribute)
 
@@ -177,6 +192,11 @@ class Worker:
         if self._conn is None:
             return
         try:
+            if self._in_flight is not None:  # its answer comes first: take it, whatever it is
+                try:
+                    self.result()
+                except Exception:  # noqa: BLE001 (closing anyway; a dead worker raises below)
+                    pass
             self._request(("close",), what="close")
         except WorkerError:
             pass
@@ -198,11 +218,23 @@ class Worker:
 
     # ---------------------------------------------------------------- internals
     def _request(self, message: tuple, what: str) -> Any:
+        self._send(message, what)
+        return self._receive(what)
+
+    def _send(self, message: tuple, what: str) -> None:
         if self._conn is None:
             raise WorkerError(f"the {self.name} worker process has been closed")
+        if self._in_flight is not None:
+            raise RuntimeError(f"{what!r} asked of the {self.name} worker while {self._in_flight!r} is in "
+                               "flight: collect that with result() first")
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # fails before anything is sent
         try:
             self._conn.send_bytes(payload)
+        except OSError:
+            raise self._died(what) from None
+
+    def _receive(self, what: str) -> Any:
+        try:
             while not self._conn.poll(0.5):  # the pipe also ends when the process dies; this
                 if _exit_status(self._proc) is not None:  # covers an inherited, still open pipe
                     raise EOFError
@@ -378,6 +410,15 @@ class SubprocessEnv(gym.Env):
 
     def step(self, action):
         return self._worker.call("step", action)
+
+    def step_async(self, action) -> None:
+        """Start `step(action)` in the worker and return at once; `step_wait()` returns its result.
+        The worker steps while this process does other work (the viewer dreams meanwhile)."""
+        self._worker.call_async("step", action)
+
+    def step_wait(self):
+        """The result of the step started by `step_async`."""
+        return self._worker.result()
 
     def render(self):
         return self._worker.call("render")

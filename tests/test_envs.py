@@ -393,6 +393,32 @@ def test_subprocess_env_forwards_the_env_and_reports_errors_and_death(made_env):
     made.close()
 
 
+def test_subprocess_env_steps_while_this_process_works(made_env):
+    local = made_env(MAZE_9)
+    env = SubprocessEnv(MemoryMazeEnv, size=9, render_mode="rgb_array")
+    try:
+        env.reset(seed=5)
+        local.reset(seed=5)
+        for action in (1, 2, 4):
+            env.step_async(action)
+            with pytest.raises(RuntimeError, match="'step' is in flight"):
+                env.render()  # one request at a time: refused before anything is sent
+            frame, reward, terminated, truncated, _ = env.step_wait()
+            local_frame, local_reward, *_ = local.step(action)
+            np.testing.assert_array_equal(frame, local_frame)
+            assert reward == local_reward and not (terminated or truncated)
+        with pytest.raises(RuntimeError, match="no call"):
+            env.step_wait()
+        env.step_async(7)  # the env's own error comes with the result
+        with pytest.raises(ValueError, match="not in the action space"):
+            env.step_wait()
+        np.testing.assert_array_equal(env.render(), local_frame)  # still where this process's twin stands
+        env.step_async(0)  # closing with a step in flight
+    finally:
+        env.close()
+    assert env.closed
+
+
 def test_two_human_render_memory_mazes_in_one_process(made_env, monkeypatch):
     # SDL's "offscreen" driver (pygame's pick with no display) draws through EGL like MuJoCo: the
     # window shared this process's EGL display and the second close() failed with EGL_BAD_CONTEXT

@@ -155,9 +155,15 @@ class Viewer:
 
     def step(self, action: int) -> None:
         """One dream step with `action` (and the same action for the real env)."""
-        t0 = time.perf_counter()
-        out = self.session.step(np.array([action], dtype=np.int64))
-        self.step_ms = 1000 * (time.perf_counter() - t0)
+        if self.real is not None:  # a real env in a worker steps while the dream does (real_side.py)
+            self.real.begin(action, live=self.show_real)
+        try:
+            t0 = time.perf_counter()
+            out = self.session.step(np.array([action], dtype=np.int64))
+            self.step_ms = 1000 * (time.perf_counter() - t0)
+        finally:
+            if self.real is not None:
+                self.real.finish()
         self.frame = out.frames[0].numpy()
         self.reward = float(out.rewards[0])
         self.total_reward += self.reward
@@ -165,8 +171,6 @@ class Viewer:
         self.t += 1
         self.actions.append(int(action))
         self.tapped.clear()  # the taps were used by this step
-        if self.real is not None:
-            self.real.follow(action, live=self.show_real)
         self._record_frame()
 
     # ------------------------------------------------------------------ per-frame logic
@@ -224,12 +228,15 @@ class Viewer:
     def draw(self) -> pygame.Surface:
         """Render the frame(s) and the overlay to the window; returns the window surface."""
         self._frame_times.append(time.perf_counter())
-        image = self.image(with_real=self.show_real)
-        height, width = image.shape[:2]
+        panels = self._panels(with_real=self.show_real)
+        s = self.cfg.scale
+        height, width = panels.shape[0] * s, panels.shape[1] * s
         size = (width, height + OVERLAY_ROWS * LINE_HEIGHT + 6)
         screen = self._window(size)
         screen.fill(PANEL_COLOUR)
-        screen.blit(pygame.surfarray.make_surface(image.transpose(1, 0, 2)), (0, 0))  # surfaces are (x, y)
+        # pygame upscales (nearest neighbour, the same pixels as `image`) 5x faster than numpy.
+        small = pygame.surfarray.make_surface(panels.transpose(1, 0, 2))  # surfaces are (x, y)
+        screen.blit(pygame.transform.scale(small, (width, height)), (0, 0))
         panel = self.frame.shape[1] * self.cfg.scale
         for i, label in enumerate(PANEL_LABELS if self.show_real else PANEL_LABELS[1:]):
             screen.blit(self._font.render(label, True, TEXT_COLOUR), (i * panel + 4, 4))
@@ -292,13 +299,18 @@ class Viewer:
         the same layout as `worldsim dream`'s videos. A hidden real side (while recording with it)
         is a grey panel. `labels` writes "real" / "dream" on the panels (recordings; the window
         draws its own with pygame's font)."""
+        panels = self._panels(with_real)
+        s = self.cfg.scale
+        image = np.repeat(np.repeat(panels, s, axis=0), s, axis=1)
+        return label_panels(image, PANEL_LABELS[-(2 if with_real else 1):]) if labels else image
+
+    def _panels(self, with_real: bool) -> np.ndarray:
+        """`image` before upscaling: (H, [2 x] W, 3) uint8."""
         panels = [self.frame]
         if with_real:
             real = self.real.frame if self.show_real and self.real.frame is not None else None
             panels.insert(0, real if real is not None else np.full_like(self.frame, MISSING_COLOUR))
-        s = self.cfg.scale
-        image = np.repeat(np.repeat(np.concatenate(panels, axis=1), s, axis=0), s, axis=1)
-        return label_panels(image, PANEL_LABELS[-len(panels):]) if labels else image
+        return np.concatenate(panels, axis=1)
 
     # ------------------------------------------------------------------ recording
     def start_recording(self) -> None:
