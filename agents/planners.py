@@ -37,7 +37,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from worldsim.rollout.session import RolloutSession
+from worldsim.rollout.session import RolloutSession, bf16_model_pays
+
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -62,6 +65,9 @@ class PlannerConfig:
     """Weight of the goal-image term, used only when a goal is set."""
     max_memory_mb: float = 2048.0
     """Refuse to plan when the N forked states would need more than this."""
+    model_dtype: str = "auto"
+    """The world model the candidates are dreamed with: "auto" (bfloat16 on a CPU with AMX from 16
+    candidates, as `bf16_model_pays`), "float32" or "bfloat16" (the live stream is not changed)."""
 
     def validate(self, n_actions: int | None = None) -> None:
         for name in ("horizon", "candidates", "iterations", "sampler_steps", "elites"):
@@ -78,6 +84,8 @@ class PlannerConfig:
             raise ValueError(f"goal_weight must be finite, got {self.goal_weight}")
         if not self.max_memory_mb > 0.0:
             raise ValueError(f"max_memory_mb must be > 0, got {self.max_memory_mb}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {self.model_dtype!r}")
         if n_actions is not None and n_actions < 2:
             raise ValueError(f"planning needs at least 2 actions to choose from, got {n_actions}")
 
@@ -156,6 +164,9 @@ class Planner:
         """Dream every sequence (N, H) from copies of the live stream -> scores (N,) float64."""
         cfg = self.config
         n, horizon = sequences.shape
+        dtype = cfg.model_dtype
+        if dtype == "bfloat16" or (dtype == "auto" and bf16_model_pays(session.device, n)):
+            session = session.in_bfloat16()  # a copy: the live stream stays in float32
         dream = session.fork(n)  # copies: the live session's cache and generators stay as they are
         dream.sampler_steps = cfg.sampler_steps
         total = torch.zeros(n, dtype=torch.float64)

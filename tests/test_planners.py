@@ -59,10 +59,12 @@ def rewarding():
     return model, codec
 
 
+@pytest.mark.parametrize("model_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cls", [RandomShooting, CEM, MPPI])
-def test_planners_pick_the_rewarded_action(rewarding, cls):
+def test_planners_pick_the_rewarded_action(rewarding, cls, model_dtype):
     model, codec = rewarding
-    planner = cls(PlannerConfig(horizon=2, candidates=24, iterations=3, elites=4, temperature=0.05))
+    planner = cls(PlannerConfig(horizon=2, candidates=24, iterations=3, elites=4, temperature=0.05,
+                                model_dtype=model_dtype))
     plan = planner.plan(_session(model, codec), np.random.default_rng(0))
     assert plan.first_action == GOOD
     assert plan.actions.shape == (2,) and plan.actions.dtype == np.int64
@@ -112,6 +114,8 @@ def test_settings_that_cannot_work_raise_clear_errors():
     torch.set_num_threads(1)
     with pytest.raises(ValueError, match="horizon must be an integer >= 1"):
         CEM(PlannerConfig(horizon=0))
+    with pytest.raises(ValueError, match="model_dtype must be one of"):
+        CEM(PlannerConfig(model_dtype="float16"))
     with pytest.raises(ValueError, match="elites"):
         CEM(PlannerConfig(candidates=4, elites=8))
     with pytest.raises(ValueError, match="unknown planner 'beam'"):

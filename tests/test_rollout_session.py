@@ -489,3 +489,21 @@ def test_bfloat16_models_are_chosen_only_where_they_pay(monkeypatch):
     assert not bf16_model_pays("cuda", 64)
     monkeypatch.setattr(cpu, "has_amx", lambda: False)
     assert not bf16_model_pays("cpu", 64)  # emulated without AMX
+
+
+def test_a_bfloat16_copy_of_a_live_session_leaves_it_as_it_was():
+    model, codec = tiny_pair()
+    frames, actions = context(2, 3)
+    live, twin = (RolloutSession(model, codec, batch=2) for _ in range(2))
+    for session in (live, twin):
+        session.reset(frames, actions, seeds=[5, 6])
+    fast = live.in_bfloat16()
+    assert fast.model_bf16 and next(fast.model.parameters()).dtype == torch.bfloat16
+    assert fast.cache.layers[0].kv.keys.dtype == torch.bfloat16 and fast.frames_seen == live.frames_seen
+    dreamed = fast.step([1, 2], decode=False).latents
+    assert live.cache.layers[0].kv.keys.dtype == torch.float32 and live.frames_seen == twin.frames_seen
+    exact = live.step([1, 2], decode=False).latents  # the live stream dreams what its twin does
+    assert torch.equal(exact, twin.step([1, 2], decode=False).latents)
+    # The same noise in both: the bfloat16 frame is the float32 one up to bfloat16 rounding.
+    assert (dreamed - exact).pow(2).mean() < 1e-3 * exact.pow(2).mean()
+    assert fast.in_bfloat16().model is fast.model  # already bfloat16: a plain copy of the streams

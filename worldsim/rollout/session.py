@@ -514,6 +514,17 @@ class RolloutSession:
             raise IndexError(f"stream indices {idx} out of range for {self.batch} streams")
         return self._child(self.cache.select(idx), idx)
 
+    def in_bfloat16(self) -> RolloutSession:
+        """A new session over copies of these streams with the world model in bfloat16 (as
+        `model_bf16=True`: its cache converted, the generators and latents copied); this one is
+        unchanged. E.g. to dream many candidates from one float32 live stream (planners)."""
+        self._require_reset()
+        if self.model_bf16:
+            return self.select(range(self.batch))
+        child = self._child(self.cache.to(dtype=torch.bfloat16), list(range(self.batch)))
+        child.model, child.model_bf16 = bfloat16_copy(self.model), True
+        return child
+
     def fork(self, n: int) -> RolloutSession:
         """Each stream repeated n times (stream-major: rows b n .. b n + n - 1 copy stream b), with
         copies of its generator, so all n copies dream the same future until their actions differ."""
