@@ -37,10 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from worldsim.rollout.session import RolloutSession, bf16_model_pays
-
-
-MODEL_DTYPES = ("auto", "float32", "bfloat16")
+from worldsim.rollout.session import MODEL_DTYPES, RolloutSession, model_in_bf16
 
 
 @dataclass
@@ -164,8 +161,7 @@ class Planner:
         """Dream every sequence (N, H) from copies of the live stream -> scores (N,) float64."""
         cfg = self.config
         n, horizon = sequences.shape
-        dtype = cfg.model_dtype
-        if dtype == "bfloat16" or (dtype == "auto" and bf16_model_pays(session.device, n)):
+        if model_in_bf16(cfg.model_dtype, session.device, n):
             session = session.in_bfloat16()  # a copy: the live stream stays in float32
         dream = session.fork(n)  # copies: the live session's cache and generators stay as they are
         dream.sampler_steps = cfg.sampler_steps

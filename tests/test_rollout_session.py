@@ -507,3 +507,4 @@ def test_a_bfloat16_copy_of_a_live_session_leaves_it_as_it_was():
     # The same noise in both: the bfloat16 frame is the float32 one up to bfloat16 rounding.
     assert (dreamed - exact).pow(2).mean() < 1e-3 * exact.pow(2).mean()
     assert fast.in_bfloat16().model is fast.model  # already bfloat16: a plain copy of the streams
+    assert live.in_bfloat16().model is fast.model  # the live session copies its model once

@@ -77,14 +77,13 @@ from worldsim.envs.memory_maze import MemoryMazeEnv
 from worldsim.model.config import make_config
 from worldsim.model.world_model import WorldModel
 from worldsim.rollout.context import ClipContext
-from worldsim.rollout.session import RolloutSession, bf16_model_pays
+from worldsim.rollout.session import MODEL_DTYPES, RolloutSession, model_in_bf16
 
 # The termination head's bias for random models: logit ~ -10, far below the threshold 0.
 NO_TERMINATION_BIAS = -10.0
 
 
 DECODE_DTYPES = ("auto", "float32", "bfloat16")
-MODEL_DTYPES = ("auto", "float32", "bfloat16")
 OVERLAP_CHOICES = ("auto", "on", "off")
 
 
@@ -297,12 +296,6 @@ def decode_in_bf16(cfg: RolloutBenchConfig, batch: int, device: torch.device) ->
     return cfg.decode_dtype == "bfloat16"
 
 
-def model_in_bf16(cfg: RolloutBenchConfig, batch: int, device: torch.device) -> bool:
-    if cfg.model_dtype == "auto":
-        return bf16_model_pays(device, batch)
-    return cfg.model_dtype == "bfloat16"
-
-
 # ------------------------------------------------------------------------------ dream fps vs batch
 def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict[str, Any]:
     """The dream env's frames/s at `batch` in `cfg.rounds` rounds, each after a stretch of the
@@ -312,7 +305,8 @@ def measure_dream_fps(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     device = next(parts.model.parameters()).device
     env = DreamVectorEnv(batch, model=parts.model, codec=parts.codec, context=ClipContext([frames[0]], [actions[0]]),
                          context_frames=cfg.context_frames, horizon=10**9, sampler_steps=cfg.sampler_steps,
-                         fast_decode=decode_in_bf16(cfg, batch, device), fast_model=model_in_bf16(cfg, batch, device))
+                         fast_decode=decode_in_bf16(cfg, batch, device),
+                         fast_model=model_in_bf16(cfg.model_dtype, device, batch))
     env.session.overlap_decode = overlap_setting(cfg)
     env.reset(seed=cfg.seed)
     env.step(env.action_space.sample())  # warm-up
@@ -349,7 +343,7 @@ def measure_breakdown(cfg: RolloutBenchConfig, batch: int, parts: Parts) -> dict
     model = parts.model
     rng = np.random.default_rng(cfg.seed)
     device = next(model.parameters()).device
-    bf16, model_bf16 = decode_in_bf16(cfg, batch, device), model_in_bf16(cfg, batch, device)
+    bf16, model_bf16 = decode_in_bf16(cfg, batch, device), model_in_bf16(cfg.model_dtype, device, batch)
     session = RolloutSession(model, parts.codec, batch=batch, sampler_steps=cfg.sampler_steps, seed=cfg.seed,
                              decode_bf16=bf16, overlap_decode=overlap_setting(cfg), model_bf16=model_bf16)
     session.reset(*parts.context(rng, batch, cfg.context_frames))

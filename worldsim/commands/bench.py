@@ -40,7 +40,7 @@ def bench_train(as_json: bool = AS_JSON, **fields: Any) -> None:
 @config_options("worldsim.bench.rollout", "RolloutBenchConfig", comma=("variants", "horizons", "batches"),
                 choices={"preset": (BUNDLED, *PRESETS), "codec": dict_keys("worldsim.codec.autoencoder", "PRESETS"),
                          "decode_dtype": tuple_items("worldsim.bench.rollout", "DECODE_DTYPES"),
-                         "model_dtype": tuple_items("worldsim.bench.rollout", "MODEL_DTYPES"),
+                         "model_dtype": tuple_items("worldsim.rollout.session", "MODEL_DTYPES"),
                          "overlap_decode": tuple_items("worldsim.bench.rollout", "OVERLAP_CHOICES")})
 def bench_rollout(as_json: bool = AS_JSON, **fields: Any) -> None:
     """Where a dreamed frame's time goes (denoise, commit, decode) next to the real env's step,

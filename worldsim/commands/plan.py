@@ -13,7 +13,7 @@ from worldsim.commands.options import config_options, tuple_items
 # The planner's settings are PlannerConfig fields; the command takes the rest (and elites, whose
 # default follows --candidates) itself. goal_weight is skipped: the command sets no goal image.
 @config_options("worldsim.agents.planners", "PlannerConfig", skip=("goal_weight",),
-                choices={"model_dtype": tuple_items("worldsim.agents.planners", "MODEL_DTYPES")})
+                choices={"model_dtype": tuple_items("worldsim.rollout.session", "MODEL_DTYPES")})
 def plan(
     checkpoint: str | None = typer.Option(None, help="World-model run, checkpoint or bundle folder; 'bundled' or nothing: the bundled model, when installed."),
     codec: str | None = typer.Option(None, help="Codec checkpoint (default: the one the world model records)."),

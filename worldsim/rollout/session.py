@@ -171,6 +171,15 @@ def bf16_model_pays(device: torch.device | str, batch: int) -> bool:
     return torch.device(device).type == "cpu" and batch >= BF16_MODEL_MIN_BATCH and cpu.has_amx()
 
 
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
+"""Choices of the world model's dtype where a caller picks it (`worldsim bench rollout`, planners)."""
+
+
+def model_in_bf16(choice: str, device: torch.device | str, batch: int) -> bool:
+    """Whether a `MODEL_DTYPES` choice runs `batch` streams in bfloat16 ("auto": `bf16_model_pays`)."""
+    return bf16_model_pays(device, batch) if choice == "auto" else choice == "bfloat16"
+
+
 def bfloat16_copy(model: WorldModel) -> WorldModel:
     """A copy of `model` with bfloat16 weights (its streaming caches follow); `model` is unchanged."""
     return model if next(model.parameters()).dtype == torch.bfloat16 else copy.deepcopy(model).to(torch.bfloat16)
@@ -241,6 +250,7 @@ class RolloutSession:
             )
         self.model = bfloat16_copy(model) if model_bf16 else model
         self.model_bf16 = model_bf16
+        self._bf16_model: WorldModel | None = None  # in_bfloat16's copy, made once (a copy takes ~25 ms)
         self.codec = codec
         self.batch = batch
         self.sampler_steps = sampler_steps
@@ -521,8 +531,10 @@ class RolloutSession:
         self._require_reset()
         if self.model_bf16:
             return self.select(range(self.batch))
+        if self._bf16_model is None:  # forks share it too: a planner's live session makes it once
+            self._bf16_model = bfloat16_copy(self.model)
         child = self._child(self.cache.to(dtype=torch.bfloat16), list(range(self.batch)))
-        child.model, child.model_bf16 = bfloat16_copy(self.model), True
+        child.model, child.model_bf16 = self._bf16_model, True
         return child
 
     def fork(self, n: int) -> RolloutSession:

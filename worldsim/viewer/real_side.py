@@ -45,11 +45,6 @@ class RealSide:
         self.steps, self.total_reward, self.done = 0, 0.0, False
         self.actions, self.pending = [], []
 
-    def follow(self, action: int, live: bool) -> None:
-        """The dream took `action`: step now if shown (`live`), else queue it."""
-        self.begin(action, live)
-        self.finish()
-
     def begin(self, action: int, live: bool) -> None:
         """The dream is about to take `action`. Shown (`live`) with nothing queued and an env that
         steps in a worker (`step_async`), the real step starts now; else it is queued (`finish`
