@@ -237,29 +237,57 @@ def test_bring_back_builds_a_bundle_and_keeps_the_better_one(dry_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_baseline_from_scratch_stops_at_its_step_budget(dry_run, tmp_path):
-    """The memory comparison's runs (issue 13): a variant trained from scratch, for a fixed number
-    of steps whatever the time left, so two models get the same budget."""
+def test_the_memory_pair_trains_two_models_from_scratch_at_an_equal_budget(dry_run, tmp_path):
+    """The memory comparison's call (issue 13, scripts/device/memory_pair.sh): the LSSVWM and the
+    sliding-window baseline trained from scratch side by side for a fixed number of steps whatever
+    the time left, the baseline widened to the LSSVWM's parameters, and each one's last checkpoint
+    returned flat within the lent machine's limits."""
     from worldsim.train.checkpoint import load_world_model
 
     root, out = dry_run["root"], tmp_path / "out"
     env = {**blocked_env(root), "OUT": str(out), "PACK": str(root / "pack")}
-    args = ["--device", "cpu", "--minutes", "0.4", "--init-from", "none", "--codec", str(dry_run["bundle"]),
-            "--preset", "tiny", "--variant", "causal_window", "--max-steps", "3", "--window", "8",
+    args = ["--device", "cpu", "--minutes", "0.5", "--preset", "tiny", "--max-steps", "3", "--window", "8",
             "--batch-size", "4", "--val-episodes", "1", "--bench-seconds", "5", "--bench-batches", "1",
             "--bench-steps", "2", "--threads", "1"]  # fmt: skip
-    done = subprocess.run(["bash", "scripts/device/train_gpu.sh", *args], cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run(["bash", "scripts/device/memory_pair.sh", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["train"]["steps"] == 3
-    model, sidecar = load_world_model(out)
-    assert model.cfg.variant == "causal_window" and model.cfg.ssm_blocks == () and sidecar["step"] == 3
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    assert "UNEQUAL" not in done.stdout
+    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    assert len(files) <= 8 and all(f.count("/") == 1 for f in files), files
+    params = {}
+    for variant in ("lssvwm", "causal_window"):
+        assert json.loads((out / variant / "results.json").read_text())["train"]["steps"] == 3
+        model, sidecar = load_world_model(out / variant)
+        assert model.cfg.variant == variant and sidecar["step"] == 3
+        params[variant] = model.num_parameters()
+    assert model.cfg.ssm_blocks == () and model.cfg.mlp_ratio > 4.0  # widened: no SSM to spend them on
+    assert abs(params["causal_window"] / params["lssvwm"] - 1) < 0.1, params
 
     refused = subprocess.run(["bash", "scripts/device/train_gpu.sh", *args[:4], "--init-from", str(dry_run["bundle"]),
                               "--variant", "causal_window"], cwd=REPO, env={**env, "OUT": str(tmp_path / "no")},
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "a variant is chosen when training from scratch" in refused.stdout + refused.stderr
+
+
+def test_a_baseline_is_widened_to_the_parameters_it_is_compared_at():
+    from worldsim.model.config import make_config
+    from worldsim.model.world_model import parameter_count, widen_to_parameters
+
+    reference = parameter_count(make_config("cpu", variant="lssvwm"))
+    narrow = make_config("cpu", variant="causal_window")
+    assert parameter_count(narrow) < 0.8 * reference
+    wide = widen_to_parameters(narrow, reference)
+    assert abs(parameter_count(wide) / reference - 1) < 0.02 and wide.mlp_ratio > narrow.mlp_ratio
+    assert wide.attn_window == narrow.attn_window and wide.ssm_blocks == ()
+    assert widen_to_parameters(make_config("cpu"), reference).mlp_ratio == make_config("cpu").mlp_ratio
+    assert gpu_job.parse_args(["--pack", "p", "--out", "o", "--init-from", "none", "--equal-parameters"]).equal_parameters
+
+
+def test_equal_parameters_is_refused_for_a_warm_start(capsys):
+    with pytest.raises(SystemExit):
+        gpu_job.parse_args(["--pack", "p", "--out", "o", "--equal-parameters"])
+    assert "--equal-parameters needs --init-from none" in capsys.readouterr().err
 
 
 def test_ssm_chunk_must_be_auto_or_a_length(capsys):

@@ -52,6 +52,7 @@ few, fused ops; it computes what `forward` computes, up to float rounding (tests
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -703,3 +704,17 @@ def parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the model `cfg` describes, counted without allocating them (meta device)."""
     with torch.device("meta"):
         return WorldModel(cfg).num_parameters()
+
+
+def widen_to_parameters(cfg: ModelConfig, target: int, step: float = 0.25) -> ModelConfig:
+    """`cfg` with its MLPs widened (or narrowed) so that its parameter count is the nearest to
+    `target` that `mlp_ratio` in multiples of `step` allows: a baseline compared with another model
+    at an equal parameter budget (a sliding-window transformer has no SSM to spend them on)."""
+    def count(ratio: float) -> int:
+        return parameter_count(dataclasses.replace(cfg, mlp_ratio=ratio))
+
+    ratio = max(step, round(cfg.mlp_ratio / step) * step)
+    direction = step if count(ratio) < target else -step
+    while ratio + direction >= step and abs(count(ratio + direction) - target) < abs(count(ratio) - target):
+        ratio += direction
+    return dataclasses.replace(cfg, mlp_ratio=ratio)

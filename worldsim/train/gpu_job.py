@@ -83,7 +83,7 @@ from worldsim.model.blockwise_ssm import BlockwiseMamba2
 from worldsim.model.config import VARIANTS, ModelConfig, make_config
 from worldsim.model.loss import world_model_loss
 from worldsim.model.ssd_reference import ssd_recurrent
-from worldsim.model.world_model import WorldModel
+from worldsim.model.world_model import WorldModel, parameter_count, widen_to_parameters
 from worldsim.rollout.session import RolloutSession
 from worldsim.train import checkpoint as ckpt
 from worldsim.train import distributed, weights
@@ -132,9 +132,13 @@ class JobConfig:
     """Model preset when training from scratch (--init-from none)."""
     variant: str = "lssvwm"
     """Model variant when training from scratch (lssvwm or a baseline: causal_window, mamba_only...)."""
+    equal_parameters: bool = False
+    """From scratch, a baseline's MLPs are widened to the LSSVWM's parameter count of the same preset
+    (`widen_to_parameters`): the comparison is at equal parameters as well as equal steps."""
     max_steps: int | None = None
     """Stop after this many steps even with time left (models compared at an equal budget); the
-    learning-rate schedule then runs over the steps or the time, whichever ends first."""
+    learning-rate schedule then runs over these steps alone, so two runs that both reach them were
+    trained alike however fast each ran (the time budget still stops a run that is too slow)."""
     prev_frames: int = 2
     window: int = 32
     """Frames per training window: the shipped model's (docs/gpu.md says why not 16)."""
@@ -189,6 +193,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--codec", default=None, help="codec checkpoint (default: the bundle's)")
     p.add_argument("--preset", default=d.preset, help="model preset when training from scratch")
     p.add_argument("--variant", default=d.variant, choices=VARIANTS, help="model variant when training from scratch (--init-from none)")
+    p.add_argument("--equal-parameters", action="store_true", help="from scratch: widen a baseline's MLPs to the LSSVWM's parameter count")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps (equal-budget comparisons)")
     p.add_argument("--prev-frames", type=int, default=d.prev_frames, help="direct-path frames added to the bundle's config")
     p.add_argument("--window", type=int, default=d.window)
@@ -231,6 +236,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     problems = [f"{k} must be >= {lo}" for k, lo in (("window", 3), ("batch_size", 1), ("warmup_steps", 1),
                 ("bench_steps", 1), ("sampler_steps", 1), ("val_episodes", 0), ("val_windows", 1), ("max_steps", 1))
                 if getattr(cfg, k) is not None and getattr(cfg, k) < lo]  # fmt: skip
+    if cfg.equal_parameters and cfg.init_from != "none":
+        problems.append("--equal-parameters needs --init-from none (a warm start keeps its model's size)")
     if cfg.minutes <= 0 or cfg.checkpoint_seconds <= 0:
         problems.append("minutes and checkpoint_seconds must be > 0")
     if not (cfg.direct_noise >= 0 and math.isfinite(cfg.direct_noise)):
@@ -634,6 +641,9 @@ def build_model(cfg: JobConfig, init_from: str | None, codec_config, space: dict
         model_cfg = ModelConfig.from_dict({**source_cfg, "prev_frames": cfg.prev_frames})
     else:
         model_cfg = make_config(cfg.preset, variant=cfg.variant, prev_frames=cfg.prev_frames, **derived)
+        if cfg.equal_parameters:
+            reference = make_config(cfg.preset, variant="lssvwm", prev_frames=cfg.prev_frames, **derived)
+            model_cfg = widen_to_parameters(model_cfg, parameter_count(reference))
     torch.manual_seed(cfg.seed)
     model = WorldModel(model_cfg, sigma_data=1.0 if loaded is None else loaded.sigma_data)
     report: dict[str, Any] = {"source": init_from}
@@ -886,9 +896,10 @@ def train(job: Job, model, codec, codec_path: str, data: DeviceData, device: tor
 
     diverged = None
     while step == 0 or (time.perf_counter() < train_end and (cfg.max_steps is None or step < cfg.max_steps)):
-        frac = min(1.0, (time.perf_counter() - t_start) / max(train_end - t_start, 1e-9))
-        if cfg.max_steps is not None:
-            frac = max(frac, min(1.0, step / cfg.max_steps))
+        if cfg.max_steps is not None:  # an equal-budget run: the schedule is the steps', whatever the clock
+            frac = min(1.0, step / cfg.max_steps)
+        else:
+            frac = min(1.0, (time.perf_counter() - t_start) / max(train_end - t_start, 1e-9))
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (
             cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in optimizer.param_groups:

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The memory comparison of issue 13 in one call on the lent machine (docs/gpu.md): the LSSVWM and
+# its sliding-window baseline trained from scratch side by side on one GPU, two processes of the
+# GPU job with the same pack, steps, batch, window and seed. A lease is one call of ~9 minutes, so
+# the two share it instead of taking one call each; --max-steps makes the budget equal (the
+# learning-rate schedule runs over the steps, not the clock) and the summary says if a run fell
+# short of it. Arguments go to both jobs; VARIANTS picks the models, PACK the pack.
+#
+#   run(command="bash scripts/device/memory_pair.sh --window 64 --batch-size 128 --max-steps 1200 --minutes 8.6",
+#       carry=["runs/pack-revisit"], timeout_s=560)
+#
+# What comes back (the lent machine returns 8 files, two folders down): $OUT/<variant>/ with
+# checkpoint.json and ema.safetensors (a checkpoint `worldsim eval memory --checkpoint` loads),
+# results.json and job.log, for each of the two variants.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+: "${OUT:?set OUT to the folder for the results}"
+export PACK="${PACK:-runs/pack-revisit}"
+read -r -a variants <<< "${VARIANTS:-lssvwm causal_window}"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+pids=()
+for v in "${variants[@]}"; do
+    mkdir -p "$work/$v"
+    OUT="$work/$v" bash scripts/device/train_gpu.sh --init-from none --variant "$v" \
+        --codec worldsim/assets/dream-memory-maze-9x9 --equal-parameters "$@" > "$work/$v.out" 2>&1 &
+    pids+=("$!")
+    echo "started $v (pid $!)"
+done
+rc=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { code=$?; echo "${variants[$i]}: job exited with $code"; rc=$code; }
+done
+
+# Keep what comes back within the machine's limits: each variant's last checkpoint folder,
+# flattened, beside its results and log.
+for v in "${variants[@]}"; do
+    mkdir -p "$OUT/$v"
+    tail -n 5 "$work/$v.out" | sed "s/^/[$v] /"
+    cp -f "$work/$v/results.json" "$work/$v/job.log" "$OUT/$v/" 2>/dev/null
+    if [ -f "$work/$v/latest.json" ]; then
+        ckpt="$work/$v/$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$work/$v/latest.json")"
+        cp -f "$ckpt"/checkpoint.json "$ckpt"/ema.safetensors "$OUT/$v/"
+    else
+        echo "$v: no checkpoint was exported"
+        [ "$rc" = 0 ] && rc=1
+    fi
+done
+python3 - "$OUT" "${variants[@]}" <<'EOF'
+import json, sys
+from pathlib import Path
+out, variants = Path(sys.argv[1]), sys.argv[2:]
+steps = {}
+for v in variants:
+    try:
+        train = json.loads((out / v / "results.json").read_text()).get("train", {})
+    except (OSError, ValueError):
+        print(f"{v}: no results"); continue
+    steps[v] = train.get("steps")
+    val = [row[2] for row in train.get("val_curve", []) if row[2] is not None]
+    print(f"{v}: {train.get('steps')} steps, {train.get('parameters')} parameters, "
+          f"held-out loss {val[0] if val else None} -> {val[-1] if val else None}, "
+          f"{train.get('tokens_per_second')} tokens/s")
+if len(set(steps.values())) > 1:
+    print(f"UNEQUAL BUDGETS: {steps} (a run was stopped by the clock before --max-steps)")
+EOF
+exit "$rc"
