@@ -161,6 +161,17 @@ def test_models_differ_and_same_seed_gives_same_numbers(setup, results):
         assert np.isclose(a["ssim"]["mean"], b["ssim"]["mean"], atol=1e-3)
 
 
+def test_the_first_model_minus_each_other_is_paired_per_target(results):
+    block = results["protocols"]["revisits"]
+    first, *others = block["models"]
+    assert set(block["first_minus"]) == set(others) and others
+    for label in others:  # the paired mean is the difference of the means; its s.e.m. is the difference's
+        diff = block["first_minus"][label]["psnr"]
+        assert np.isclose(diff["mean"], block["models"][first]["psnr"]["mean"] - block["models"][label]["psnr"]["mean"])
+        assert diff["sem"] is not None and diff["sem"] >= 0
+    assert f"{first} - {others[0]}" in format_table(results)
+
+
 def test_window_only_rows_score_the_last_window_of_context(setup, results):
     ablated = evaluate_memory(_cfg(setup, protocols=("revisits",), window_only=True))
     full, rows = results["protocols"]["revisits"]["models"], ablated["protocols"]["revisits"]["models"]

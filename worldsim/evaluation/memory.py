@@ -48,6 +48,10 @@ carried over from beyond its window: memory, measured on one set of weights. The
 per target and by gap ("window_only_gain": full minus window only, mean and standard error of
 the paired differences).
 
+Comparison: the first checkpoint named minus each other one, per target ("first_minus", mean and
+standard error of the paired differences): the LSSVWM against a baseline on the same targets and
+noise, so the error bar is that of the difference, not of either score.
+
 State retention: during each model's first full-context prefill, how long its SSM heads keep
 what they saw (`worldsim.evaluation.state_retention`: per head, frames until 1/e of a frame's
 state is left, on these frames), and how many heads outlast the attention window. A model whose
@@ -437,6 +441,11 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
                 "references": {name: summarize({m: np.concatenate(v) for m, v in s.items()}, gaps, cfg.gap_edges)
                                for name, s in ref_scores.items()},
             }
+            first, *others = models  # per target, the first model minus each other one: the comparison, paired
+            results["protocols"][protocol]["first_minus"] = {
+                label: summarize({m: np.concatenate(model_scores[first][m]) - np.concatenate(model_scores[label][m])
+                                  for m in model_scores[first]}, gaps, cfg.gap_edges)
+                for label in others}
             if cfg.window_only:  # per target, full context minus window only: the memory, paired
                 results["protocols"][protocol]["window_only_gain"] = {
                     label: summarize({m: np.concatenate(model_scores[label][m])
@@ -479,6 +488,11 @@ def format_table(results: dict[str, Any]) -> str:
             cells = "".join(f"{b['psnr']['mean']:>10.2f} {b['ssim']['mean']:.3f}" for b in s["buckets"])
             lines.append(f"    {label:<24}{cells}{s['psnr']['mean']:>10.2f} {s['ssim']['mean']:.3f}")
         lines.append(f"    targets per bucket: {[b['count'] for b in first['buckets']]}")
+        first = next(iter(block["models"]))
+        for label, gain in block.get("first_minus", {}).items():
+            cells = "".join(f"{b['psnr']['mean']:>+10.2f} {_sem_text(b['psnr']['sem'])}" for b in gain["buckets"])
+            lines.append(f"    {first + ' - ' + label:<24}{cells}{gain['psnr']['mean']:>+10.2f} "
+                         f"{_sem_text(gain['psnr']['sem'])}  (PSNR, paired; ± s.e.m.)")
         for label, gain in block.get("window_only_gain", {}).items():
             cells = "".join(f"{b['psnr']['mean']:>+10.2f} {_sem_text(b['psnr']['sem'])}" for b in gain["buckets"])
             lines.append(f"    {label + ' full - window':<24}{cells}{gain['psnr']['mean']:>+10.2f} "
