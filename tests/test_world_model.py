@@ -709,6 +709,32 @@ def test_direct_noise_reaches_only_the_direct_path():
     assert abs(stds.mean().item() - 0.5) < 0.03 and stds.max() < 1.1  # std ~ U(0, 1): mean 0.5
 
 
+def test_noised_direct_shows_frames_after_the_prefix_noised_on_the_direct_path():
+    # Memory training: in a window with a clean prefix, the direct path of every noised frame is
+    # its noised latent at the denoiser's input scale (c_in); the prefix stays clean there, and the
+    # backbone's input, the noise levels and the target are those of the plain recipe.
+    def calls_with(p_long_context: float):
+        model, calls, data = _recorded_loss_setup(6, 8)
+        for noised_direct in (0.0, 1.0):
+            forcing = ForcingConfig(p_long_context=p_long_context, noised_direct=noised_direct)
+            world_model_loss(model, *data, torch.Generator().manual_seed(1), forcing)
+        return data[0], calls[0], calls[-1]
+
+    x, (x_plain, sigma_plain, kw_plain), (x_mem, sigma_mem, kw_mem) = calls_with(1.0)
+    torch.testing.assert_close(sigma_mem, sigma_plain)
+    torch.testing.assert_close(x_mem, x_plain)
+    prefix, noised = sigma_mem == 0, sigma_mem > 0
+    assert prefix[:, 0].all() and noised.any()
+    clean = kw_mem["clean"]
+    assert torch.equal(clean[prefix], x[prefix])
+    c_in = 1.0 / (sigma_mem.square() + 1.0).sqrt()  # sigma_data 1
+    torch.testing.assert_close(clean[noised], (x_mem * c_in[:, :, None, None, None])[noised])
+    assert torch.equal(kw_plain["clean"], x)
+    # Windows without a prefix are left alone, whatever the probability.
+    _, _, (x_np, sigma_np, kw_np) = calls_with(1e-9)
+    assert (sigma_np > 0).all() and torch.equal(kw_np["clean"], x)
+
+
 def test_own_context_shows_later_frames_the_models_own_predictions():
     # own_context: two no-grad passes predict every frame as the two-call sampler would; in a
     # chosen window the direct path and the clean prefix are those predictions (the first

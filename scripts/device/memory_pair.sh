@@ -61,7 +61,7 @@ for v in variants:
     val = [row[2] for row in train.get("val_curve", []) if row[2] is not None]
     print(f"{v}: {train.get('steps')} steps, {train.get('parameters')} parameters, "
           f"held-out loss {val[0] if val else None} -> {val[-1] if val else None}, "
-          f"{train.get('tokens_per_second')} tokens/s")
+          f"{train.get('steady_tokens_per_s') or 0:.3g} tokens/s")
 if len(set(steps.values())) > 1:
     print(f"UNEQUAL BUDGETS: {steps} (a run was stopped by the clock before --max-steps)")
 EOF

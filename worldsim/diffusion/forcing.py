@@ -37,6 +37,12 @@ class ForcingConfig:
     """Noise augmentation of the direct path (`world_model_loss`): each frame's clean latent, as
     the frames after it see it there, gets Gaussian noise of std drawn uniformly in [0, this].
     0 = off (and no extra random numbers drawn)."""
+    noised_direct: float = 0.0
+    """Probability, per window with a clean prefix, that the direct path shows the frames after the
+    prefix as noised as the backbone sees them, instead of clean (`world_model_loss`). The paper's
+    long-context training makes the far past worth remembering by noising the near past; a clean
+    direct path hands every frame its clean predecessor and undoes that. 0 = off (no extra random
+    numbers drawn)."""
     own_context: float = 0.0
     """Probability, per window, that its context is the model's own one-step predictions instead
     of the real frames (`world_model_loss`): the direct path of every frame and the clean prefix

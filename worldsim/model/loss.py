@@ -59,6 +59,20 @@ def _augment_direct(latents: torch.Tensor, max_std: float, generator: torch.Gene
     return latents + std.to(latents.dtype)[:, :, None, None, None] * noise
 
 
+def _noised_after_prefix(context: torch.Tensor, x_noisy: torch.Tensor, sigma: torch.Tensor, p: float,
+                         sigma_data: float, generator: torch.Generator | None) -> torch.Tensor:
+    """`context` with the noised frames of a fraction p of the windows that have a clean prefix
+    replaced, for the direct path, by their noised latents scaled to unit variance as the denoiser
+    scales its input (c_in): a frame after the prefix then knows its near past only through noise
+    and the far past, beyond the attention window, only through the state (`ForcingConfig.noised_direct`)."""
+    B = context.shape[0]
+    picked = (torch.rand(B, generator=generator, device=context.device) < p) & (sigma[:, 0] == 0)  # (B,)
+    c_in = (sigma_data / (sigma.square() + sigma_data**2).sqrt()).to(context.dtype)  # (B, T)
+    noised = x_noisy * c_in[:, :, None, None, None]
+    replace = picked[:, None] & (sigma > 0)  # (B, T): the frames after a picked window's prefix
+    return torch.where(replace[:, :, None, None, None], noised, context)
+
+
 # The dream's two-call sampler, as `own_context` imitates it (`rollout.session.DREAM_SAMPLER`,
 # `DREAM_SAMPLERS[2]`): its calls are at sigma 20 and 2.3, each raised by churn (at most
 # sqrt(2) - 1, so to about 28 and 3.3), and its result extrapolates the second estimate from the
@@ -140,6 +154,8 @@ def world_model_loss(
         # Only the clean prefix (sigma = 0, out of the loss) is pure context in the backbone; the
         # noised frames are also the denoiser's inputs, whose target is the real frame.
         x_noisy = torch.where((sigma == 0)[:, :, None, None, None], context, x_noisy)
+    if cfg.prev_frames and forcing_cfg.noised_direct > 0:
+        context = _noised_after_prefix(context, x_noisy, sigma, forcing_cfg.noised_direct, model.sigma_data, generator)
     # The direct path (cfg.prev_frames) shows each frame the clean frames before it, as at inference.
     direct = {"clean": _augment_direct(context, forcing_cfg.direct_noise, generator)} if cfg.prev_frames else {}
     out = model(x_noisy, sigma, cond_actions, no_action=no_action, **direct)

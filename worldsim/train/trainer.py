@@ -60,7 +60,7 @@ LEGACY_TRAIN_DEFAULTS = {"noise_mean": -0.4, "noise_std": 1.2, "p_long_context":
 # schedule differ and the losses would not be those of an uninterrupted run.
 RESUME_KEYS = ("datasets", "window", "batch_size", "seed", "steps", "lr", "min_lr_ratio", "warmup_steps",
                "weight_decay", "ema_decay", "noise_mean", "noise_std", "p_long_context", "direct_noise",
-               "own_context")  # fmt: skip
+               "own_context", "noised_direct")  # fmt: skip
 
 
 @dataclass
@@ -108,6 +108,9 @@ class TrainConfig:
     """Probability per window of a clean prefix longer than half the window (`ForcingConfig`)."""
     direct_noise: float = 0.0
     """Noise augmentation of the direct path: per-frame std drawn in [0, this] (`ForcingConfig`); 0 = off."""
+    noised_direct: float = 0.0
+    """Probability per window with a clean prefix that the direct path shows the frames after it noised,
+    as the backbone does (`ForcingConfig.noised_direct`: memory training); 0 = off."""
     own_context: float = 0.0
     """Probability per window that its context (direct path and clean prefix) is the model's own
     one-step predictions (`ForcingConfig.own_context`; two extra forward passes a step); 0 = off."""
@@ -175,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"p_long_context must be in (0, 1] (the reward heads train on the clean prefix), got {self.p_long_context}")
         if not (0 <= self.direct_noise and math.isfinite(self.direct_noise)):
             raise ValueError(f"direct_noise must be a finite number >= 0, got {self.direct_noise}")
+        if not 0 <= self.noised_direct <= 1:
+            raise ValueError(f"noised_direct must be a probability in [0, 1], got {self.noised_direct}")
         if not 0 <= self.own_context <= 1:
             raise ValueError(f"own_context must be a probability in [0, 1], got {self.own_context}")
         if not 0 <= self.ema_decay < 1:
@@ -513,7 +518,8 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
                                  stopped="training stopped on all ranks")
 
     forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context,
-                            direct_noise=cfg.direct_noise, own_context=cfg.own_context)
+                            direct_noise=cfg.direct_noise, own_context=cfg.own_context,
+                            noised_direct=cfg.noised_direct)
     losses: list[tuple[int, float]] = []
     t_start = time.perf_counter()
     t_log, step_log = t_start, step
