@@ -172,6 +172,17 @@ def test_the_first_model_minus_each_other_is_paired_per_target(results):
     assert f"{first} - {others[0]}" in format_table(results)
 
 
+def test_the_table_says_when_the_earlier_visits_cannot_reward_memory(results):
+    import copy
+
+    edited = copy.deepcopy(results)
+    refs = edited["protocols"]["retrieval"]["references"]
+    refs["earlier_visit"]["psnr"]["mean"] = refs["copy_last"]["psnr"]["mean"] + 3.0
+    assert "leave little for memory" not in format_table(edited).split("retrieval:")[1]
+    refs["earlier_visit"]["psnr"]["mean"] = refs["copy_last"]["psnr"]["mean"] - 0.5
+    assert "leave little for memory to gain (tighter --pos-tol" in format_table(edited).split("retrieval:")[1]
+
+
 def test_window_only_rows_score_the_last_window_of_context(setup, results):
     ablated = evaluate_memory(_cfg(setup, protocols=("revisits",), window_only=True))
     full, rows = results["protocols"]["revisits"]["models"], ablated["protocols"]["revisits"]["models"]
