@@ -295,3 +295,24 @@ def test_ssm_chunk_must_be_auto_or_a_length(capsys):
     with pytest.raises(SystemExit):
         gpu_job.parse_args(["--pack", "p", "--out", "o", "--ssm-chunk", "big"])
     assert "ssm_chunk must be 'auto' or a positive integer" in capsys.readouterr().err
+
+
+def test_the_training_step_check_passes_a_sound_model_from_scratch_on_any_batch():
+    # From scratch the denoiser's output layer is zero, so at step 0 only the reward / termination
+    # heads send a gradient to the direct path; the check used to fail whenever its windows had no
+    # clean prefix (1 in 4 at two windows). Every seed must pass.
+    from worldsim.model.config import make_config
+    from worldsim.model.world_model import WorldModel
+
+    frames, window = 200, 8
+    data = gpu_job.DeviceData(
+        latents=torch.randn(frames, 4, 8, 8), actions=torch.randint(0, 6, (frames,)), rewards=torch.zeros(frames),
+        terminations=torch.zeros(frames, dtype=torch.bool), train_starts=torch.arange(frames - window),
+        val_starts=torch.arange(0), window=window, clip=(np.zeros((1, 64, 64, 3), np.uint8), np.zeros(0)), stats={})
+    for seed in range(8):
+        cfg = gpu_job.JobConfig(pack="p", out="o", batch_size=2, window=window, seed=seed, noised_direct=1.0)
+        torch.manual_seed(seed)
+        model = WorldModel(make_config("tiny", latent_channels=4, latent_grid=(8, 8), n_actions=6, prev_frames=2))
+        check, _ = gpu_job.check_train_step(model, data, torch.device("cpu"), cfg)
+        assert check.ok, (seed, check.message)
+        assert check.detail["prev_in_grad_norm"] > 0
