@@ -11,7 +11,8 @@
 #
 # What comes back (the lent machine returns 8 files, two folders down): $OUT/<variant>/ with
 # checkpoint.json and ema.safetensors (a checkpoint `worldsim eval memory --checkpoint` loads),
-# results.json and job.log, for each of the two variants.
+# plus results.json and job.log when two variants run; with up to four
+# (VARIANTS="lssvwm causal_window mamba_only no_blockwise"), the checkpoints alone.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?set OUT to the folder for the results}"
@@ -33,12 +34,15 @@ for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || { code=$?; echo "${variants[$i]}: job exited with $code"; rc=$code; }
 done
 
-# Keep what comes back within the machine's limits: each variant's last checkpoint folder,
-# flattened, beside its results and log.
+# Keep what comes back within the machine's limits (8 files): each variant's last checkpoint folder,
+# flattened, beside its results and log while they fit (two variants); with more, the checkpoints
+# alone, and the summary below stands in for the results.
 for v in "${variants[@]}"; do
     mkdir -p "$OUT/$v"
     tail -n 5 "$work/$v.out" | sed "s/^/[$v] /"
-    cp -f "$work/$v/results.json" "$work/$v/job.log" "$OUT/$v/" 2>/dev/null
+    if [ "${#variants[@]}" -le 2 ]; then
+        cp -f "$work/$v/results.json" "$work/$v/job.log" "$OUT/$v/" 2>/dev/null
+    fi
     if [ -f "$work/$v/latest.json" ]; then
         ckpt="$work/$v/$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$work/$v/latest.json")"
         cp -f "$ckpt"/checkpoint.json "$ckpt"/ema.safetensors "$OUT/$v/"
@@ -47,14 +51,14 @@ for v in "${variants[@]}"; do
         [ "$rc" = 0 ] && rc=1
     fi
 done
-python3 - "$OUT" "${variants[@]}" <<'EOF'
+python3 - "$work" "${variants[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
-out, variants = Path(sys.argv[1]), sys.argv[2:]
+work, variants = Path(sys.argv[1]), sys.argv[2:]
 steps = {}
 for v in variants:
     try:
-        train = json.loads((out / v / "results.json").read_text()).get("train", {})
+        train = json.loads((work / v / "results.json").read_text()).get("train", {})
     except (OSError, ValueError):
         print(f"{v}: no results"); continue
     steps[v] = train.get("steps")
