@@ -51,8 +51,8 @@ few, fused ops; it computes what `forward` computes, up to float rounding (tests
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
