@@ -444,17 +444,15 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
                 "references": {name: summarize({m: np.concatenate(v) for m, v in s.items()}, gaps, cfg.gap_edges)
                                for name, s in ref_scores.items()},
             }
-            first, *others = models  # per target, the first model minus each other one: the comparison, paired
-            results["protocols"][protocol]["first_minus"] = {
-                label: summarize({m: np.concatenate(model_scores[first][m]) - np.concatenate(model_scores[label][m])
-                                  for m in model_scores[first]}, gaps, cfg.gap_edges)
-                for label in others}
-            if cfg.window_only:  # per target, full context minus window only: the memory, paired
+            def paired(a: str, b: str) -> dict[str, Any]:  # row a minus row b, per target
+                return summarize({m: np.concatenate(model_scores[a][m]) - np.concatenate(model_scores[b][m])
+                                  for m in model_scores[a]}, gaps, cfg.gap_edges)
+
+            first, *others = models  # the first model minus each other one: the comparison
+            results["protocols"][protocol]["first_minus"] = {label: paired(first, label) for label in others}
+            if cfg.window_only:  # full context minus window only: the memory
                 results["protocols"][protocol]["window_only_gain"] = {
-                    label: summarize({m: np.concatenate(model_scores[label][m])
-                                      - np.concatenate(model_scores[row][m]) for m in model_scores[label]},
-                                     gaps, cfg.gap_edges)
-                    for row, label, kept in runs if kept is not None}
+                    label: paired(label, row) for row, label, kept in runs if kept is not None}
     finally:
         store.close()
     results["seconds"] = time.perf_counter() - start
@@ -496,14 +494,12 @@ def format_table(results: dict[str, Any]) -> str:
             hint = " (tighter --pos-tol / --dir-tol-deg)" if protocol == "retrieval" else ""
             lines.append("    note: replaying the earlier visit predicts no better than copying the last frame, so "
                          f"these targets leave little for memory to gain{hint}")
-        first = next(iter(block["models"]))
-        for label, gain in block.get("first_minus", {}).items():
+        first_label = next(iter(block["models"]))
+        paired_rows = [*((f"{first_label} - {label}", gain) for label, gain in block.get("first_minus", {}).items()),
+                       *((f"{label} full - window", gain) for label, gain in block.get("window_only_gain", {}).items())]
+        for name, gain in paired_rows:
             cells = "".join(f"{b['psnr']['mean']:>+10.2f} {_sem_text(b['psnr']['sem'])}" for b in gain["buckets"])
-            lines.append(f"    {first + ' - ' + label:<24}{cells}{gain['psnr']['mean']:>+10.2f} "
-                         f"{_sem_text(gain['psnr']['sem'])}  (PSNR, paired; ± s.e.m.)")
-        for label, gain in block.get("window_only_gain", {}).items():
-            cells = "".join(f"{b['psnr']['mean']:>+10.2f} {_sem_text(b['psnr']['sem'])}" for b in gain["buckets"])
-            lines.append(f"    {label + ' full - window':<24}{cells}{gain['psnr']['mean']:>+10.2f} "
+            lines.append(f"    {name:<24}{cells}{gain['psnr']['mean']:>+10.2f} "
                          f"{_sem_text(gain['psnr']['sem'])}  (PSNR, paired; ± s.e.m.)")
     for label, layers in results.get("state_retention", {}).items():
         lines.append(f"  state of {label}: {describe(layers, results['attention_windows'].get(label))}")

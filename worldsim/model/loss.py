@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from worldsim.diffusion.edm import edm_coefficients
 from worldsim.diffusion.forcing import ForcingConfig, masked_denoising_loss, sample_training_noise
 from worldsim.model.conditioning import shift_actions
 from worldsim.model.world_model import WorldModel
@@ -62,13 +63,14 @@ def _augment_direct(latents: torch.Tensor, max_std: float, generator: torch.Gene
 def _noised_after_prefix(context: torch.Tensor, x_noisy: torch.Tensor, sigma: torch.Tensor, p: float,
                          sigma_data: float, generator: torch.Generator | None) -> torch.Tensor:
     """`context` with the noised frames of a fraction p of the windows that have a clean prefix
-    replaced, for the direct path, by their noised latents scaled to unit variance as the denoiser
-    scales its input (c_in): a frame after the prefix then knows its near past only through noise
-    and the far past, beyond the attention window, only through the state (`ForcingConfig.noised_direct`)."""
+    replaced, for the direct path, by their noised latents scaled back to the clean latents'
+    variance (sigma_data x the denoiser's c_in, so sigma -> 0 gives the clean frame): a frame after
+    the prefix then knows its near past only through noise and the far past, beyond the attention
+    window, only through the state (`ForcingConfig.noised_direct`)."""
     B = context.shape[0]
     picked = (torch.rand(B, generator=generator, device=context.device) < p) & (sigma[:, 0] == 0)  # (B,)
-    c_in = (sigma_data / (sigma.square() + sigma_data**2).sqrt()).to(context.dtype)  # (B, T)
-    noised = x_noisy * c_in[:, :, None, None, None]
+    c_in = edm_coefficients(sigma, sigma_data)[2]  # (B, T)
+    noised = x_noisy * (sigma_data * c_in).to(context.dtype)[:, :, None, None, None]
     replace = picked[:, None] & (sigma > 0)  # (B, T): the frames after a picked window's prefix
     return torch.where(replace[:, :, None, None, None], noised, context)
 
