@@ -199,6 +199,31 @@ def test_window_only_rows_score_the_last_window_of_context(setup, results):
     assert "window_only_gain" not in results["protocols"]["revisits"]
 
 
+def test_a_model_without_a_window_is_ablated_at_the_widest_window_compared(setup, tmp_path):
+    """mamba_only has no attention window: its window-only row keeps as many context frames as the
+    widest finite window among the compared models, so its full-minus-window row asks what the
+    LSSVWM's does."""
+    from pathlib import Path
+
+    from worldsim.evaluation.memory import ablation_window
+
+    assert ablation_window({"a": 3, "b": None, "c": 4}, "b") == 4 and ablation_window({"a": 3, "c": 4}, "a") == 3
+    assert ablation_window({"b": None}, "b") is None
+    runs, data = setup
+    model = tiny_model(variant="mamba_only")
+    mamba = save_run(tmp_path / "mamba_only", model, Path(runs["lssvwm"]).parent / "codec", FrameCodec(preset("tiny")))
+    ablated = evaluate_memory(_cfg(setup, checkpoints={"mamba_only": str(mamba), "lssvwm": runs["lssvwm"]},
+                                   protocols=("revisits",), window_only=True, min_gap=WINDOWS["lssvwm"]))
+    assert ablated["ablation_windows"] == {"mamba_only": WINDOWS["lssvwm"], "lssvwm": WINDOWS["lssvwm"]}
+    block = ablated["protocols"]["revisits"]
+    assert set(block["window_only_gain"]) == {"mamba_only", "lssvwm"}
+    rows = block["models"]
+    gain = rows["mamba_only"]["psnr"]["mean"] - rows["mamba_only, window only"]["psnr"]["mean"]
+    assert np.isclose(block["window_only_gain"]["mamba_only"]["psnr"]["mean"], gain, atol=1e-6)
+    assert gain != 0  # its state carried the older frames, so cutting them changes its dream
+    assert "window only: the last context frames kept: mamba_only 3, lssvwm 3" in format_table(ablated)
+
+
 def test_only_a_state_space_model_carries_anything_from_beyond_its_window(setup):
     """What the ablation measures: committing just the last W context frames leaves a sliding-window
     model's next prediction as it was up to rounding (it sees nothing older; its frame positions

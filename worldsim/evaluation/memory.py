@@ -41,8 +41,10 @@ frame as every prediction: what a model without memory that predicts "nothing mo
 alike the old and new views are, an easy score for a model that recalls them). LPIPS is not
 reported: its network weights cannot be fetched offline.
 
-Ablation (`window_only`): each model with a finite attention window also runs with only its
-last W context frames committed (W = that window), the same targets and noise. Nothing from
+Ablation (`window_only`): each model also runs with only its last W context frames committed
+(W = its attention window; for a model without a finite one, mamba_only or causal_full, the
+widest finite window among the compared models, so its row answers the same question as the
+LSSVWM's: does anything from before those frames help?), the same targets and noise. Nothing from
 before the window reaches it, so the full-context score minus this one is what the model's state
 carried over from beyond its window: memory, measured on one set of weights. The results give it
 per target and by gap ("window_only_gain": full minus window only, mean and standard error of
@@ -127,9 +129,10 @@ class MemoryEvalConfig:
     prefill_chunk: int = 64
     """Context frames per parallel forward when committing the context."""
     window_only: bool = False
-    """Also score each model with a finite attention window given only that many context frames
-    (labelled "<label>, window only"): the same weights without anything from beyond the window,
-    so the difference from the full context is what its state carried over (an ablation)."""
+    """Also score each model given only its attention window of context frames (a model without a
+    finite window: the widest finite window compared; labelled "<label>, window only"): the same
+    weights without anything from beyond the window, so the difference from the full context is
+    what its state carried over (an ablation)."""
     out_dir: str | None = None
     """Folder for memory.json and the PNG plots; None writes nothing."""
     device: str = "auto"
@@ -170,6 +173,12 @@ def attention_window(model_cfg) -> int | None:
     """Frames a model can see besides the SSM state: its attention window; None = unbounded
     (causal_full) or no attention (mamba_only: everything it knows comes from the state)."""
     return model_cfg.attn_window if model_cfg.has_attention else None
+
+
+def ablation_window(windows: dict[str, int | None], label: str) -> int | None:
+    """Context frames a model keeps in the window-only ablation: its attention window, or for a
+    model without a finite one the widest finite window compared (None: no window anywhere)."""
+    return windows[label] or max((w for w in windows.values() if w), default=None)
 
 
 def qualifying_gap(cfg: MemoryEvalConfig, windows: dict[str, int | None]) -> int:
@@ -395,6 +404,8 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
     length = cfg.context + cfg.horizon
     results: dict[str, Any] = {"config": asdict(cfg), "device": str(device), "attention_windows": windows,
                                "qualifying_gap": gap, "protocols": {}}
+    if cfg.window_only:  # context frames each model keeps in the ablation
+        results["ablation_windows"] = {label: ablation_window(windows, label) for label in models}
     retention: dict[str, list] = {}
     results["state_retention"] = retention  # per model: its SSM heads' frames to 1/e (state_retention)
     start = time.perf_counter()
@@ -407,7 +418,8 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
             gaps = np.array([t.gap for t in targets])
             runs = [(label, label, None) for label in models]  # (row label, model, context frames kept)
             if cfg.window_only:
-                runs += [(f"{label}, window only", label, windows[label]) for label in models if windows[label]]
+                runs += [(f"{label}, window only", label, kept) for label in models
+                         if (kept := ablation_window(windows, label)) is not None]
             model_scores: dict[str, dict[str, list]] = {row: {} for row, _, _ in runs}
             ref_scores: dict[str, dict[str, list]] = {name: {} for name in REFERENCES}
             bar = tqdm(total=len(targets) * len(runs), desc=f"eval memory ({protocol})", unit="target",
@@ -489,6 +501,9 @@ def format_table(results: dict[str, Any]) -> str:
             cells = "".join(f"{b['psnr']['mean']:>10.2f} {b['ssim']['mean']:.3f}" for b in s["buckets"])
             lines.append(f"    {label:<24}{cells}{s['psnr']['mean']:>10.2f} {s['ssim']['mean']:.3f}")
         lines.append(f"    targets per bucket: {[b['count'] for b in first['buckets']]}")
+        if "ablation_windows" in results:
+            kept = ", ".join(f"{label} {w}" for label, w in results["ablation_windows"].items() if w)
+            lines.append(f"    window only: the last context frames kept: {kept}")
         refs = block["references"]
         if refs["earlier_visit"]["psnr"]["mean"] <= refs["copy_last"]["psnr"]["mean"]:
             hint = " (tighter --pos-tol / --dir-tol-deg)" if protocol == "retrieval" else ""
@@ -502,7 +517,8 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"    {name:<24}{cells}{gain['psnr']['mean']:>+10.2f} "
                          f"{_sem_text(gain['psnr']['sem'])}  (PSNR, paired; ± s.e.m.)")
     for label, layers in results.get("state_retention", {}).items():
-        lines.append(f"  state of {label}: {describe(layers, results['attention_windows'].get(label))}")
+        # A model without a window of its own is measured against the window it was compared at.
+        lines.append(f"  state of {label}: {describe(layers, ablation_window(results['attention_windows'], label))}")
     for protocol, path in results["plots"].items():
         lines.append(f"  plot ({protocol}): {path}")
     if "json" in results:
