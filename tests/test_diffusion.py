@@ -153,6 +153,26 @@ def test_noise_is_deterministic_with_a_seed_and_p_is_respected():
     assert (_prefix_lengths(always) > 5).all() and never.all()
 
 
+def test_frames_after_a_clean_prefix_can_be_kept_noisy():
+    """min_sigma_after_prefix: in windows with a prefix the frames after it draw ln sigma from the
+    same normal cut below at the floor; windows without a prefix, the prefix and the mask are those
+    of the plain draw."""
+    plain_cfg, cfg = ForcingConfig(p_mean=0.3, p_std=1.2), ForcingConfig(p_mean=0.3, p_std=1.2, min_sigma_after_prefix=2.0)
+    plain, plain_mask = sample_training_noise(40000, 12, torch.Generator().manual_seed(6), plain_cfg)
+    sigma, mask = sample_training_noise(40000, 12, torch.Generator().manual_seed(6), cfg)
+    assert torch.equal(mask, plain_mask)
+    prefixed = (~mask).any(1)
+    assert torch.equal(sigma[~prefixed], plain[~prefixed]) and torch.equal(sigma == 0, ~mask)
+    after = sigma[prefixed[:, None] & mask]
+    assert after.min().item() >= 2.0
+    # The cut normal: its median is the plain normal's quantile halfway between the floor's and 1.
+    floor = torch.special.ndtr(torch.tensor((math.log(2.0) - 0.3) / 1.2)).item()
+    expected = math.exp(0.3 + 1.2 * torch.special.ndtri(torch.tensor((1 + floor) / 2)).item())
+    assert after.median().item() == pytest.approx(expected, rel=0.03)
+    with pytest.raises(ValueError, match="min_sigma_after_prefix"):
+        sample_training_noise(4, 8, cfg=ForcingConfig(min_sigma_after_prefix=-1.0))
+
+
 def test_noise_rejects_windows_too_short_for_a_prefix():
     with pytest.raises(ValueError, match="T >= 3"):
         sample_training_noise(4, 2)

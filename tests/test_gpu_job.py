@@ -310,7 +310,10 @@ def test_the_training_step_check_passes_a_sound_model_from_scratch_on_any_batch(
         terminations=torch.zeros(frames, dtype=torch.bool), train_starts=torch.arange(frames - window),
         val_starts=torch.arange(0), window=window, clip=(np.zeros((1, 64, 64, 3), np.uint8), np.zeros(0)), stats={})
     for seed in range(8):
-        cfg = gpu_job.JobConfig(pack="p", out="o", batch_size=2, window=window, seed=seed, noised_direct=1.0)
+        cfg = gpu_job.JobConfig(pack="p", out="o", batch_size=2, window=window, seed=seed, noised_direct=1.0,
+                                min_sigma_after_prefix=2.0 * (seed % 2))  # the memory-training settings too
+        assert gpu_job.forcing_config(cfg).min_sigma_after_prefix == 2.0 * (seed % 2)
+        assert gpu_job.parse_args(["--pack", "p", "--out", "o", "--min-sigma-after-prefix", "2"]).min_sigma_after_prefix == 2.0
         torch.manual_seed(seed)
         model = WorldModel(make_config("tiny", latent_channels=4, latent_grid=(8, 8), n_actions=6, prev_frames=2))
         check, _ = gpu_job.check_train_step(model, data, torch.device("cpu"), cfg)

@@ -10,6 +10,8 @@ leaves the model little reason to use far-away frames, since the near past is as
 past. With probability p (0.5) per sample, a random clean prefix longer than half the window is
 kept at noise 0 and only the remaining (noised) frames are in the loss: the model must predict
 the rest from a long clean context, which is what a long-horizon rollout asks of it.
+`min_sigma_after_prefix` strengthens that: the frames after the prefix are all kept noisy, so
+those beyond the attention window can lean only on what the state kept of the prefix.
 
 Noise levels follow EDM's training distribution, ln sigma ~ N(p_mean, p_std^2) (Karras et al.
 2022, arXiv 2206.00364, sec. 5), drawn per frame.
@@ -17,6 +19,7 @@ Noise levels follow EDM's training distribution, ln sigma ~ N(p_mean, p_std^2) (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +46,13 @@ class ForcingConfig:
     long-context training makes the far past worth remembering by noising the near past; a clean
     direct path hands every frame its clean predecessor and undoes that. 0 = off (no extra random
     numbers drawn)."""
+    min_sigma_after_prefix: float = 0.0
+    """Memory training: in windows with a clean prefix, the frames after it draw their noise level
+    from the same log-normal cut below at this sigma (0 = off, no extra random numbers). Latents
+    have unit std, so above ~2 a noised frame tells little about itself or its neighbours, and the
+    frames more than an attention window after the prefix can be predicted well only from what the
+    state kept of it: the far past is made worth remembering, where independent noise per frame
+    leaves many nearly clean frames close by."""
     own_context: float = 0.0
     """Probability, per window, that its context is the model's own one-step predictions instead
     of the real frames (`world_model_loss`): the direct path of every frame and the clean prefix
@@ -62,6 +72,8 @@ def sample_training_noise(
     sigma = 0 and loss_mask False; every other frame has an independent log-normal sigma > 0 and
     loss_mask True. `device` defaults to the generator's device.
     """
+    if cfg.min_sigma_after_prefix < 0:
+        raise ValueError(f"min_sigma_after_prefix must be >= 0, got {cfg.min_sigma_after_prefix}")
     if not 0.0 <= cfg.p_long_context <= 1.0:
         raise ValueError(f"p_long_context must be in [0, 1], got {cfg.p_long_context}")
     shortest = T // 2 + 1  # strictly more than half the window
@@ -86,6 +98,11 @@ def sample_training_noise(
 
     frame = torch.arange(T, device=device)  # (T,)
     in_prefix = frame[None, :] < length[:, None]  # (B, T)
+    if cfg.min_sigma_after_prefix > 0:  # ln sigma ~ N(p_mean, p_std^2) cut below, by the inverse CDF
+        floor = torch.special.ndtr(torch.tensor((math.log(cfg.min_sigma_after_prefix) - cfg.p_mean) / cfg.p_std))
+        u = floor + (1 - floor) * torch.rand(batch, T, generator=generator, device=device)
+        high = (torch.special.ndtri(u.clamp(max=1 - 1e-7)) * cfg.p_std + cfg.p_mean).exp()
+        sigma = torch.where(has_prefix[:, None], torch.maximum(high, torch.tensor(cfg.min_sigma_after_prefix)), sigma)
     sigma = torch.where(in_prefix, torch.zeros_like(sigma), sigma)
     return sigma, ~in_prefix
 

@@ -157,6 +157,8 @@ class JobConfig:
     """Noise augmentation of the direct path (`ForcingConfig.direct_noise`); 0 = off."""
     noised_direct: float = 0.0
     """Memory training: the direct path of frames after a clean prefix noised (`ForcingConfig.noised_direct`); 0 = off."""
+    min_sigma_after_prefix: float = 0.0
+    """Memory training: the frames after a clean prefix noised at least this much (`ForcingConfig.min_sigma_after_prefix`); 0 = off."""
     val_episodes: int = 2
     val_windows: int = 128
     checkpoint_seconds: float = 60.0
@@ -182,7 +184,8 @@ class JobConfig:
 
 def forcing_config(cfg: JobConfig) -> ForcingConfig:
     """The training noise of the job's settings (the training step, its check and validation)."""
-    return ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise, noised_direct=cfg.noised_direct)
+    return ForcingConfig(cfg.noise_mean, cfg.noise_std, cfg.p_long_context, cfg.direct_noise, noised_direct=cfg.noised_direct,
+                         min_sigma_after_prefix=cfg.min_sigma_after_prefix)
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
@@ -210,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--noise-std", type=float, default=d.noise_std)
     p.add_argument("--p-long-context", type=float, default=d.p_long_context)
     p.add_argument("--direct-noise", type=float, default=d.direct_noise, help="direct-path noise augmentation: per-frame std in [0, this]")
+    p.add_argument("--min-sigma-after-prefix", type=float, default=d.min_sigma_after_prefix, help="noise level the frames after a clean prefix are kept above (memory training; 0 = off)")
     p.add_argument("--noised-direct", type=float, default=d.noised_direct, help="probability per window with a clean prefix that the direct path shows the frames after it noised (memory training)")
     p.add_argument("--val-episodes", type=int, default=d.val_episodes, help="last pack episodes held out for a validation loss")
     p.add_argument("--val-windows", type=int, default=d.val_windows)
@@ -243,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         problems.append("--equal-parameters needs --init-from none (a warm start keeps its model's size)")
     if cfg.minutes <= 0 or cfg.checkpoint_seconds <= 0:
         problems.append("minutes and checkpoint_seconds must be > 0")
+    if not (0 <= cfg.min_sigma_after_prefix and math.isfinite(cfg.min_sigma_after_prefix)):
+        problems.append(f"min_sigma_after_prefix must be a finite number >= 0, got {cfg.min_sigma_after_prefix}")
     if not 0 <= cfg.noised_direct <= 1:
         problems.append(f"noised_direct must be a probability in [0, 1], got {cfg.noised_direct}")
     if not (cfg.direct_noise >= 0 and math.isfinite(cfg.direct_noise)):

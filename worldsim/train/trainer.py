@@ -60,7 +60,7 @@ LEGACY_TRAIN_DEFAULTS = {"noise_mean": -0.4, "noise_std": 1.2, "p_long_context":
 # schedule differ and the losses would not be those of an uninterrupted run.
 RESUME_KEYS = ("datasets", "window", "batch_size", "seed", "steps", "lr", "min_lr_ratio", "warmup_steps",
                "weight_decay", "ema_decay", "noise_mean", "noise_std", "p_long_context", "direct_noise",
-               "own_context", "noised_direct")  # fmt: skip
+               "own_context", "noised_direct", "min_sigma_after_prefix")  # fmt: skip
 
 
 @dataclass
@@ -111,6 +111,10 @@ class TrainConfig:
     noised_direct: float = 0.0
     """Probability per window with a clean prefix that the direct path shows the frames after it noised,
     as the backbone does (`ForcingConfig.noised_direct`: memory training); 0 = off."""
+    min_sigma_after_prefix: float = 0.0
+    """Memory training: in windows with a clean prefix, the frames after it are noised at least this
+    much (`ForcingConfig.min_sigma_after_prefix`), so beyond the attention window only the state's
+    memory of the prefix predicts them; 0 = off."""
     own_context: float = 0.0
     """Probability per window that its context (direct path and clean prefix) is the model's own
     one-step predictions (`ForcingConfig.own_context`; two extra forward passes a step); 0 = off."""
@@ -180,6 +184,8 @@ class TrainConfig:
             raise ValueError(f"direct_noise must be a finite number >= 0, got {self.direct_noise}")
         if not 0 <= self.noised_direct <= 1:
             raise ValueError(f"noised_direct must be a probability in [0, 1], got {self.noised_direct}")
+        if not (0 <= self.min_sigma_after_prefix and math.isfinite(self.min_sigma_after_prefix)):
+            raise ValueError(f"min_sigma_after_prefix must be a finite number >= 0, got {self.min_sigma_after_prefix}")
         if not 0 <= self.own_context <= 1:
             raise ValueError(f"own_context must be a probability in [0, 1], got {self.own_context}")
         if not 0 <= self.ema_decay < 1:
@@ -519,7 +525,7 @@ def _train(cfg: TrainConfig, info: ddp.DistInfo) -> TrainSummary:
 
     forcing = ForcingConfig(p_mean=cfg.noise_mean, p_std=cfg.noise_std, p_long_context=cfg.p_long_context,
                             direct_noise=cfg.direct_noise, own_context=cfg.own_context,
-                            noised_direct=cfg.noised_direct)
+                            noised_direct=cfg.noised_direct, min_sigma_after_prefix=cfg.min_sigma_after_prefix)
     losses: list[tuple[int, float]] = []
     t_start = time.perf_counter()
     t_log, step_log = t_start, step
