@@ -50,3 +50,14 @@ def bench_rollout(as_json: bool = AS_JSON, **fields: Any) -> None:
 
     results = run(RolloutBenchConfig(**fields), progress=not as_json)
     typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+@bench_app.command("recall")
+@config_options("worldsim.bench.recall", "RecallBenchConfig", comma=("variants",))
+def bench_recall(as_json: bool = AS_JSON, **fields: Any) -> None:
+    """Whether a variant can learn to remember at all: a synthetic cue shown once and recalled many
+    frames later, beyond every attention window (trains small models from scratch, minutes)."""
+    from worldsim.bench.recall import RecallBenchConfig, format_table, run
+
+    results = run(RecallBenchConfig(**fields), progress=not as_json)
+    typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
