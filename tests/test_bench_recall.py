@@ -15,7 +15,8 @@ def test_sequences_show_the_cue_first_and_last_with_blanks_between():
     assert latents.shape == (64, 10, cfg.channels, cfg.grid, cfg.grid) and set(cue.tolist()) == set(range(5))
     assert torch.equal(latents[:, 0], patterns[cue]) and torch.equal(latents[:, -1], patterns[cue])
     assert not latents[:, 1:-1].any()
-    assert (actions[:, :-1] == WAIT).all() and (actions[:, -1] == RECALL).all()
+    # Data-aligned: the action taken at frame T - 2 leads to the recall frame.
+    assert (actions[:, :-2] == WAIT).all() and (actions[:, -2] == RECALL).all()
 
 
 @pytest.mark.parametrize("variant, sees_the_cue", [("causal_window", False), ("lssvwm", True), ("mamba_only", True)])
@@ -34,7 +35,7 @@ def test_only_a_model_with_a_state_can_see_the_cue_at_the_recall(variant, sees_t
         cache = model.allocate_cache(2)
         model(latents[:, :-1], torch.zeros(2, cfg.frames - 1), actions[:, :-1], cache=cache)
         x = torch.randn(1, cfg.channels, cfg.grid, cfg.grid).expand(2, -1, -1, -1)
-        out = model.begin_frame(cache, actions[:, -1]).denoise(x, torch.full((2,), 20.0))
+        out = model.begin_frame(cache, actions[:, -2]).denoise(x, torch.full((2,), 20.0))
     differs = (out[0] - out[1]).abs().max().item()
     assert (differs > 1e-4) == sees_the_cue, differs
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from worldsim.diffusion.forcing import ForcingConfig
+from worldsim.model.conditioning import shift_actions
 from worldsim.model.config import VARIANTS, make_config
 from worldsim.model.loss import world_model_loss
 from worldsim.model.world_model import WorldModel
@@ -99,12 +100,13 @@ def make_patterns(cfg: RecallBenchConfig) -> torch.Tensor:
 def make_sequences(patterns: torch.Tensor, batch: int, frames: int,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latents (B, T, C, h, w), actions (B, T), cue index (B,)): cue at frame 0, blanks under
-    "wait", the cue again at frame T - 1 under "recall"."""
+    "wait", the cue again at frame T - 1 under "recall". Actions are data-aligned, as datasets
+    hold them: a_t is taken at frame t and leads to frame t + 1, so "recall" is a_{T-2}."""
     cue = torch.randint(0, patterns.shape[0], (batch,), generator=generator)
     latents = torch.zeros(batch, frames, *patterns.shape[1:])
     latents[:, 0] = latents[:, -1] = patterns[cue]
     actions = torch.full((batch, frames), WAIT, dtype=torch.long)
-    actions[:, -1] = RECALL
+    actions[:, -2] = RECALL
     return latents, actions, cue
 
 
@@ -157,8 +159,9 @@ def score(model: WorldModel, patterns: torch.Tensor, cfg: RecallBenchConfig, see
     def estimate(context: int) -> torch.Tensor:
         """The model's one-call estimate of frame `context` given frames 0 .. context - 1 clean."""
         cache = model.allocate_cache(B)
-        model(latents[:, :context], torch.zeros(B, context), actions[:, :context], cache=cache)
-        frame = model.begin_frame(cache, actions[:, context])
+        cond, no_action = shift_actions(actions[:, :context], model.cfg)  # frame t is conditioned on a_{t-1}
+        model(latents[:, :context], torch.zeros(B, context), cond, cache=cache, no_action=no_action)
+        frame = model.begin_frame(cache, actions[:, context - 1])
         sigma = torch.full((B,), 20.0)
         return frame.denoise(sigma[:, None, None, None] * torch.randn(latents[:, 0].shape, generator=g), sigma)
 
