@@ -99,10 +99,10 @@ def sample_training_noise(
     frame = torch.arange(T, device=device)  # (T,)
     in_prefix = frame[None, :] < length[:, None]  # (B, T)
     if cfg.min_sigma_after_prefix > 0:  # ln sigma ~ N(p_mean, p_std^2) cut below, by the inverse CDF
-        floor = torch.special.ndtr(torch.tensor((math.log(cfg.min_sigma_after_prefix) - cfg.p_mean) / cfg.p_std))
-        u = floor + (1 - floor) * torch.rand(batch, T, generator=generator, device=device)
+        floor = 0.5 * math.erfc(-(math.log(cfg.min_sigma_after_prefix) - cfg.p_mean) / (cfg.p_std * math.sqrt(2)))
+        u = floor + (1 - floor) * torch.rand(batch, T, generator=generator, device=device)  # the CDF above the cut
         high = (torch.special.ndtri(u.clamp(max=1 - 1e-7)) * cfg.p_std + cfg.p_mean).exp()
-        sigma = torch.where(has_prefix[:, None], torch.maximum(high, torch.tensor(cfg.min_sigma_after_prefix)), sigma)
+        sigma = torch.where(has_prefix[:, None], high.clamp_min(cfg.min_sigma_after_prefix), sigma)
     sigma = torch.where(in_prefix, torch.zeros_like(sigma), sigma)
     return sigma, ~in_prefix
 
