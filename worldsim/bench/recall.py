@@ -60,9 +60,9 @@ class RecallBenchConfig:
     attn_window: int = 4
     """Attention window (frames) of the variants with attention; must be < frames - 1."""
     steps: int = 1500
-    """Training steps of each variant. Attention learns the recall steadily; the SSM variants sit on
-    a plateau and cross it late (mamba_only with --grid 2: between steps 3,000 and 3,500), so
-    judge them at 4,000 or more."""
+    """Training steps of each variant. Attention learns the recall steadily; mamba_only sits on a
+    plateau and crosses it late (with --grid 2 between steps 3,000 and 3,500), so judge the SSM
+    variants at 4,000 or more (the LSSVWM had not crossed it by then, README "Memory")."""
     batch_size: int = 32
     """Sequences per training step."""
     lr: float = 1e-3
