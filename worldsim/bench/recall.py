@@ -25,7 +25,6 @@ remembered) as a check that the model learned the easy part.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from worldsim.model.conditioning import shift_actions
 from worldsim.model.config import VARIANTS, make_config
 from worldsim.model.loss import world_model_loss
 from worldsim.model.world_model import WorldModel
+from worldsim.utils.training import warmup_cosine
 
 WAIT, RECALL = 0, 1
 
@@ -113,10 +113,11 @@ def make_sequences(patterns: torch.Tensor, batch: int, frames: int,
 
 
 def build_model(cfg: RecallBenchConfig, variant: str) -> WorldModel:
-    overrides = {"attn_window": cfg.attn_window} if variant in ("lssvwm", "causal_window", "no_blockwise") else {}
+    # A variant with a finite window (not mamba_only, not causal_full) gets the task's.
+    windowed = make_config("tiny", variant=variant).attn_window is not None
     model_cfg = make_config("tiny", variant=variant, latent_channels=cfg.channels, latent_grid=(cfg.grid, cfg.grid),
                             patch=1, d_model=cfg.d_model, n_layers=cfg.layers, n_actions=2, prev_frames=0,
-                            **overrides)
+                            **({"attn_window": cfg.attn_window} if windowed else {}))
     return WorldModel(model_cfg)
 
 
@@ -126,14 +127,7 @@ def train(model: WorldModel, patterns: torch.Tensor, cfg: RecallBenchConfig, see
     forcing = ForcingConfig(p_long_context=cfg.p_long_context)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = min(50, cfg.steps)
-
-    def lr_at(step: int) -> float:  # warm-up, then cosine to a tenth
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, cfg.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, cfg.steps, warmup, 0.1))
     model.train()
     losses = []
     zeros = torch.zeros(cfg.batch_size, cfg.frames)
@@ -151,25 +145,28 @@ def train(model: WorldModel, patterns: torch.Tensor, cfg: RecallBenchConfig, see
 
 
 @torch.inference_mode()
+def estimate_frame(model: WorldModel, latents: torch.Tensor, actions: torch.Tensor, context: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """(B, C, h, w) the model's one-call estimate of frame `context` from pure noise at sigma 20,
+    given frames 0 .. context - 1 clean (latents (B, T, ...), data-aligned actions (B, T))."""
+    B = latents.shape[0]
+    cache = model.allocate_cache(B)
+    cond, no_action = shift_actions(actions[:, :context], model.cfg)  # frame t is conditioned on a_{t-1}
+    model(latents[:, :context], torch.zeros(B, context), cond, cache=cache, no_action=no_action)
+    frame = model.begin_frame(cache, actions[:, context - 1])
+    sigma = torch.full((B,), 20.0)
+    return frame.denoise(sigma[:, None, None, None] * torch.randn(latents[:, 0].shape, generator=generator), sigma)
+
+
+@torch.inference_mode()
 def score(model: WorldModel, patterns: torch.Tensor, cfg: RecallBenchConfig, seed: int) -> dict[str, float]:
     """Recall error and accuracy on held-out sequences, and the same at frame 1 (a blank)."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     latents, actions, cue = make_sequences(patterns, cfg.eval_sequences, cfg.frames, g)
-    B, T = latents.shape[:2]
-
-    def estimate(context: int) -> torch.Tensor:
-        """The model's one-call estimate of frame `context` given frames 0 .. context - 1 clean."""
-        cache = model.allocate_cache(B)
-        cond, no_action = shift_actions(actions[:, :context], model.cfg)  # frame t is conditioned on a_{t-1}
-        model(latents[:, :context], torch.zeros(B, context), cond, cache=cache, no_action=no_action)
-        frame = model.begin_frame(cache, actions[:, context - 1])
-        sigma = torch.full((B,), 20.0)
-        return frame.denoise(sigma[:, None, None, None] * torch.randn(latents[:, 0].shape, generator=g), sigma)
-
-    recalled = estimate(T - 1)
+    recalled = estimate_frame(model, latents, actions, latents.shape[1] - 1, g)
     distance = (recalled[:, None] - patterns[None]).square().flatten(2).mean(-1)  # (B, K)
-    blank = estimate(1)
+    blank = estimate_frame(model, latents, actions, 1, g)
     return {"recall_mse": float((recalled - latents[:, -1]).square().mean()),
             "recall_accuracy": float((distance.argmin(1) == cue).float().mean()),
             "guess_mse": float((patterns.mean(0) - latents[:, -1]).square().mean()),
