@@ -50,3 +50,14 @@ def test_a_short_run_reports_every_variant():
     assert "causal_window" in table and "chance" in table
     with pytest.raises(ValueError, match="cue out of sight"):
         RecallBenchConfig(frames=6, attn_window=5).validate()
+
+
+def test_the_memory_floor_reaches_the_training_noise():
+    cfg = RecallBenchConfig(variants=("mamba_only",), frames=6, attn_window=2, d_model=32, steps=2, batch_size=4,
+                            eval_sequences=8)
+    plain = run(cfg)["variants"]["mamba_only"]["losses"]
+    cfg.min_sigma_after_prefix = 20.0
+    floored = run(cfg)["variants"]["mamba_only"]["losses"]
+    assert plain[0] != floored[0]  # same weights and data, other noise levels after the prefix
+    with pytest.raises(ValueError, match="min_sigma_after_prefix"):
+        RecallBenchConfig(min_sigma_after_prefix=-1.0).validate()

@@ -249,7 +249,8 @@ def test_the_memory_pair_trains_two_models_from_scratch_at_an_equal_budget(dry_r
     args = ["--device", "cpu", "--minutes", "0.5", "--preset", "tiny", "--max-steps", "3", "--window", "8",
             "--batch-size", "4", "--val-episodes", "1", "--bench-seconds", "5", "--bench-batches", "1",
             "--bench-steps", "2", "--threads", "1"]  # fmt: skip
-    done = subprocess.run(["bash", "scripts/device/memory_pair.sh", *args], cwd=REPO, env=env, capture_output=True,
+    planned = ["--prev-frames", "0", "--min-sigma-after-prefix", "20"]  # the next memory lease's (docs/gpu.md)
+    done = subprocess.run(["bash", "scripts/device/memory_pair.sh", *args, *planned], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
     assert "UNEQUAL" not in done.stdout
@@ -260,6 +261,7 @@ def test_the_memory_pair_trains_two_models_from_scratch_at_an_equal_budget(dry_r
         assert json.loads((out / variant / "results.json").read_text())["train"]["steps"] == 3
         model, sidecar = load_world_model(out / variant)
         assert model.cfg.variant == variant and sidecar["step"] == 3
+        assert model.cfg.prev_frames == 0 and sidecar["train_config"]["min_sigma_after_prefix"] == 20
         params[variant] = model.num_parameters()
     assert model.cfg.ssm_blocks == () and model.cfg.mlp_ratio > 4.0  # widened: no SSM to spend them on
     assert abs(params["causal_window"] / params["lssvwm"] - 1) < 0.1, params
