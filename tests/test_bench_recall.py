@@ -57,7 +57,9 @@ def test_the_memory_floor_reaches_the_training_noise():
                             eval_sequences=8)
     plain = run(cfg)["variants"]["mamba_only"]["losses"]
     cfg.min_sigma_after_prefix = 20.0
-    floored = run(cfg)["variants"]["mamba_only"]["losses"]
+    results = run(cfg)
+    floored = results["variants"]["mamba_only"]["losses"]
+    assert "after the clean prefix >= sigma 20" in format_table(results)
     assert plain[0] != floored[0]  # same weights and data, other noise levels after the prefix
     with pytest.raises(ValueError, match="min_sigma_after_prefix"):
         RecallBenchConfig(min_sigma_after_prefix=-1.0).validate()

@@ -214,7 +214,9 @@ def format_table(results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = [f"Recall across {cfg['frames'] - 1} frames ({cfg['patterns']} cues, attention window "
              f"{cfg['attn_window']}, {cfg['steps']} steps of {cfg['batch_size']}, seed {cfg['seed']}; "
-             f"{cfg['eval_sequences']} held-out sequences)",
+             f"{cfg['eval_sequences']} held-out sequences"
+             + (f"; noise after the clean prefix >= sigma {cfg['min_sigma_after_prefix']:g}" if cfg["min_sigma_after_prefix"] else "")
+             + ")",
              f"  {'variant':<16}{'parameters':>12}{'recall mse':>12}{'accuracy':>10}{'blank mse':>11}{'train s':>9}"]
     for variant, r in results["variants"].items():
         lines.append(f"  {variant:<16}{r['parameters']:>12,}{r['recall_mse']:>12.3f}{r['recall_accuracy']:>10.2f}"
