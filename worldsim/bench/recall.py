@@ -103,10 +103,13 @@ class RecallBenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patterns < 2:
             raise ValueError(f"patterns must be >= 2 (one cue leaves nothing to remember), got {self.patterns}")
-        if self.min_sigma_after_prefix < 0:
-            raise ValueError(f"min_sigma_after_prefix must be >= 0, got {self.min_sigma_after_prefix}")
         if not (self.lr > 0 and 0 < self.p_long_context <= 1):
             raise ValueError(f"need lr > 0 and p_long_context in (0, 1], got {self.lr}, {self.p_long_context}")
+        self.forcing()  # the training noise's own checks (min_sigma_after_prefix), before any training
+
+    def forcing(self) -> ForcingConfig:
+        """The training noise: the world models' diffusion forcing with this task's settings."""
+        return ForcingConfig(p_long_context=self.p_long_context, min_sigma_after_prefix=self.min_sigma_after_prefix)
 
 
 def make_patterns(cfg: RecallBenchConfig) -> torch.Tensor:
@@ -140,7 +143,7 @@ def build_model(cfg: RecallBenchConfig, variant: str) -> WorldModel:
 def train(model: WorldModel, patterns: torch.Tensor, cfg: RecallBenchConfig, seed: int) -> list[float]:
     """Train on fresh sequences; the loss every 100 steps."""
     g = torch.Generator().manual_seed(seed)
-    forcing = ForcingConfig(p_long_context=cfg.p_long_context, min_sigma_after_prefix=cfg.min_sigma_after_prefix)
+    forcing = cfg.forcing()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = min(50, cfg.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, cfg.steps, warmup, 0.1))

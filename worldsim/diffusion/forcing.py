@@ -58,6 +58,14 @@ class ForcingConfig:
     of the real frames (`world_model_loss`): the direct path of every frame and the clean prefix
     the backbone reads. 0 = off (no extra passes, no extra random numbers)."""
 
+    def __post_init__(self) -> None:
+        # Checked here, once, so every user of a config (trainer, GPU job, benchmarks) fails on
+        # construction rather than at its first training step.
+        if self.min_sigma_after_prefix < 0:
+            raise ValueError(f"min_sigma_after_prefix must be >= 0, got {self.min_sigma_after_prefix}")
+        if not 0.0 <= self.p_long_context <= 1.0:
+            raise ValueError(f"p_long_context must be in [0, 1], got {self.p_long_context}")
+
 
 def sample_training_noise(
     batch: int,
@@ -72,10 +80,6 @@ def sample_training_noise(
     sigma = 0 and loss_mask False; every other frame has an independent log-normal sigma > 0 and
     loss_mask True. `device` defaults to the generator's device.
     """
-    if cfg.min_sigma_after_prefix < 0:
-        raise ValueError(f"min_sigma_after_prefix must be >= 0, got {cfg.min_sigma_after_prefix}")
-    if not 0.0 <= cfg.p_long_context <= 1.0:
-        raise ValueError(f"p_long_context must be in [0, 1], got {cfg.p_long_context}")
     shortest = T // 2 + 1  # strictly more than half the window
     longest = T - 1  # at least one noised frame, or the sample teaches nothing
     if cfg.p_long_context > 0 and shortest > longest:
