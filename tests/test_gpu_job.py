@@ -266,6 +266,20 @@ def test_the_memory_pair_trains_two_models_from_scratch_at_an_equal_budget(dry_r
     assert model.cfg.ssm_blocks == () and model.cfg.mlp_ratio > 4.0  # widened: no SSM to spend them on
     assert abs(params["causal_window"] / params["lssvwm"] - 1) < 0.1, params
 
+    # The pair goes on in a later lease: each model from its own checkpoint, the same sizes.
+    more = tmp_path / "more"
+    done = subprocess.run(["bash", "scripts/device/memory_pair.sh", *args, *planned, "--max-steps", "2"], cwd=REPO,
+                          env={**env, "OUT": str(more), "CONTINUE": str(out)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    for variant in ("lssvwm", "causal_window"):
+        model, sidecar = load_world_model(more / variant)
+        assert model.cfg.variant == variant and sidecar["step"] == 2 and model.num_parameters() == params[variant]
+        assert sidecar["train_config"]["init_from"] == str(out / variant)
+    missing = subprocess.run(["bash", "scripts/device/memory_pair.sh", *args], cwd=REPO,
+                             env={**env, "OUT": str(tmp_path / "none"), "CONTINUE": str(tmp_path / "nowhere")},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "has no lssvwm/checkpoint.json" in missing.stdout
+
     refused = subprocess.run(["bash", "scripts/device/train_gpu.sh", *args[:4], "--init-from", str(dry_run["bundle"]),
                               "--variant", "causal_window"], cwd=REPO, env={**env, "OUT": str(tmp_path / "no")},
                              capture_output=True, text=True, timeout=300)

@@ -4,7 +4,11 @@
 # GPU job with the same pack, steps, batch, window and seed. A lease is one call of ~9 minutes, so
 # the two share it instead of taking one call each; --max-steps makes the budget equal (the
 # learning-rate schedule runs over the steps, not the clock) and the summary says if a run fell
-# short of it. Arguments go to both jobs; VARIANTS picks the models, PACK the pack.
+# short of it. Arguments go to both jobs; VARIANTS picks the models, PACK the pack. CONTINUE names
+# the folder an earlier pair came back in (<variant>/ checkpoints, e.g. runs/gpu-pair-floor20):
+# each model then warm-starts from its own checkpoint there instead of from scratch, so a pair's
+# budget can span leases and stay equal (carry that folder too, and lower --lr / --warmup-steps
+# for the restart).
 #
 #   run(command="bash scripts/device/memory_pair.sh --window 64 --batch-size 128 --max-steps 1200 --minutes 8.6",
 #       carry=["runs/pack-revisit"], timeout_s=560)
@@ -24,8 +28,14 @@ trap 'rm -rf "$work"' EXIT
 pids=()
 for v in "${variants[@]}"; do
     mkdir -p "$work/$v"
-    OUT="$work/$v" bash scripts/device/train_gpu.sh --init-from none --variant "$v" \
-        --codec worldsim/assets/dream-memory-maze-9x9 --equal-parameters "$@" > "$work/$v.out" 2>&1 &
+    if [ -n "${CONTINUE:-}" ]; then
+        [ -f "$CONTINUE/$v/checkpoint.json" ] || { echo "CONTINUE=$CONTINUE has no $v/checkpoint.json"; exit 2; }
+        start=(--init-from "$CONTINUE/$v")  # a warm start keeps its model's size
+    else
+        start=(--init-from none --equal-parameters)
+    fi
+    OUT="$work/$v" bash scripts/device/train_gpu.sh "${start[@]}" --variant "$v" \
+        --codec worldsim/assets/dream-memory-maze-9x9 "$@" > "$work/$v.out" 2>&1 &
     pids+=("$!")
     echo "started $v (pid $!)"
 done
