@@ -199,6 +199,64 @@ def test_window_only_rows_score_the_last_window_of_context(setup, results):
     assert "window_only_gain" not in results["protocols"]["revisits"]
 
 
+def test_a_foreign_past_controls_for_a_warmed_up_state(setup, results):
+    """The control: the context's length kept, the frames before each model's window lent by a
+    target of another episode. A sliding window cannot tell (it never sees them); the LSSVWM's
+    state can, and its full-minus-foreign row is the paired difference."""
+    controlled = evaluate_memory(_cfg(setup, protocols=("revisits",), foreign_past=True))
+    block = controlled["protocols"]["revisits"]
+    rows, full = block["models"], results["protocols"]["revisits"]["models"]
+    assert set(rows) == {*WINDOWS, *(f"{label}, foreign past" for label in WINDOWS)}
+    assert np.isclose(rows["causal_window, foreign past"]["psnr"]["mean"], full["causal_window"]["psnr"]["mean"], atol=1e-3)
+    gain = block["foreign_past_gain"]
+    assert set(gain) == set(WINDOWS) and "window_only_gain" not in block
+    expected = rows["lssvwm"]["psnr"]["mean"] - rows["lssvwm, foreign past"]["psnr"]["mean"]
+    assert np.isclose(gain["lssvwm"]["psnr"]["mean"], expected, atol=1e-6)
+    table = format_table(controlled)
+    assert "lssvwm full - foreign" in table and "frames before the window from another episode" in table
+
+
+def test_the_foreign_past_comes_from_another_episode_and_keeps_the_own_action_into_the_window():
+    from worldsim.evaluation.memory import Target, foreign_donors, splice_past
+
+    targets = [Target(0, 20, 5), Target(0, 30, 9), Target(1, 25, 3), Target(0, 40, 12)]
+    donors = foreign_donors(targets)
+    assert [d.episode for d in donors] == [1, 1, 0, 1] and donors[2] is targets[3]
+    with pytest.raises(ValueError, match="at least two episodes"):
+        foreign_donors(targets[:2])
+    frames, lent = np.zeros((1, 6, 2, 2, 3), np.uint8), np.full((1, 4, 2, 2, 3), 9, np.uint8)
+    actions, lent_actions = np.arange(5)[None], 10 + np.arange(3)[None]
+    seen, acts = splice_past(frames, actions, lent, lent_actions, cut=3)
+    assert seen.shape == frames.shape and (seen[:, :3] == 9).all() and (seen[:, 3:] == 0).all()
+    assert acts.tolist() == [[10, 11, 2, 3, 4]]  # lent between lent frames; its own into frame 3 on
+    assert splice_past(frames, actions, lent, lent_actions, cut=0)[0] is frames
+
+
+def test_only_a_state_space_model_tells_a_foreign_past_from_its_own(setup):
+    """What the control measures: frames from another episode, placed beyond the reach of a sliding
+    window's attention stack (layers x window frames back), leave its next prediction exactly as it
+    was, and change the LSSVWM's (its state carried them). Nearer than that, attention over
+    attention reaches further back than one window: the `foreign_past` rows replace everything
+    before the window, so their difference includes that route too."""
+    from worldsim.envs.dream import load_dream_model
+    from worldsim.evaluation.memory import splice_past
+
+    store = EpisodeStore(setup[1])
+    own, other = store.read(0, 2, CONTEXT), store.read(1, 0, CONTEXT)
+    frames, actions = own["frames"][None], own["actions"][None, : CONTEXT - 1]
+    x, sigma = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.ones(1)
+    difference = {}
+    for variant, w in WINDOWS.items():
+        model, codec = load_dream_model(setup[0][variant])
+        reach = model.cfg.n_layers * WINDOWS["causal_window"]
+        seen, acts = splice_past(frames, actions, other["frames"][None], other["actions"][None, : CONTEXT - 1], CONTEXT - reach)
+        sessions = [prefill_session(model, codec, f, a, [1], 1, chunk=5) for f, a in ((frames, actions), (seen, acts))]
+        with torch.no_grad():
+            a, b = (model.step(x, sigma, torch.tensor([2]), s.cache, commit=False).denoised for s in sessions)
+        difference[variant] = (a - b).abs().max().item()
+    assert difference["causal_window"] < 1e-6 and difference["lssvwm"] > 1e-4, difference
+
+
 def test_a_model_without_a_window_is_ablated_at_the_widest_window_compared(setup, tmp_path):
     """mamba_only has no attention window: its window-only row keeps as many context frames as the
     widest finite window among the compared models, so its full-minus-window row asks what the

@@ -45,10 +45,19 @@ Ablation (`window_only`): each model also runs with only its last W context fram
 (W = its attention window; for a model without a finite one, mamba_only or causal_full, the
 widest finite window among the compared models, so its row answers the same question as the
 LSSVWM's: does anything from before those frames help?), the same targets and noise. Nothing from
-before the window reaches it, so the full-context score minus this one is what the model's state
-carried over from beyond its window: memory, measured on one set of weights. The results give it
+before the window reaches it, so the full-context score minus this one is what the model carried
+over from beyond its window: memory, measured on one set of weights. Its routes: the SSM state,
+and for frames up to layers x window back, attention over attention (each layer's keys were
+computed by a layer that saw one window further back); only a state reaches further. The results give it
 per target and by gap ("window_only_gain": full minus window only, mean and standard error of
 the paired differences).
+
+Control (`foreign_past`): each model also runs with its full context length, the frames before its
+window taken from another episode's context (the same targets and noise; the action into the
+first own frame is its own). A state that only helps by being warmed up, whatever it saw, scores
+the same with a foreign past; one that recalls this episode's earlier views does not. Full minus
+foreign past ("foreign_past_gain") is the memory of the episode itself; foreign past minus window
+only, what any past gives.
 
 Comparison: the first checkpoint named minus each other one, per target ("first_minus", mean and
 standard error of the paired differences): the LSSVWM against a baseline on the same targets and
@@ -133,6 +142,11 @@ class MemoryEvalConfig:
     finite window: the widest finite window compared; labelled "<label>, window only"): the same
     weights without anything from beyond the window, so the difference from the full context is
     what its state carried over (an ablation)."""
+    foreign_past: bool = False
+    """Also score each model with the context frames before its window (as `window_only` counts
+    them) taken from another episode's context, labelled "<label>, foreign past": full minus this
+    is what its state kept of this episode's own past, apart from any gain of a warmed-up state (a
+    control; needs targets in at least two episodes)."""
     out_dir: str | None = None
     """Folder for memory.json and the PNG plots; None writes nothing."""
     device: str = "auto"
@@ -272,6 +286,31 @@ def select_targets(candidates: list[Target], episode_steps: np.ndarray, gap: int
 
 # ------------------------------------------------------------------------------ predictions
 @torch.no_grad()
+def foreign_donors(targets: list[Target]) -> list[Target]:
+    """For each target, the next one in the list (cyclically) from another episode: whose context
+    lends the frames before the window in the `foreign_past` control."""
+    donors = []
+    for j, target in enumerate(targets):
+        others = (targets[(j + k) % len(targets)] for k in range(1, len(targets)))
+        donor = next((t for t in others if t.episode != target.episode), None)
+        if donor is None:
+            raise ValueError("foreign_past needs targets in at least two episodes; every target is in "
+                             f"episode {target.episode} (more episodes, or a larger max_targets)")
+        donors.append(donor)
+    return donors
+
+
+def splice_past(frames: np.ndarray, actions: np.ndarray, donor_frames: np.ndarray, donor_actions: np.ndarray,
+                cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `cut` frames (and the actions between them) from the donor windows, the rest and
+    the action into frame `cut` from the own ones; action i leads to frame i + 1."""
+    if cut < 1:
+        return frames, actions
+    return (np.concatenate([donor_frames[:, :cut], frames[:, cut:]], axis=1),
+            np.concatenate([donor_actions[:, : cut - 1], actions[:, cut - 1 :]], axis=1))
+
+
+@torch.no_grad()
 def prefill_session(model, codec, frames: np.ndarray, actions: np.ndarray, seeds: list[int],
                     sampler_steps: int, chunk: int):
     """A `RolloutSession` whose B streams have seen frames (B, C, H, W, 3) with actions (B, C - 1[, D]),
@@ -404,7 +443,7 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
     length = cfg.context + cfg.horizon
     results: dict[str, Any] = {"config": asdict(cfg), "device": str(device), "attention_windows": windows,
                                "qualifying_gap": gap, "protocols": {}}
-    if cfg.window_only:  # context frames each model keeps in the ablation
+    if cfg.window_only or cfg.foreign_past:  # context frames each model keeps from its own episode
         results["ablation_windows"] = {label: ablation_window(windows, label) for label in models}
     retention: dict[str, list] = {}
     results["state_retention"] = retention  # per model: its SSM heads' frames to 1/e (state_retention)
@@ -416,11 +455,16 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
             plan[protocol] = (candidates, *select_targets(candidates, store.episode_steps, gap, cfg, protocol))
         for protocol, (candidates, targets, excluded) in plan.items():
             gaps = np.array([t.gap for t in targets])
-            runs = [(label, label, None) for label in models]  # (row label, model, context frames kept)
+            # (row label, model, context frames kept from its own episode, the rest from another one?)
+            runs = [(label, label, None, False) for label in models]
             if cfg.window_only:
-                runs += [(f"{label}, window only", label, kept) for label in models
+                runs += [(f"{label}, window only", label, kept, False) for label in models
                          if (kept := ablation_window(windows, label)) is not None]
-            model_scores: dict[str, dict[str, list]] = {row: {} for row, _, _ in runs}
+            if cfg.foreign_past:
+                donors = foreign_donors(targets)
+                runs += [(f"{label}, foreign past", label, kept, True) for label in models
+                         if (kept := ablation_window(windows, label)) is not None]
+            model_scores: dict[str, dict[str, list]] = {row: {} for row, *_ in runs}
             ref_scores: dict[str, dict[str, list]] = {name: {} for name in REFERENCES}
             bar = tqdm(total=len(targets) * len(runs), desc=f"eval memory ({protocol})", unit="target",
                        disable=not progress, dynamic_ncols=True)
@@ -429,16 +473,23 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
                 frames, actions = read_windows(store, [Window(t.episode, t.t_now - cfg.context, t.seed) for t in chunk],
                                                length)
                 real = torch.as_tensor(frames[:, cfg.context :])
+                if cfg.foreign_past:
+                    lent = read_windows(store, [Window(d.episode, d.t_now - cfg.context, d.seed)
+                                                for d in donors[i : i + cfg.batch_size]], cfg.context)
                 for name, scores in reference_scores(frames, chunk, cfg.context).items():
                     for metric, v in scores.items():
                         ref_scores[name].setdefault(metric, []).append(v)
-                for row, label, kept in runs:
+                for row, label, kept, foreign in runs:
                     model, codec = models[label]
                     cut = 0 if kept is None else cfg.context - min(kept, cfg.context)  # frames left out in front
+                    if foreign:  # the same length of context, its first `cut` frames from the donors
+                        seen, acts = splice_past(frames, actions, *lent, cut)
+                    else:
+                        seen, acts = frames[:, cut:], actions[:, cut:]
                     # The first full-context prefill also measures how long the model's SSM heads keep their state.
                     measure = kept is None and label not in retention
                     with SSMRetention(model) if measure else contextlib.nullcontext() as recorder:
-                        dreamed = dream_targets(model, codec, frames[:, cut:], actions[:, cut:], cfg.context - cut,
+                        dreamed = dream_targets(model, codec, seen, acts, seen.shape[1] - cfg.horizon,
                                                 [t.seed for t in chunk], cfg.sampler_steps, cfg.prefill_chunk)
                     if measure:
                         retention[label] = recorder.summary()
@@ -464,7 +515,10 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
             results["protocols"][protocol]["first_minus"] = {label: paired(first, label) for label in others}
             if cfg.window_only:  # full context minus window only: the memory
                 results["protocols"][protocol]["window_only_gain"] = {
-                    label: paired(label, row) for row, label, kept in runs if kept is not None}
+                    label: paired(label, row) for row, label, kept, foreign in runs if kept is not None and not foreign}
+            if cfg.foreign_past:  # full context minus a foreign past: the memory of this episode
+                results["protocols"][protocol]["foreign_past_gain"] = {
+                    label: paired(label, row) for row, label, _, foreign in runs if foreign}
     finally:
         store.close()
     results["seconds"] = time.perf_counter() - start
@@ -504,6 +558,8 @@ def format_table(results: dict[str, Any]) -> str:
         if "ablation_windows" in results:
             kept = ", ".join(f"{label} {w}" for label, w in results["ablation_windows"].items() if w)
             lines.append(f"    window only: the last context frames kept: {kept}")
+        if "foreign_past_gain" in block:
+            lines.append("    foreign past: the same context length, the frames before the window from another episode")
         refs = block["references"]
         if refs["earlier_visit"]["psnr"]["mean"] <= refs["copy_last"]["psnr"]["mean"]:
             hint = " (tighter --pos-tol / --dir-tol-deg)" if protocol == "retrieval" else ""
@@ -511,7 +567,8 @@ def format_table(results: dict[str, Any]) -> str:
                          f"these targets leave little for memory to gain{hint}")
         first_label = next(iter(block["models"]))
         paired_rows = [*((f"{first_label} - {label}", gain) for label, gain in block.get("first_minus", {}).items()),
-                       *((f"{label} full - window", gain) for label, gain in block.get("window_only_gain", {}).items())]
+                       *((f"{label} full - window", gain) for label, gain in block.get("window_only_gain", {}).items()),
+                       *((f"{label} full - foreign", gain) for label, gain in block.get("foreign_past_gain", {}).items())]
         for name, gain in paired_rows:
             cells = "".join(f"{b['psnr']['mean']:>+10.2f} {_sem_text(b['psnr']['sem'])}" for b in gain["buckets"])
             lines.append(f"    {name:<24}{cells}{gain['psnr']['mean']:>+10.2f} "
