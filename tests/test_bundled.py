@@ -277,3 +277,24 @@ def test_the_shipped_bundle_loads_and_dreams(monkeypatch):
     for _ in range(3):
         obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
         assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8 and np.isfinite(reward)
+
+
+def test_the_shipped_memory_pair_is_an_equal_budget_comparison():
+    """The memory comparison's two models (issue 13), shipped so `worldsim eval memory` reproduces
+    the README's table offline and the next lease continues them (memory_pair.sh CONTINUE=): intact
+    files, the variants they claim at parameters within 10%, trained alike, each under 10 MiB."""
+    from worldsim.bundled import PACKAGE_BUNDLE_DIR, bundle_bytes, load_bundle_model, read_manifest
+
+    pair = PACKAGE_BUNDLE_DIR.parent / "memory-pair-9x9"
+    models, provenance = {}, {}
+    for variant in ("lssvwm", "causal_window"):
+        folder = pair / variant
+        models[variant], _ = load_bundle_model(folder)  # checks every file's sha256
+        manifest = read_manifest(folder)
+        provenance[variant] = {k: manifest["provenance"][k] for k in ("step", "training_datasets", "window")}
+        assert models[variant].cfg.variant == variant and bundle_bytes(folder) < 10 * 2**20
+        assert manifest["metrics"]["training"]["steps"] == 2500 and manifest["metrics"]["memory"]["targets"] == 76
+    assert provenance["lssvwm"] == provenance["causal_window"]
+    sizes = {v: m.num_parameters() for v, m in models.items()}
+    assert abs(sizes["causal_window"] / sizes["lssvwm"] - 1) < 0.1, sizes
+    assert models["lssvwm"].cfg.prev_frames == models["causal_window"].cfg.prev_frames == 0

@@ -278,7 +278,7 @@ def test_the_memory_pair_trains_two_models_from_scratch_at_an_equal_budget(dry_r
     missing = subprocess.run(["bash", "scripts/device/memory_pair.sh", *args], cwd=REPO,
                              env={**env, "OUT": str(tmp_path / "none"), "CONTINUE": str(tmp_path / "nowhere")},
                              capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 2 and "has no lssvwm/checkpoint.json" in missing.stdout
+    assert missing.returncode == 2 and "has no lssvwm/checkpoint.json nor lssvwm/model.json" in missing.stdout
 
     refused = subprocess.run(["bash", "scripts/device/train_gpu.sh", *args[:4], "--init-from", str(dry_run["bundle"]),
                               "--variant", "causal_window"], cwd=REPO, env={**env, "OUT": str(tmp_path / "no")},

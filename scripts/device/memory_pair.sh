@@ -5,10 +5,11 @@
 # the two share it instead of taking one call each; --max-steps makes the budget equal (the
 # learning-rate schedule runs over the steps, not the clock) and the summary says if a run fell
 # short of it. Arguments go to both jobs; VARIANTS picks the models, PACK the pack. CONTINUE names
-# the folder an earlier pair came back in (<variant>/ checkpoints, e.g. runs/gpu-pair-floor20):
-# each model then warm-starts from its own checkpoint there instead of from scratch, so a pair's
-# budget can span leases and stay equal (carry that folder too, and lower --lr / --warmup-steps
-# for the restart).
+# a folder with one checkpoint or bundle per variant in <variant>/ (the shipped pair,
+# worldsim/assets/memory-pair-9x9, or a folder an earlier pair came back in): each model then
+# warm-starts from its own one there instead of from scratch, so a pair's budget can span leases
+# and stay equal (carry that folder if it is not in the repository, and lower --lr /
+# --warmup-steps for the restart).
 #
 #   run(command="bash scripts/device/memory_pair.sh --window 64 --batch-size 128 --max-steps 1200 --minutes 8.6",
 #       carry=["runs/pack-revisit"], timeout_s=560)
@@ -29,7 +30,8 @@ pids=()
 for v in "${variants[@]}"; do
     mkdir -p "$work/$v"
     if [ -n "${CONTINUE:-}" ]; then
-        [ -f "$CONTINUE/$v/checkpoint.json" ] || { echo "CONTINUE=$CONTINUE has no $v/checkpoint.json"; exit 2; }
+        [ -f "$CONTINUE/$v/checkpoint.json" ] || [ -f "$CONTINUE/$v/model.json" ] ||
+            { echo "CONTINUE=$CONTINUE has no $v/checkpoint.json nor $v/model.json (a bundle)"; exit 2; }
         start=(--init-from "$CONTINUE/$v")  # a warm start keeps its model's size
     else
         start=(--init-from none --equal-parameters)
