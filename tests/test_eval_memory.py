@@ -213,7 +213,8 @@ def test_a_foreign_past_controls_for_a_warmed_up_state(setup, results):
     expected = rows["lssvwm"]["psnr"]["mean"] - rows["lssvwm, foreign past"]["psnr"]["mean"]
     assert np.isclose(gain["lssvwm"]["psnr"]["mean"], expected, atol=1e-6)
     table = format_table(controlled)
-    assert "lssvwm full - foreign" in table and "frames before the window from another episode" in table
+    assert "lssvwm full - foreign" in table and "foreign past: the same context length, all but the last frames (lssvwm 3" in table
+    assert "window only: the last context frames kept" not in table
 
 
 def test_the_foreign_past_comes_from_another_episode_and_keeps_the_own_action_into_the_window():

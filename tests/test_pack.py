@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -157,3 +158,23 @@ def test_pack_command(dataset, tmp_path):
     assert open_pack(tmp_path / "p").manifest["video"]["crf"] == 18
     again = CliRunner().invoke(app, ["pack", dataset, "--out", str(tmp_path / "p")])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_the_default_cap_fits_a_call_beside_the_repository():
+    """A lent machine's call carries 64 MiB: the repository's tracked files plus the pack. The
+    default cap must leave room for the repository as it is (bundles grow it), and the CLI's
+    default must be the library's."""
+    import inspect
+    import subprocess
+
+    from worldsim.commands.pack import pack as pack_command
+    from worldsim.data.pack import DEFAULT_MAX_MIB
+
+    assert inspect.signature(pack_command).parameters["max_mib"].default.default == DEFAULT_MAX_MIB
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: the repository's size is unknown")
+    tracked = sum((root / name).stat().st_size for name in listed.stdout.decode().split("\0")
+                  if name and (root / name).is_file())
+    assert tracked + DEFAULT_MAX_MIB * 2**20 <= 64 * 2**20 - 2**20, (tracked / 2**20, DEFAULT_MAX_MIB)

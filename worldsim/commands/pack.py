@@ -10,7 +10,7 @@ import typer
 def pack(
     dataset: list[str] = typer.Argument(..., help="Minari dataset ids or folders (same action space and frame size)."),
     out: Path = typer.Option(..., "--out", "-o", help="Pack folder to create, e.g. runs/pack-mm9."),
-    max_mib: float = typer.Option(45.0, help="Cap on the pack's size: later episodes are cut or dropped to fit (said so). 0: no cap."),
+    max_mib: float = typer.Option(38.0, help="Cap on the pack's size (the default fits a lent machine's call beside the repository): later episodes are cut or dropped to fit (said so). 0: no cap."),
     crf: int = typer.Option(12, min=0, max=51, help="x264 constant rate factor: lower is larger and closer to the raw frames."),
     pix_fmt: str = typer.Option("yuv444p", help="yuv444p (full-resolution colour) or yuv420p."),
     episodes: int | None = typer.Option(None, min=1, help="Pack only the first N episodes."),

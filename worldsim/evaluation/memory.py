@@ -48,8 +48,8 @@ LSSVWM's: does anything from before those frames help?), the same targets and no
 before the window reaches it, so the full-context score minus this one is what the model carried
 over from beyond its window: memory, measured on one set of weights. Its routes: the SSM state,
 and for frames up to layers x window back, attention over attention (each layer's keys were
-computed by a layer that saw one window further back); only a state reaches further. The results give it
-per target and by gap ("window_only_gain": full minus window only, mean and standard error of
+computed by a layer that saw one window further back); only a state reaches further. The results
+give it per target and by gap ("window_only_gain": full minus window only, mean and standard error of
 the paired differences).
 
 Control (`foreign_past`): each model also runs with its full context length, the frames before its
@@ -285,7 +285,6 @@ def select_targets(candidates: list[Target], episode_steps: np.ndarray, gap: int
 
 
 # ------------------------------------------------------------------------------ predictions
-@torch.no_grad()
 def foreign_donors(targets: list[Target]) -> list[Target]:
     """For each target, the next one in the list (cyclically) from another episode: whose context
     lends the frames before the window in the `foreign_past` control."""
@@ -557,9 +556,10 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"    targets per bucket: {[b['count'] for b in first['buckets']]}")
         if "ablation_windows" in results:
             kept = ", ".join(f"{label} {w}" for label, w in results["ablation_windows"].items() if w)
-            lines.append(f"    window only: the last context frames kept: {kept}")
-        if "foreign_past_gain" in block:
-            lines.append("    foreign past: the same context length, the frames before the window from another episode")
+            if "window_only_gain" in block:
+                lines.append(f"    window only: the last context frames kept: {kept}")
+            if "foreign_past_gain" in block:
+                lines.append(f"    foreign past: the same context length, all but the last frames ({kept}) from another episode")
         refs = block["references"]
         if refs["earlier_visit"]["psnr"]["mean"] <= refs["copy_last"]["psnr"]["mean"]:
             hint = " (tighter --pos-tol / --dir-tol-deg)" if protocol == "retrieval" else ""
