@@ -325,6 +325,13 @@ def test_chunked_prefill_builds_the_one_shot_state(setup):
 def test_json_and_png_are_written(results):
     import matplotlib.pyplot as plt
 
+    from worldsim.evaluation.memory import window_markers
+
+    # The plots mark each model's window and how far its attention stack reaches (tiny: 2 layers).
+    assert results["attention_reach"] == {label: 2 * w for label, w in WINDOWS.items()}
+    assert window_markers(results) == [("lssvwm", "window", 3), ("lssvwm", "attention reach", 6),
+                                       ("causal_window", "window", 4), ("causal_window", "attention reach", 8)]
+
     with open(results["json"]) as f:
         assert json.load(f) == json.loads(json.dumps(results))  # the file is the results, plain JSON
     assert set(results["plots"]) == {"revisits", "retrieval"}

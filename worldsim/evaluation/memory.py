@@ -189,6 +189,26 @@ def attention_window(model_cfg) -> int | None:
     return model_cfg.attn_window if model_cfg.has_attention else None
 
 
+def attention_reach(model_cfg) -> int | None:
+    """How far back attention alone can carry a frame: layers x window (each layer's keys were made
+    by a layer that saw one window further back); beyond it only a state can. None: no finite window."""
+    window = attention_window(model_cfg)
+    return None if window is None else model_cfg.n_layers * window
+
+
+def window_markers(results: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(model, "window" | "attention reach", gap) for every compared model with a finite window:
+    what the plots mark on the gap axis."""
+    reach = results.get("attention_reach", {})
+    marks = []
+    for label, window in results["attention_windows"].items():
+        if window:
+            marks.append((label, "window", window))
+            if reach.get(label):
+                marks.append((label, "attention reach", reach[label]))
+    return marks
+
+
 def ablation_window(windows: dict[str, int | None], label: str) -> int | None:
     """Context frames a model keeps in the window-only ablation: its attention window, or for a
     model without a finite one the widest finite window compared (None: no window anywhere)."""
@@ -383,7 +403,8 @@ def summarize(per_target: dict[str, np.ndarray], gaps: np.ndarray, edges: tuple[
 
 
 def plot_protocol(results: dict[str, Any], protocol: str, path: Path) -> Path:
-    """PSNR and SSIM against the gap (log axis), one line per model, the references dashed."""
+    """PSNR and SSIM against the gap (log axis), one line per model, the references dashed; each
+    model's attention window (dotted) and its attention stack's reach (dash-dot) marked in its colour."""
     import matplotlib  # optional (docs/architecture.md); also pyplot must load after use("Agg")
 
     matplotlib.use("Agg")  # files only: no display on servers
@@ -395,11 +416,15 @@ def plot_protocol(results: dict[str, Any], protocol: str, path: Path) -> Path:
     series += [(f"{name} (reference)", s, "--") for name, s in block["references"].items()]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, unit in zip(axes, ("psnr", "ssim"), (" (dB)", "")):
+        colours = {}
         for label, s, style in series:
             x = [b["mean_gap"] for b in s["buckets"]]
             y = [b[metric]["mean"] for b in s["buckets"]]
             err = [b[metric]["sem"] or 0.0 for b in s["buckets"]]
-            ax.errorbar(x, y, yerr=err, fmt=style, label=label, capsize=3)
+            colours[label] = ax.errorbar(x, y, yerr=err, fmt=style, label=label, capsize=3).lines[0].get_color()
+        for label, kind, gap in window_markers(results):
+            ax.axvline(gap, color=colours.get(label, "grey"), linestyle=":" if kind == "window" else "-.",
+                       linewidth=1, label=f"{label} {kind} ({gap})")
         ax.set_xscale("log")
         # Ticks at the buckets' mean gaps, in plain numbers (log-axis defaults read "6 x 10^0").
         ax.set_xticks(sorted({round(b["mean_gap"]) for _, s, _ in series for b in s["buckets"]}))
@@ -408,10 +433,13 @@ def plot_protocol(results: dict[str, Any], protocol: str, path: Path) -> Path:
         ax.set_xlabel("steps since the earlier visit (gap)")
         ax.set_ylabel(metric.upper() + unit)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()  # below the plots: the lines need the room
+    rows = -(-len(labels) // 3)
+    fig.set_size_inches(10, 4 + 0.22 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(f"{protocol}: {block['targets']} targets, context {results['config']['context']}, "
                  f"horizon {results['config']['horizon']}, gap > {results['qualifying_gap']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22 * rows / (4 + 0.22 * rows) + 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -441,6 +469,7 @@ def evaluate_memory(cfg: MemoryEvalConfig, progress: bool = False) -> dict[str, 
 
     length = cfg.context + cfg.horizon
     results: dict[str, Any] = {"config": asdict(cfg), "device": str(device), "attention_windows": windows,
+                               "attention_reach": {label: attention_reach(m.cfg) for label, (m, _) in models.items()},
                                "qualifying_gap": gap, "protocols": {}}
     if cfg.window_only or cfg.foreign_past:  # context frames each model keeps from its own episode
         results["ablation_windows"] = {label: ablation_window(windows, label) for label in models}
