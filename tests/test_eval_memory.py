@@ -233,28 +233,34 @@ def test_the_foreign_past_comes_from_another_episode_and_keeps_the_own_action_in
     assert splice_past(frames, actions, lent, lent_actions, cut=0)[0] is frames
 
 
+def _next_prediction_difference(run_dir: str, first: tuple, second: tuple) -> float:
+    """Largest difference between a model's next-frame estimates (the same noisy input, sigma and
+    action) after committing two contexts (frames (1, C, H, W, 3), actions (1, C - 1))."""
+    from worldsim.envs.dream import load_dream_model
+
+    model, codec = load_dream_model(run_dir)
+    x, sigma = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.ones(1)
+    with torch.no_grad():
+        a, b = (model.step(x, sigma, torch.tensor([2]), prefill_session(model, codec, f, acts, [1], 1, chunk=CONTEXT).cache,
+                           commit=False).denoised for f, acts in (first, second))
+    return (a - b).abs().max().item()
+
+
 def test_only_a_state_space_model_tells_a_foreign_past_from_its_own(setup):
     """What the control measures: frames from another episode, placed beyond the reach of a sliding
     window's attention stack (layers x window frames back), leave its next prediction exactly as it
     was, and change the LSSVWM's (its state carried them). Nearer than that, attention over
     attention reaches further back than one window: the `foreign_past` rows replace everything
     before the window, so their difference includes that route too."""
-    from worldsim.envs.dream import load_dream_model
-    from worldsim.evaluation.memory import splice_past
+    from worldsim.evaluation.memory import attention_reach, splice_past
+    from worldsim.train.checkpoint import load_world_model
 
     store = EpisodeStore(setup[1])
     own, other = store.read(0, 2, CONTEXT), store.read(1, 0, CONTEXT)
     frames, actions = own["frames"][None], own["actions"][None, : CONTEXT - 1]
-    x, sigma = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.ones(1)
-    difference = {}
-    for variant, w in WINDOWS.items():
-        model, codec = load_dream_model(setup[0][variant])
-        reach = model.cfg.n_layers * WINDOWS["causal_window"]
-        seen, acts = splice_past(frames, actions, other["frames"][None], other["actions"][None, : CONTEXT - 1], CONTEXT - reach)
-        sessions = [prefill_session(model, codec, f, a, [1], 1, chunk=5) for f, a in ((frames, actions), (seen, acts))]
-        with torch.no_grad():
-            a, b = (model.step(x, sigma, torch.tensor([2]), s.cache, commit=False).denoised for s in sessions)
-        difference[variant] = (a - b).abs().max().item()
+    reach = attention_reach(load_world_model(setup[0]["causal_window"])[0].cfg)
+    spliced = splice_past(frames, actions, other["frames"][None], other["actions"][None, : CONTEXT - 1], CONTEXT - reach)
+    difference = {variant: _next_prediction_difference(setup[0][variant], (frames, actions), spliced) for variant in WINDOWS}
     assert difference["causal_window"] < 1e-6 and difference["lssvwm"] > 1e-4, difference
 
 
@@ -287,20 +293,11 @@ def test_only_a_state_space_model_carries_anything_from_beyond_its_window(setup)
     """What the ablation measures: committing just the last W context frames leaves a sliding-window
     model's next prediction as it was up to rounding (it sees nothing older; its frame positions
     shift), and changes LSSVWM's (its state carried the older frames)."""
-    from worldsim.envs.dream import load_dream_model
-
     steps = EpisodeStore(setup[1]).read(0, 2, CONTEXT)
     frames, actions = steps["frames"][None], steps["actions"][None, : CONTEXT - 1]
-    x, sigma = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.ones(1)
-    difference = {}
-    for variant, w in WINDOWS.items():
-        model, codec = load_dream_model(setup[0][variant])
-        full = prefill_session(model, codec, frames, actions, [1], 1, chunk=CONTEXT)
-        cut = prefill_session(model, codec, frames[:, -w:], actions[:, -(w - 1):], [1], 1, chunk=CONTEXT)
-        with torch.no_grad():
-            a = model.step(x, sigma, torch.tensor([2]), full.cache, commit=False).denoised
-            b = model.step(x, sigma, torch.tensor([2]), cut.cache, commit=False).denoised
-        difference[variant] = (a - b).abs().max().item()
+    difference = {variant: _next_prediction_difference(setup[0][variant], (frames, actions),
+                                                       (frames[:, -w:], actions[:, -(w - 1):]))
+                  for variant, w in WINDOWS.items()}
     assert difference["causal_window"] < 1e-3 and difference["lssvwm"] > 10 * difference["causal_window"], difference
 
 
