@@ -15,6 +15,7 @@ from worldsim.codec.checkpoint import load_codec
 from worldsim.commands.evaluate import eval_app
 from worldsim.data.episode_store import EpisodeStore
 from worldsim.data.minari_writer import DatasetWriter, Episode
+from worldsim.evaluation.metrics import sharpness
 from worldsim.evaluation.prediction import (
     PredictionEvalConfig,
     Window,
@@ -116,6 +117,27 @@ def test_codec_ceiling_equals_psnr_of_its_reconstruction(setup, results):
     got = results["psnr"]["codec"]
     assert np.allclose(got["curve"], expect.mean(axis=0), atol=1e-4)
     assert np.isclose(got["mean"], expect.mean(), atol=1e-4)
+
+
+def test_sharpness_is_a_share_of_the_real_targets(setup, results):
+    """Each model row's sharpness is its frames' gradient energy over the real targets', per step
+    (ratio of the means over windows); the codec row equals a direct computation, the copy
+    baselines (real frames) get none, and step 1 is the same frame for both loops."""
+    frames = _direct_windows(setup, results)
+    targets = frames[:, CONTEXT:].flatten(0, 1)
+    codec = load_codec(setup[1])
+    with torch.no_grad():
+        recon = codec.decode(codec.encode(targets), as_uint8=True)
+    real = sharpness(targets).reshape(-1, HORIZON).numpy()
+    ceiling = sharpness(recon).reshape(-1, HORIZON).numpy()
+    got = results["sharpness"]
+    assert set(got) == {"teacher_forced", "open_loop", "codec"}
+    assert np.allclose(got["codec"]["curve"], ceiling.mean(axis=0) / real.mean(axis=0), rtol=1e-6)
+    assert np.isclose(got["codec"]["mean"], ceiling.mean() / real.mean(), rtol=1e-6)
+    assert np.isclose(results["sharpness_real"], real.mean(), rtol=1e-6)
+    assert got["teacher_forced"]["curve"][0] == got["open_loop"]["curve"][0]
+    assert all(x >= 0 for s in got.values() for x in s["curve"]) and list(got["codec"]["at"]) == ["1", "4", "5"]
+    assert "sharpness, share of the real targets'" in format_table(results)
 
 
 def test_same_seed_same_numbers_other_seed_other_starts(setup, results):

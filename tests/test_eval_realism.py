@@ -22,8 +22,8 @@ from worldsim.evaluation.realism import (
     format_table,
     frechet_distance,
     random_walk_actions,
-    sharpness,
 )
+from worldsim.evaluation.metrics import MAZE_BORDER, sharpness
 from tiny_world import save_tiny_run
 
 
@@ -67,6 +67,8 @@ def test_sharpness_ignores_the_border_and_checks_its_input():
         sharpness(frames.float())
     with pytest.raises(ValueError, match="interior"):
         sharpness(frames, border=8)
+    # The realism config repeats the default as a literal (the CLI reads defaults from the source).
+    assert RealismEvalConfig(checkpoint="m", dataset="d").border == MAZE_BORDER
 
 
 def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_blur(maze_frames):

@@ -1,4 +1,5 @@
-"""Per-frame image scores of uint8 frames (N, H, W, C) against reference frames: PSNR and SSIM.
+"""Per-frame image scores of uint8 frames (N, H, W, C): PSNR and SSIM against reference frames, and
+sharpness (mean squared luminance gradient), which needs none.
 
 SSIM is the standard one of Wang et al. 2004 ("Image quality assessment: from error visibility to
 structural similarity"): local means, variances and covariance under an 11 x 11 Gaussian window
@@ -11,6 +12,7 @@ use_sample_covariance=False, data_range=255, channel_axis=-1)` up to the border 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,10 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 DATA_RANGE = 255.0
+LUMA = (0.299, 0.587, 0.114)
+MAZE_BORDER = 4
+"""Pixels a sharpness score leaves out at each edge: Memory Maze draws the target colour there as a
+flat frame, which no model gets wrong."""
 
 
 def psnr(reference: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
@@ -66,3 +72,22 @@ def _check_pair(reference: torch.Tensor, prediction: torch.Tensor) -> None:
     if reference.shape != prediction.shape or reference.ndim != 4:
         raise ValueError(f"need two (N, H, W, C) batches of one shape, got {tuple(reference.shape)} "
                          f"and {tuple(prediction.shape)}")
+
+
+def sharpness(frames: torch.Tensor | np.ndarray, border: int = MAZE_BORDER) -> torch.Tensor:
+    """Mean squared luminance gradient of uint8 frames (N, H, W, 3) inside `border` -> (N,) float64.
+
+    Luminance in [0, 1]; horizontal and vertical forward differences, each squared and averaged
+    over the interior, then summed.
+    """
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"sharpness takes uint8 frames (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    if border < 0 or 2 * border + 2 > min(x.shape[1:3]):
+        raise ValueError(f"border {border} leaves no interior in {tuple(x.shape[1:3])} frames")
+    y = (x.double() / 255.0) @ torch.tensor(LUMA, dtype=torch.float64)  # (N, H, W)
+    if border:
+        y = y[:, border:-border, border:-border]
+    gx = (y[:, :, 1:] - y[:, :, :-1]).square().flatten(1).mean(1)
+    gy = (y[:, 1:, :] - y[:, :-1, :]).square().flatten(1).mean(1)
+    return gx + gy

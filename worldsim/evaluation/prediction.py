@@ -35,6 +35,13 @@ tokens). Each half-open loop gives one route the real frames and the other the m
 Whichever scores nearer the teacher-forced row is the route the model can lean on; the other one
 carries the open-loop error.
 
+PSNR rewards blur (a sampler returning the model's mean estimate scores higher and looks worse), so
+every prediction row also gets its **sharpness** per step: the image-gradient energy of the
+predicted frames (`metrics.sharpness`, Memory Maze's border left out) as a share of the real
+target frames' at the same step, the ratio of the means over windows. The codec ceiling row shows
+how much of it a latent model can keep; a row that keeps the teacher-forced level in open loop does
+not blur as it dreams.
+
 All model predictions start from the same prefilled cache with the same generator states, so at
 t = 1 teacher forcing and open loop predict the very same frame. PSNR values are averaged per
 frame (the convention of video-prediction papers, and the paper's Memory Maze tables); identical
@@ -57,6 +64,7 @@ from tqdm import tqdm
 
 from worldsim.codec.autoencoder import psnr
 from worldsim.data.episode_store import EpisodeStore
+from worldsim.evaluation.metrics import sharpness
 from worldsim.loading import load_dream_model
 from worldsim.rollout.session import RolloutSession
 from worldsim.train.distributed import resolve_device
@@ -232,23 +240,33 @@ def _frame_psnr(reference: torch.Tensor, prediction: torch.Tensor) -> np.ndarray
     return psnr(reference.flatten(0, 1), prediction.flatten(0, 1)).double().reshape(B, H).numpy()
 
 
+def _frame_sharpness(frames: torch.Tensor) -> np.ndarray:
+    """Sharpness of uint8 (B, H, ...) frames -> (B, H) float64."""
+    B, H = frames.shape[:2]
+    return sharpness(frames.flatten(0, 1)).reshape(B, H).numpy()
+
+
 @torch.no_grad()
 def score_windows(model, codec, frames: np.ndarray, actions: np.ndarray, context: int,
                   sampler_steps: int, seeds: list[int], sampler: dict | None = None,
-                  pathways: bool = False) -> dict[str, np.ndarray]:
-    """PSNR (B, H) per window and target step for each of the predictions (module doc)."""
+                  pathways: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """PSNR and sharpness, each (B, H) per window and target step, for each of the predictions
+    (module doc). The sharpness dict also holds the real targets' own ("real"); the copy baselines
+    are real frames and get none."""
     predicted = predict_windows(model, codec, frames, actions, context, sampler_steps, seeds, sampler, pathways)
     device = codec.latent_mean.device
     targets = torch.as_tensor(frames[:, context:])  # (B, H, H, W, 3)
     ceiling = codec.decode(codec.encode(targets.to(device)), as_uint8=True).cpu()
     last = torch.as_tensor(frames[:, context - 1 : context]).expand_as(targets)
     previous = torch.as_tensor(frames[:, context - 1 : -1])  # the real frame before each target
-    return {
-        **{name: _frame_psnr(targets, frames_) for name, frames_ in predicted.items()},
-        "codec": _frame_psnr(targets, ceiling),
+    modelled = {**predicted, "codec": ceiling}
+    psnr_ = {
+        **{name: _frame_psnr(targets, frames_) for name, frames_ in modelled.items()},
         "copy_last": _frame_psnr(targets, last),
         "copy_previous": _frame_psnr(targets, previous),
     }
+    sharp = {"real": _frame_sharpness(targets), **{name: _frame_sharpness(f) for name, f in modelled.items()}}
+    return psnr_, sharp
 
 
 # ------------------------------------------------------------------------------ the evaluation
@@ -268,6 +286,18 @@ def _summary(per_window: np.ndarray, horizon: int) -> dict[str, Any]:
     }
 
 
+def _sharpness_summary(per_window: np.ndarray, real: np.ndarray, horizon: int) -> dict[str, Any]:
+    """(N, H) sharpness of predictions and of the real targets -> the share of the real frames'
+    per step (ratio of the means over windows), over all steps, and at the reported steps."""
+    curve = per_window.mean(axis=0) / real.mean(axis=0)
+    steps = sorted({t for t in (*REPORTED_STEPS, horizon) if t <= horizon})
+    return {
+        "mean": float(per_window.mean() / real.mean()),
+        "at": {str(t): float(curve[t - 1]) for t in steps},
+        "curve": [float(x) for x in curve],
+    }
+
+
 def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> dict[str, Any]:
     """Run the evaluation the config describes (module doc); a JSON-able dict of results."""
 
@@ -282,21 +312,26 @@ def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> di
 
     length = cfg.context + cfg.horizon
     scores: dict[str, list[np.ndarray]] = {}
+    sharp: dict[str, list[np.ndarray]] = {}
     start = time.perf_counter()
     bar = tqdm(total=len(windows), desc="eval prediction", unit="window", disable=not progress, dynamic_ncols=True)
     try:
         for i in range(0, len(windows), cfg.batch_size):
             chunk = windows[i : i + cfg.batch_size]
             frames, actions = read_windows(store, chunk, length)
-            for name, value in score_windows(model, codec, frames, actions, cfg.context, cfg.sampler_steps,
-                                             [w.seed for w in chunk], cfg.sampler, cfg.pathways).items():
-                scores.setdefault(name, []).append(value)
+            psnr_chunk, sharp_chunk = score_windows(model, codec, frames, actions, cfg.context, cfg.sampler_steps,
+                                                    [w.seed for w in chunk], cfg.sampler, cfg.pathways)
+            for into, chunk_scores in ((scores, psnr_chunk), (sharp, sharp_chunk)):
+                for name, value in chunk_scores.items():
+                    into.setdefault(name, []).append(value)
             bar.update(len(chunk))
     finally:
         bar.close()
         store.close()
     seconds = time.perf_counter() - start
     psnr = {name: _summary(np.concatenate(parts), cfg.horizon) for name, parts in scores.items()}
+    real = np.concatenate(sharp.pop("real"))
+    sharpness_ = {name: _sharpness_summary(np.concatenate(parts), real, cfg.horizon) for name, parts in sharp.items()}
     return {
         "config": asdict(cfg),
         "device": str(device),
@@ -305,6 +340,8 @@ def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> di
         "episodes_too_short": short,
         "starts": [[w.episode, w.start] for w in windows],
         "psnr": psnr,
+        "sharpness": sharpness_,
+        "sharpness_real": float(real.mean()),
         "seconds": seconds,
         "predicted_frames_per_s": (4 if cfg.pathways else 2) * len(windows) * cfg.horizon / seconds,
     }
@@ -322,9 +359,10 @@ PLOTTED = (
 
 
 def write_plot(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """`prediction.json` (the results) and `prediction.png` (mean PSNR against the step t = 1..H,
-    one line per prediction and baseline) in `out_dir`; returns {"json": path, "plot": path} and
-    records both paths in `results` (which `format_table` then lists)."""
+    """`prediction.json` (the results) and `prediction.png` (mean PSNR, and beside it sharpness,
+    against the step t = 1..H, one line per prediction and baseline) in `out_dir`; returns
+    {"json": path, "plot": path} and records both paths in `results` (which `format_table` then
+    lists)."""
     import matplotlib  # optional (docs/architecture.md); also pyplot must load after use("Agg")
 
     matplotlib.use("Agg")  # files only: no display on servers
@@ -335,16 +373,21 @@ def write_plot(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "prediction.json", "plot": out / "prediction.png"}
     cfg, psnr = results["config"], results["psnr"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, key, style in PLOTTED:
-        if key in psnr:
-            curve = psnr[key]["curve"]
-            ax.plot(range(1, len(curve) + 1), curve, style, label=label)
-    ax.set_xlabel("step after the context (t)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{Path(str(cfg['dataset'])).name}: {results['windows']} windows, context {cfg['context']}, "
+    sharp = results.get("sharpness")
+    fig, axes = plt.subplots(1, 2 if sharp else 1, figsize=(12 if sharp else 7, 4), squeeze=False)
+    panels = [(axes[0, 0], psnr, "PSNR (dB)")]
+    if sharp:
+        panels.append((axes[0, 1], sharp, "sharpness / real frames'"))
+    for ax, scores, ylabel in panels:
+        for label, key, style in PLOTTED:
+            if key in scores:
+                curve = scores[key]["curve"]
+                ax.plot(range(1, len(curve) + 1), curve, style, label=label)
+        ax.set_xlabel("step after the context (t)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{Path(str(cfg['dataset'])).name}: {results['windows']} windows, context {cfg['context']}, "
                  f"{cfg['sampler_steps']} sampler steps", fontsize=9)
     fig.tight_layout()
     tmp = out / ".prediction.png.tmp"
@@ -354,6 +397,17 @@ def write_plot(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str,
     results.update({name: str(path) for name, path in paths.items()})
     atomic_write_bytes(paths["json"], json.dumps(results, indent=2, allow_nan=False).encode())
     return paths
+
+
+TABLE_ROWS = (
+    ("codec ceiling", "codec"),
+    ("1-step (teacher-forced)", "teacher_forced"),
+    ("open loop", "open_loop"),
+    ("open loop, real direct path", "real_direct_path"),
+    ("open loop, real backbone", "real_backbone"),
+    ("copy last context frame", "copy_last"),
+    ("copy previous real frame", "copy_previous"),
+)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -369,20 +423,18 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"  skipped {len(short)} episodes shorter than context + horizon: {short[:10]}{' ...' if len(short) > 10 else ''}")
     head = "".join(f"{'t=' + t:>8}" for t in steps)
     lines.append(f"  {'':<28}{head}{'mean':>8}{'± sem':>8}")
-    rows = [
-        ("codec ceiling", "codec"),
-        ("1-step (teacher-forced)", "teacher_forced"),
-        ("open loop", "open_loop"),
-        ("open loop, real direct path", "real_direct_path"),
-        ("open loop, real backbone", "real_backbone"),
-        ("copy last context frame", "copy_last"),
-        ("copy previous real frame", "copy_previous"),
-    ]
-    for label, key in (row for row in rows if row[1] in psnr):
+    for label, key in (row for row in TABLE_ROWS if row[1] in psnr):
         s = psnr[key]
         cells = "".join(f"{s['at'][t]:>8.2f}" for t in steps)
         sem = "-" if s["sem"] is None else f"{s['sem']:.2f}"
         lines.append(f"  {label:<28}{cells}{s['mean']:>8.2f}{sem:>8}")
+    sharp = results.get("sharpness")  # absent from results written before it was measured
+    if sharp:
+        lines.append("  sharpness, share of the real targets' image-gradient energy:")
+        for label, key in (row for row in TABLE_ROWS if row[1] in sharp):
+            s = sharp[key]
+            cells = "".join(f"{s['at'][t]:>8.2f}" for t in steps)
+            lines.append(f"  {label:<28}{cells}{s['mean']:>8.2f}")
     curve = " ".join(f"{x:.1f}" for x in psnr["open_loop"]["curve"])
     lines += [
         f"  open-loop curve t=1..{cfg['horizon']}: {curve}",

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from worldsim.codec.autoencoder import Downsample
 from worldsim.data.episode_store import EpisodeStore
+from worldsim.evaluation.metrics import sharpness
 from worldsim.evaluation.prediction import check_compatible
 from worldsim.loading import load_dream_model
 from worldsim.rollout.session import RolloutSession
@@ -41,29 +42,9 @@ from worldsim.train.distributed import resolve_device
 
 
 DEFAULT_BUCKETS = ((1, 50), (100, 200), (500, 1000))
-LUMA = (0.299, 0.587, 0.114)
 
 
 # ------------------------------------------------------------------------------ the scores
-def sharpness(frames: torch.Tensor | np.ndarray, border: int = 4) -> torch.Tensor:
-    """Mean squared luminance gradient of uint8 frames (N, H, W, 3) inside `border` -> (N,) float64.
-
-    Luminance in [0, 1]; horizontal and vertical forward differences, each squared and averaged
-    over the interior, then summed.
-    """
-    x = torch.as_tensor(frames)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"sharpness takes uint8 frames (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    if border < 0 or 2 * border + 2 > min(x.shape[1:3]):
-        raise ValueError(f"border {border} leaves no interior in {tuple(x.shape[1:3])} frames")
-    y = (x.double() / 255.0) @ torch.tensor(LUMA, dtype=torch.float64)  # (N, H, W)
-    if border:
-        y = y[:, border:-border, border:-border]
-    gx = (y[:, :, 1:] - y[:, :, :-1]).square().flatten(1).mean(1)
-    gy = (y[:, 1:, :] - y[:, :-1, :]).square().flatten(1).mean(1)
-    return gx + gy
-
-
 @torch.no_grad()
 def codec_features(codec, frames: torch.Tensor | np.ndarray, batch: int = 256) -> torch.Tensor:
     """Features of uint8 frames (N, H, W, 3) for the Fréchet distance -> (N, F) float64.
@@ -130,7 +111,7 @@ class RealismEvalConfig:
     """Random-walk policy: probability of repeating the previous action."""
     reference_frames: int = 2000
     """Real frames in the reference pool, spread over the dataset's episodes."""
-    border: int = 4
+    border: int = 4  # metrics.MAZE_BORDER (a literal: the CLI reads its defaults from the source)
     """Pixels left out at each edge by the sharpness score (Memory Maze's target-colour frame)."""
     sampler_steps: int = 2
     """Denoiser calls per dreamed frame."""
