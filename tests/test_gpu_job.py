@@ -226,6 +226,7 @@ def test_bring_back_builds_a_bundle_and_keeps_the_better_one(dry_run, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "CANDIDATE (from the GPU job)" in done.stdout and "CURRENT BUNDLE" in done.stdout
+    assert "open-loop sharpness (share of real frames')" in done.stdout  # shown beside the PSNRs that decide
     new = json.loads((tmp_path / "work" / "eval-candidate.json").read_text())
     old = json.loads((tmp_path / "work" / "eval-current.json").read_text())
     better = all(new["psnr"][k]["mean"] > old["psnr"][k]["mean"] for k in ("teacher_forced", "open_loop"))

@@ -15,7 +15,7 @@ latest.json and checkpoints/step_N/ (checkpoint.json + ema.safetensors). Steps:
 4. replace the bundle (scripts/bundle_model.py --out <bundle>, with the held-out numbers and the
    job's figures recorded as metrics) only if BOTH the 1-step PSNR (teacher-forced, mean over the
    horizon) and the open-loop PSNR (mean over the horizon, 16 steps by default) are higher than
-   the current bundle's. --dry-run never replaces.
+   the current bundle's (the open-loop sharpness is printed beside them). --dry-run never replaces.
 
 Evaluation runs on the CPU with --threads torch threads (default 1) unless --device says otherwise.
 Exit code 0 whether or not the bundle was replaced (the last line says which); 1 on an error.
@@ -100,6 +100,11 @@ def decide(new: dict, old: dict) -> tuple[bool, list[str]]:
         a, b = new["psnr"][key]["mean"], old["psnr"][key]["mean"]
         better = better and a > b
         lines.append(f"  {label}: {a:.2f} dB new vs {b:.2f} dB current ({a - b:+.2f})")
+    # PSNR rewards blur: the open-loop sharpness is shown beside it (it does not decide; long dreams
+    # are judged by `worldsim eval realism`, README).
+    if "sharpness" in new and "sharpness" in old:
+        a, b = new["sharpness"]["open_loop"]["mean"], old["sharpness"]["open_loop"]["mean"]
+        lines.append(f"  open-loop sharpness (share of real frames'): {a:.2f} new vs {b:.2f} current ({a - b:+.2f})")
     return better, lines
 
 
@@ -161,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"the candidate is better on both; --dry-run: {bundle} left as it is.")
         return 0
-    pick = lambda r: {k: {"mean": r["psnr"][k]["mean"], "at": r["psnr"][k]["at"]} for k in r["psnr"]}  # noqa: E731
+    pick = lambda r, key="psnr": {k: {"mean": v["mean"], "at": v["at"]} for k, v in r.get(key, {}).items()}  # noqa: E731
     metrics = {"heldout_prediction": {"dataset": args.heldout, "windows": new["windows"], "config": new["config"],
-                                      "psnr": pick(new)},
+                                      "psnr": pick(new), "sharpness": pick(new, "sharpness")},
                "previous_bundle_heldout_psnr": pick(old), "gpu_job": summary}
     metrics_file = work / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2))
