@@ -47,12 +47,13 @@ def eval_prediction(
     solver: str | None = SOLVER,
     churn: float | None = CHURN,
     final_extrapolation: float | None = EXTRAPOLATION,
-    out_dir: str | None = typer.Option(None, help="Write prediction.json and prediction.png (PSNR vs step) here."),
+    out_dir: str | None = typer.Option(None, help="Write prediction.json and prediction.png (PSNR and sharpness vs step) here."),
     as_json: bool = AS_JSON,
     **fields: Any,
 ) -> None:
     """1-step (teacher-forced) and open-loop prediction PSNR on real episodes, next to the codec's
-    reconstruction ceiling and a copy-last-frame baseline."""
+    reconstruction ceiling and a copy-last-frame baseline, and each prediction's sharpness (its
+    image-gradient energy as a share of the real frames')."""
     from worldsim.evaluation.prediction import PredictionEvalConfig, evaluate_prediction, format_table, write_plot
 
     cfg = PredictionEvalConfig(sampler=_sampler(sigma_max, sigma_min, solver, churn, final_extrapolation), **fields)
