@@ -107,12 +107,16 @@ def test_copy_previous_baseline_equals_a_direct_computation(setup, results):
     assert np.isclose(got["at"]["1"], results["psnr"]["copy_last"]["at"]["1"])  # t = 1: the same frame
 
 
-def test_codec_ceiling_equals_psnr_of_its_reconstruction(setup, results):
-    frames = _direct_windows(setup, results)
-    targets = frames[:, CONTEXT:].flatten(0, 1)
+def _targets_and_reconstructions(setup, results) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows' target frames and the codec's reconstructions of them, (N * H, 64, 64, 3) each."""
+    targets = _direct_windows(setup, results)[:, CONTEXT:].flatten(0, 1)
     codec = load_codec(setup[1])
     with torch.no_grad():
-        recon = codec.decode(codec.encode(targets), as_uint8=True)
+        return targets, codec.decode(codec.encode(targets), as_uint8=True)
+
+
+def test_codec_ceiling_equals_psnr_of_its_reconstruction(setup, results):
+    targets, recon = _targets_and_reconstructions(setup, results)
     expect = psnr(targets, recon).reshape(-1, HORIZON).numpy()
     got = results["psnr"]["codec"]
     assert np.allclose(got["curve"], expect.mean(axis=0), atol=1e-4)
@@ -123,11 +127,7 @@ def test_sharpness_is_a_share_of_the_real_targets(setup, results):
     """Each model row's sharpness is its frames' gradient energy over the real targets', per step
     (ratio of the means over windows); the codec row equals a direct computation, the copy
     baselines (real frames) get none, and step 1 is the same frame for both loops."""
-    frames = _direct_windows(setup, results)
-    targets = frames[:, CONTEXT:].flatten(0, 1)
-    codec = load_codec(setup[1])
-    with torch.no_grad():
-        recon = codec.decode(codec.encode(targets), as_uint8=True)
+    targets, recon = _targets_and_reconstructions(setup, results)
     real = sharpness(targets).reshape(-1, HORIZON).numpy()
     ceiling = sharpness(recon).reshape(-1, HORIZON).numpy()
     got = results["sharpness"]

@@ -277,25 +277,21 @@ def _summary(per_window: np.ndarray, horizon: int) -> dict[str, Any]:
     window_means = per_window.mean(axis=1)
     # One window has no spread to measure: None (JSON null) rather than NaN, which JSON lacks.
     sem = float(window_means.std(ddof=1) / np.sqrt(len(window_means))) if len(window_means) > 1 else None
+    return {"mean": float(window_means.mean()), "sem": sem, **_curve_fields(curve, horizon)}
+
+
+def _curve_fields(curve: np.ndarray, horizon: int) -> dict[str, Any]:
+    """A per-step curve as the results keep it: its values at the reported steps (with the horizon
+    itself) and the whole curve."""
     steps = sorted({t for t in (*REPORTED_STEPS, horizon) if t <= horizon})
-    return {
-        "mean": float(window_means.mean()),
-        "sem": sem,
-        "at": {str(t): float(curve[t - 1]) for t in steps},
-        "curve": [float(x) for x in curve],
-    }
+    return {"at": {str(t): float(curve[t - 1]) for t in steps}, "curve": [float(x) for x in curve]}
 
 
 def _sharpness_summary(per_window: np.ndarray, real: np.ndarray, horizon: int) -> dict[str, Any]:
     """(N, H) sharpness of predictions and of the real targets -> the share of the real frames'
     per step (ratio of the means over windows), over all steps, and at the reported steps."""
     curve = per_window.mean(axis=0) / real.mean(axis=0)
-    steps = sorted({t for t in (*REPORTED_STEPS, horizon) if t <= horizon})
-    return {
-        "mean": float(per_window.mean() / real.mean()),
-        "at": {str(t): float(curve[t - 1]) for t in steps},
-        "curve": [float(x) for x in curve],
-    }
+    return {"mean": float(per_window.mean() / real.mean()), **_curve_fields(curve, horizon)}
 
 
 def evaluate_prediction(cfg: PredictionEvalConfig, progress: bool = False) -> dict[str, Any]:
